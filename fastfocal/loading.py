@@ -1,0 +1,169 @@
+"""Loading official FocalCodec checkpoints (local directory, config.json path or hub id)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import CodecConfig, ConfigError, load_config, preset
+from .model import FocalCodecModel
+
+DEFAULT_MODEL = "lucadellalib/focalcodec_50hz_4k_causal"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not match its config."""
+
+
+def resolve(source: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Return (config.json path, weights path or None) for a directory, config path or hub id."""
+    p = Path(source)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{p} has no config.json")
+        return cfg, _find_weights(p)
+    if p.is_file():
+        if p.suffix != ".json":
+            raise CheckpointError(f"{p} is not a config.json or a model directory")
+        return p, _find_weights(p.parent)
+    s = str(source)
+    if _HUB_ID.match(s) and not s.startswith((".", "/")):
+        return _from_hub(s)
+    raise CheckpointError(f"model {s!r} is neither a directory, a config.json nor a hub id (owner/name)")
+
+
+def _find_weights(d: Path) -> Path | None:
+    for name in ("model.safetensors", "model.pt"):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _from_hub(repo_id: str) -> tuple[Path, Path | None]:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id!r} looks like a hub id but huggingface_hub is not installed: "
+            "pip install huggingface_hub, or pass a local directory with config.json + model.safetensors"
+        ) from None
+    try:
+        cfg = Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as e:  # network, auth, missing repo: one clear line
+        raise CheckpointError(f"cannot download {repo_id!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for name in ("model.safetensors", "model.pt"):
+        try:
+            return cfg, Path(hf_hub_download(repo_id, name))
+        except Exception:
+            continue
+    raise CheckpointError(f"hub repo {repo_id!r} has no model.safetensors or model.pt")
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a plain state dict (weights_only=True): {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a plain name -> tensor state dict")
+    return sd
+
+
+def remap_legacy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Release 0.0.1 keeps q/k/v projections apart: concatenate them into qkv_proj."""
+    out = dict(sd)
+    for key in [k for k in sd if k.endswith(".q_proj.weight")]:
+        base = key[: -len(".q_proj.weight")]
+        for kind in ("weight", "bias"):
+            parts = [f"{base}.{n}_proj.{kind}" for n in "qkv"]
+            if all(p in out for p in parts):
+                out[f"{base}.qkv_proj.{kind}"] = torch.cat([out.pop(p) for p in parts], 0)
+    return out
+
+
+def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> FocalCodecModel:
+    """Build on the meta device and assign the checkpoint tensors (checked by name and shape)."""
+    with torch.device("meta"):
+        model = FocalCodecModel(cfg)
+    expected = model.state_dict()
+    if sd is None:
+        raise CheckpointError("no weights given")
+    sd = remap_legacy(sd)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs config {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    errs = []
+    if missing:
+        errs.append(f"missing tensors ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        errs.append(f"unexpected tensors ({len(unexpected)}): {_short(unexpected)}")
+    if bad:
+        errs.append(f"mis-shaped tensors ({len(bad)}): {_short(bad)}")
+    if errs:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(errs))
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"tensor {k} has non-float dtype {v.dtype}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    s = ", ".join(items[:n])
+    return s + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def random_state_dict(cfg: CodecConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Deterministic random weights with sensible scales (for benchmarks and tests)."""
+    with torch.device("meta"):
+        model = FocalCodecModel(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        shape = tuple(v.shape)
+        if k.endswith(("norm.weight", ".gamma")) or k.endswith("gru_rel_pos_const"):
+            t = torch.ones(shape)
+        elif k.endswith(".alpha"):
+            t = torch.full(shape, 0.5) if shape == (1,) else torch.ones(shape)
+        elif k.endswith(".bias"):
+            t = torch.randn(shape, generator=g) * 0.02
+        else:
+            fan_in = max(1, v[0].numel()) if len(shape) > 1 else shape[0]
+            if "upscale.upscale" in k:  # ConvTranspose weight is (in, out, k)
+                fan_in = shape[0]
+            t = torch.randn(shape, generator=g) / fan_in ** 0.5
+        out[k] = t
+    return out
+
+
+def config_from(source) -> CodecConfig:
+    if isinstance(source, CodecConfig):
+        return source
+    if isinstance(source, dict):
+        return CodecConfig.from_dict(source)
+    s = str(source)
+    p = Path(s)
+    if p.is_dir():
+        return load_config(p / "config.json")
+    if p.is_file():
+        return load_config(p)
+    try:
+        return preset(s)
+    except ConfigError:
+        raise ConfigError(f"{s!r} is neither a preset, a config path nor a model directory") from None

@@ -1,0 +1,451 @@
+"""FocalCodec modules with the official state-dict names.
+
+Layout is (batch, time, channels) between modules; convolutions transpose locally.
+Causal modules take an optional streaming state and a slot-index tensor `idx`: they gather
+their cache rows, run on [cache ‖ new frames], and write the rows back. Offline causal
+inference is the same computation run on long segments with a fresh state, so there is one
+code path for offline, single-stream and many-stream use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .config import CodecConfig, FocalDecoderConfig, FocalEncoderConfig, VocosConfig, WavLMConfig, WaveNeXtConfig
+from .state import DecoderState, EncoderState, FocalState, _focal_kernels
+
+ATTN_BLOCK = 256  # query frames per attention block: bounds memory at O(block * window)
+
+
+def _container(**mods) -> nn.Module:
+    m = nn.Module()
+    for k, v in mods.items():
+        setattr(m, k, v)
+    return m
+
+
+def _gather(t: Tensor, idx: Tensor) -> Tensor:
+    return t.index_select(0, idx)
+
+
+# =========================================================================== encoder (WavLM)
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.gru_rel_pos_linear = nn.Linear(dim // heads, 8)
+        self.gru_rel_pos_const = nn.Parameter(torch.ones(1, heads, 1, 1))
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, c: WavLMConfig):
+        super().__init__()
+        self.attention = _Attention(c.dim, c.num_heads)
+        self.attention_norm = nn.LayerNorm(c.dim)
+        self.feed_forward = _container(in_proj=nn.Linear(c.dim, c.ffn_dim), out_proj=nn.Linear(c.ffn_dim, c.dim))
+        self.feed_forward_norm = nn.LayerNorm(c.dim)
+
+
+class WavLM(nn.Module):
+    def __init__(self, c: WavLMConfig, chunk: int):
+        super().__init__()
+        self.cfg = c
+        self.chunk = chunk
+        ins = (1,) + tuple(c.hidden_dims[:-1])
+        self.feature_extractor = _container(
+            layers=nn.ModuleList(
+                _container(conv=nn.Conv1d(i, o, k, s, bias=False), norm=nn.LayerNorm(o))
+                for i, o, k, s in zip(ins, c.hidden_dims, c.kernel_sizes, c.strides)
+            )
+        )
+        self.norm = nn.LayerNorm(c.hidden_dims[-1])
+        self.feature_proj = nn.Linear(c.hidden_dims[-1], c.dim)
+        self.encoder = _container(
+            positional_embedding=_container(conv=nn.Conv1d(c.dim, c.dim, c.conv_pos, groups=c.conv_pos_groups)),
+            layers=nn.ModuleList(_EncoderLayer(c) for _ in range(c.num_layers)),
+            relative_embedding=nn.Embedding(c.num_buckets, c.num_heads),
+        )
+
+    def min_samples(self) -> int:
+        """Non-causal: shortest input giving one frame (receptive field, 400)."""
+        rf = 1
+        for k, s in reversed(list(zip(self.cfg.kernel_sizes, self.cfg.strides))):
+            rf = (rf - 1) * s + k
+        return rf
+
+    def forward(self, sig: Tensor, st: EncoderState | None = None, idx: Tensor | None = None) -> Tensor:
+        """sig (B, N) -> feats (B, T, dim). Causal with a state: one streaming step."""
+        c = self.cfg
+        B = sig.shape[0]
+        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        x = sig.unsqueeze(1)
+        if not c.causal and x.shape[-1] < self.min_samples():
+            x = F.pad(x, (0, self.min_samples() - x.shape[-1]))
+        for i, layer in enumerate(self.feature_extractor.layers):
+            w = layer.conv.weight
+            if c.causal:
+                cache = _gather(st.fe_caches[i], idx) if st is not None else None
+                x, nc = ops.conv1d_causal(x, w, None, stride=c.strides[i], cache=cache, fresh=fresh)
+                if st is not None and nc is not None:
+                    st.fe_caches[i].index_copy_(0, idx, nc.to(st.fe_caches[i].dtype))
+            else:
+                x = F.conv1d(x, w, None, stride=c.strides[i])
+            x = ops.gelu(ops.layer_norm(x.transpose(1, 2), layer.norm.weight, layer.norm.bias, 1e-5)).transpose(1, 2)
+        x = x.transpose(1, 2)
+        x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
+        x = ops.linear(x, self.feature_proj.weight, self.feature_proj.bias)
+
+        pconv = self.encoder.positional_embedding.conv
+        xt = x.transpose(1, 2)
+        if c.causal:
+            cache = _gather(st.pos_conv_cache, idx) if st is not None else None
+            p, nc = ops.conv1d_causal(xt, pconv.weight, pconv.bias, groups=c.conv_pos_groups, cache=cache, fresh=fresh)
+            if st is not None:
+                st.pos_conv_cache.index_copy_(0, idx, nc)
+        else:
+            pad = c.conv_pos // 2
+            p = F.conv1d(F.pad(xt, (pad, pad)), pconv.weight, pconv.bias, groups=c.conv_pos_groups)
+            if c.conv_pos % 2 == 0:
+                p = p[:, :, :-1]
+        x = x + ops.gelu(p).transpose(1, 2)
+
+        T = x.shape[1]
+        start = _gather(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        q_pos = start[:, None] + torch.arange(T, device=x.device)[None, :]
+        for li, layer in enumerate(self.encoder.layers):
+            y = ops.layer_norm(x, layer.attention_norm.weight, layer.attention_norm.bias, 1e-5)
+            x = x + self._attention(layer.attention, y, q_pos, start, st, idx, li)
+            y = ops.layer_norm(x, layer.feed_forward_norm.weight, layer.feed_forward_norm.bias, 1e-5)
+            ff = layer.feed_forward
+            x = x + ops.linear(ops.gelu(ops.linear(y, ff.in_proj.weight, ff.in_proj.bias)), ff.out_proj.weight, ff.out_proj.bias)
+        if st is not None:
+            st.pos.index_copy_(0, idx, start + T)
+        return x
+
+    def _attention(self, att: _Attention, y: Tensor, q_pos: Tensor, start: Tensor, st, idx, li: int) -> Tensor:
+        c = self.cfg
+        B, T, C = y.shape
+        H = c.num_heads
+        d = C // H
+        qkv = ops.linear(y, att.qkv_proj.weight, att.qkv_proj.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # B H T d
+        gate = ops.attention_gate(y, att.gru_rel_pos_linear.weight, att.gru_rel_pos_linear.bias, att.gru_rel_pos_const, H)
+        rel_emb = self.encoder.relative_embedding.weight
+
+        R0 = 0
+        keys, vals, k_pos, k_valid = k, v, q_pos, None
+        if st is not None:
+            R = st.k_ring[li].shape[2]
+            R0 = R
+            ring_k = _gather(st.k_ring[li], idx)
+            ring_v = _gather(st.v_ring[li], idx)
+            r = torch.arange(R, device=y.device)
+            ring_pos = start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)
+            keys = torch.cat([ring_k.to(k.dtype), k], 2)
+            vals = torch.cat([ring_v.to(v.dtype), v], 2)
+            k_pos = torch.cat([ring_pos, q_pos], 1)
+            k_valid = torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+            # the ring keeps the newest R frames of this layer's keys and values
+            m = min(T, R)
+            slots = torch.remainder(q_pos[:, T - m:], R)
+            rows = idx[:, None].expand(B, m)
+            st.k_ring[li][rows, :, slots] = k[:, :, T - m:].transpose(1, 2).to(st.k_ring[li].dtype)
+            st.v_ring[li][rows, :, slots] = v[:, :, T - m:].transpose(1, 2).to(st.v_ring[li].dtype)
+
+        window = c.window_size if c.causal else None
+        outs = []
+        for a in range(0, T, ATTN_BLOCK):
+            b = min(T, a + ATTN_BLOCK)
+            if c.causal:
+                lo_new = a - c.window_size  # superset of the window; the mask is exact
+                lo = R0 + lo_new if lo_new >= 0 else 0
+                hi = R0 + min(T, b + self.chunk)
+            else:
+                lo, hi = 0, keys.shape[2]
+            outs.append(
+                ops.gated_rel_attention(
+                    q[:, :, a:b], keys[:, :, lo:hi], vals[:, :, lo:hi], gate[:, :, a:b], rel_emb,
+                    q_pos[:, a:b], k_pos[:, lo:hi], None if k_valid is None else k_valid[:, lo:hi],
+                    self.chunk, window, c.num_buckets, c.max_distance,
+                )
+            )
+        o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        o = o.transpose(1, 2).reshape(B, T, C)
+        return ops.linear(o, att.out_proj.weight, att.out_proj.bias)
+
+
+# =========================================================================== focal blocks
+class _DynamicTanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1))
+
+
+class FocalModulation(nn.Module):
+    def __init__(self, dim: int, kernels: list[int], causal: bool):
+        super().__init__()
+        self.causal = causal
+        n_gates = len(kernels) + (0 if causal else 1)  # causal: kernels include the window level
+        self.in_proj = nn.Linear(dim, 2 * dim + n_gates)
+        self.layers = nn.ModuleList(nn.ModuleList([nn.Conv1d(dim, dim, k, groups=dim)]) for k in kernels)
+        self.context_proj = nn.Conv1d(dim, dim, 1)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, caches: list[Tensor] | None, fresh: Tensor | None):
+        C = x.shape[-1]
+        h = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
+        q, ctx, gates = h[..., :C], h[..., C:2 * C], h[..., 2 * C:]
+        acc, new = ops.focal_context(
+            ctx, gates, [l[0].weight for l in self.layers], [l[0].bias for l in self.layers],
+            self.causal, caches, fresh,
+        )
+        m = ops.linear(acc, self.context_proj.weight[:, :, 0], self.context_proj.bias)
+        return ops.linear(q * m, self.out_proj.weight, self.out_proj.bias), new
+
+
+class FocalBlock(nn.Module):
+    def __init__(self, dim: int, kernels: list[int], causal: bool):
+        super().__init__()
+        self.causal = causal
+        norm = _DynamicTanh if causal else (lambda: nn.LayerNorm(dim))
+        self.modulation_norm = norm()
+        self.modulation = FocalModulation(dim, kernels, causal)
+        self.feed_forward_norm = norm()
+        self.feed_forward = _container(in_proj=nn.Linear(dim, 4 * dim), out_proj=nn.Linear(4 * dim, dim))
+
+    def _norm(self, n, x):
+        return ops.dyt(x, n.alpha) if self.causal else ops.layer_norm(x, n.weight, n.bias, 1e-5)
+
+    def forward(self, x, caches=None, fresh=None):
+        m, new = self.modulation(self._norm(self.modulation_norm, x), caches, fresh)
+        x = x + m
+        ff = self.feed_forward
+        y = self._norm(self.feed_forward_norm, x)
+        x = x + ops.linear(ops.gelu(ops.linear(y, ff.in_proj.weight, ff.in_proj.bias)), ff.out_proj.weight, ff.out_proj.bias)
+        return x, new
+
+
+def _block_kernels(part, window: int) -> list[int]:
+    ks = _focal_kernels(part.focal_window, part.focal_level, part.focal_factor)
+    return ks + [window] if part.causal else ks
+
+
+def _write_caches(st: FocalState, li: int, idx: Tensor, new: list[Tensor]) -> None:
+    for buf, nc in zip(st.caches[li], new):
+        buf.index_copy_(0, idx, nc)
+
+
+def _gather_caches(st: FocalState | None, li: int, idx) -> list[Tensor] | None:
+    return None if st is None else [_gather(t, idx) for t in st.caches[li]]
+
+
+class FocalEncoder(nn.Module):
+    def __init__(self, c: FocalEncoderConfig):
+        super().__init__()
+        self.cfg = c
+        ins = (c.input_dim,) + tuple(c.hidden_dims[:-1])
+        self.layers = nn.ModuleList(
+            _container(
+                downscale=_container(
+                    downscale=nn.Conv1d(i, o, f, f),
+                    activation=_container(alpha=nn.Parameter(torch.ones(o, 1))),
+                ),
+                focal_block=FocalBlock(o, _block_kernels(c, c.window_size), c.causal),
+            )
+            for i, o, f in zip(ins, c.hidden_dims, c.downscale_factors)
+        )
+        self.out_proj = nn.Linear(c.hidden_dims[-1], c.output_dim)
+
+    def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
+        """feats (B, T, C) -> normalised latents (B, T', D)."""
+        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        T_in = x.shape[1]
+        for li, layer in enumerate(self.layers):
+            conv = layer.downscale.downscale
+            f = conv.stride[0]
+            if f == 1:
+                x = ops.linear(x, conv.weight[:, :, 0], conv.bias)
+            else:
+                xt = x.transpose(1, 2)
+                if self.cfg.causal:
+                    xt, _ = ops.conv1d_causal(xt, conv.weight, conv.bias, stride=f)
+                else:
+                    xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
+                x = xt.transpose(1, 2)
+            x = ops.snake(x, layer.downscale.activation.alpha[:, 0])
+            x, new = layer.focal_block(x, _gather_caches(st, li, idx), fresh)
+            if st is not None:
+                _write_caches(st, li, idx, new)
+        if st is not None:
+            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
+        lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
+        return F.normalize(lats, dim=-1, eps=1e-12)
+
+
+class FocalDecoder(nn.Module):
+    def __init__(self, c: FocalDecoderConfig):
+        super().__init__()
+        self.cfg = c
+        self.in_proj = nn.Linear(c.input_dim, c.hidden_dims[0])
+        outs = tuple(c.hidden_dims[1:]) + (c.output_dim,)
+        n = len(c.hidden_dims)
+        self.layers = nn.ModuleList(
+            _container(
+                focal_block=FocalBlock(
+                    i, _block_kernels(c, c.last_window_size if li == n - 1 else c.window_size), c.causal
+                ),
+                upscale=_container(
+                    activation=_container(alpha=nn.Parameter(torch.ones(i, 1))),
+                    upscale=nn.ConvTranspose1d(i, o, f, f),
+                ),
+            )
+            for li, (i, o, f) in enumerate(zip(c.hidden_dims, outs, c.upscale_factors))
+        )
+        self.group = c.lookahead_size + 1
+        if c.lookahead_size > 0:
+            v = self.group * c.output_dim
+            self.refiner = _container(in_proj=nn.Linear(v, v), out_proj=nn.Linear(v, v))
+
+    def forward(self, codes: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
+        """codes (B, T, D) -> qfeats (B, T', output_dim). Streaming steps must be whole groups
+        except the last one of a stream."""
+        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        T_in = codes.shape[1]
+        x = ops.linear(codes, self.in_proj.weight, self.in_proj.bias)
+        for li, layer in enumerate(self.layers):
+            x, new = layer.focal_block(x, _gather_caches(st, li, idx), fresh)
+            if st is not None:
+                _write_caches(st, li, idx, new)
+            x = ops.snake(x, layer.upscale.activation.alpha[:, 0])
+            conv = layer.upscale.upscale
+            f = conv.stride[0]
+            if f == 1:
+                x = ops.linear(x, conv.weight[:, :, 0].t(), conv.bias)
+            else:
+                x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
+        if st is not None:
+            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
+        if self.cfg.lookahead_size > 0:
+            x = self._refine(x)
+        return x
+
+    def _refine(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        g = self.group
+        pad = (-T) % g
+        v = F.pad(x, (0, 0, 0, pad)).reshape(B, (T + pad) // g, g * C)
+        r = self.refiner
+        v = v + ops.linear(ops.gelu(ops.linear(v, r.in_proj.weight, r.in_proj.bias)), r.out_proj.weight, r.out_proj.bias)
+        return v.reshape(B, T + pad, C)[:, :T]
+
+
+# =========================================================================== decoders
+class _Backbone(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        k = c.kernel_size
+        self.embedding = nn.Conv1d(c.input_dim, c.dim, k)
+        self.input_norm = nn.LayerNorm(c.dim, eps=1e-6)
+        self.layers = nn.ModuleList(
+            _container(
+                dwconv=nn.Conv1d(c.dim, c.dim, k, groups=c.dim),
+                norm=nn.LayerNorm(c.dim, eps=1e-6),
+                pwconv1=nn.Linear(c.dim, c.ffn_dim),
+                pwconv2=nn.Linear(c.ffn_dim, c.dim),
+                gamma=nn.Parameter(torch.ones(c.dim)),
+            )
+            for _ in range(c.num_layers)
+        )
+        self.output_norm = nn.LayerNorm(c.dim, eps=1e-6)
+
+    def forward(self, x: Tensor, causal: bool, st: DecoderState | None, idx) -> Tensor:
+        def conv(xt, w, b, groups, cache_buf):
+            if causal:
+                cache = _gather(cache_buf, idx) if st is not None else None
+                y, nc = ops.conv1d_causal(xt, w, b, groups=groups, cache=cache, replicate=False)
+                if st is not None:
+                    cache_buf.index_copy_(0, idx, nc)
+                return y
+            k = w.shape[-1]
+            return F.conv1d(F.pad(xt, ((k - 1) // 2, k // 2)), w, b, groups=groups)
+
+        e = self.embedding
+        x = conv(x.transpose(1, 2), e.weight, e.bias, 1, st.emb_cache if st is not None else None).transpose(1, 2)
+        x = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, 1e-6)
+        for li, L in enumerate(self.layers):
+            h = conv(x.transpose(1, 2), L.dwconv.weight, L.dwconv.bias, x.shape[-1], st.caches[li] if st is not None else None)
+            h = ops.layer_norm(h.transpose(1, 2), L.norm.weight, L.norm.bias, 1e-6)
+            h = ops.linear(ops.gelu(ops.linear(h, L.pwconv1.weight, L.pwconv1.bias)), L.pwconv2.weight, L.pwconv2.bias)
+            x = x + h * L.gamma
+        return ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, 1e-6)
+
+
+class WaveNeXt(nn.Module):
+    def __init__(self, c: WaveNeXtConfig):
+        super().__init__()
+        self.cfg = c
+        self.backbone = _Backbone(c)
+        self.head = _container(proj=nn.Linear(c.dim, c.hop_length))
+
+    def forward(self, x: Tensor, st: DecoderState | None = None, idx: Tensor | None = None) -> Tensor:
+        """qfeats (B, T, C) -> sig (B, T * hop)."""
+        h = self.backbone(x, self.cfg.causal, st, idx)
+        if st is not None:
+            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + x.shape[1])
+        y = ops.linear(h, self.head.proj.weight, self.head.proj.bias)
+        return y.clamp(-1.0, 1.0).reshape(x.shape[0], -1)
+
+
+class Vocos(nn.Module):
+    def __init__(self, c: VocosConfig):
+        super().__init__()
+        self.cfg = c
+        self.backbone = _Backbone(c)
+        self.head = _container(proj=nn.Linear(c.dim, c.n_fft + 2))
+
+    def forward(self, x: Tensor, st=None, idx=None) -> Tensor:
+        c = self.cfg
+        h = self.backbone(x, False, None, None)
+        y = ops.linear(h, self.head.proj.weight, self.head.proj.bias).float().transpose(1, 2)  # B F T
+        nb = c.n_fft // 2 + 1
+        mag = torch.exp(y[:, :nb]).clamp(max=100.0)
+        phase = y[:, nb:]
+        spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
+        return _istft_same(spec, c.n_fft, c.hop_length).to(x.dtype)
+
+
+def _istft_same(spec: Tensor, n_fft: int, hop: int) -> Tensor:
+    """Inverse STFT with 'same' padding: Hann-windowed overlap-add, trimmed (win-hop)/2 each side,
+    divided by the summed squared window."""
+    B, _, T = spec.shape
+    win = torch.hann_window(n_fft, device=spec.device, dtype=torch.float32)
+    frames = torch.fft.irfft(spec, n_fft, dim=1, norm="backward") * win[None, :, None]  # B n_fft T
+    out_len = (T - 1) * hop + n_fft
+    y = F.fold(frames, (1, out_len), kernel_size=(1, n_fft), stride=(1, hop))[:, 0, 0]
+    env = F.fold(win.square()[None, :, None].expand(1, n_fft, T), (1, out_len), kernel_size=(1, n_fft), stride=(1, hop))[0, 0, 0]
+    pad = (n_fft - hop) // 2
+    return y[:, pad:out_len - pad] / env[pad:out_len - pad]
+
+
+# =========================================================================== whole model
+class FocalCodecModel(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = WavLM(cfg.encoder, cfg.chunk_frames)
+        self.compressor = FocalEncoder(cfg.compressor)
+        self.decompressor = FocalDecoder(cfg.decompressor)
+        self.decoder = WaveNeXt(cfg.decoder) if cfg.is_wavenext else Vocos(cfg.decoder)
+
+    @property
+    def code_dim(self) -> int:
+        return self.cfg.code_dim
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
