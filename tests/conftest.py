@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import torch
+
+# Triton kernels run on CPU through the interpreter when no GPU is present; set before any
+# import of triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+def _load(name):
+    import fastfocal
+
+    return fastfocal.load(DATA / name, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def causal():
+    return _load("tiny_causal")
+
+
+@pytest.fixture(scope="session")
+def noncausal():
+    return _load("tiny_noncausal")
+
+
+@pytest.fixture(scope="session")
+def golden_causal():
+    return dict(np.load(DATA / "tiny_causal" / "golden.npz"))
+
+
+@pytest.fixture(scope="session")
+def golden_noncausal():
+    return dict(np.load(DATA / "tiny_noncausal" / "golden.npz"))

@@ -1,0 +1,40 @@
+"""Comparison helpers that say how many elements mismatch and where."""
+import numpy as np
+import torch
+
+
+def to_np(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def assert_close(name, got, ref, rel=1e-4, atol=0.0):
+    """|got - ref| <= rel * max|ref| + atol elementwise."""
+    got, ref = to_np(got).astype(np.float64), to_np(ref).astype(np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
+    tol = rel * np.abs(ref).max() + atol
+    err = np.abs(got - ref)
+    bad = err > tol
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.size} elements off by more than {tol:.3g}; "
+            f"max err {err.max():.3g}; first at {first}: got {got[first]:.6g} ref {ref[first]:.6g}"
+        )
+
+
+def assert_tokens(name, got, ref, lats=None, margin=1e-5):
+    """Tokens equal; where lats is given, only bits with |lat| > margin must agree."""
+    got, ref = to_np(got).astype(np.int64), to_np(ref).astype(np.int64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
+    diff = got != ref
+    if lats is not None and diff.any():
+        lats = to_np(lats)
+        D = lats.shape[-1]
+        bits_diff = ((got ^ ref)[..., None] >> np.arange(D - 1, -1, -1)) & 1
+        ambiguous = np.abs(lats) <= margin
+        diff = (bits_diff.astype(bool) & ~ambiguous).any(-1)
+    if diff.any():
+        first = tuple(int(i) for i in np.argwhere(diff)[0])
+        raise AssertionError(f"{name}: {int(diff.sum())}/{diff.size} tokens differ; first at {first}: {got[first]} vs {ref[first]}")

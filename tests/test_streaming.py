@@ -1,0 +1,161 @@
+"""Streaming equals offline, for any push sizes; batch rows are independent; causality."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close, assert_tokens
+
+T = torch.from_numpy
+
+
+def run_stream(codec, sig, sizes, batch=None):
+    s = codec.stream(batch_size=sig.shape[0])
+    toks, audio, a, i = [], [], 0, 0
+    while a < sig.shape[1]:
+        n = sizes[i % len(sizes)]
+        t, y = s.push(sig[:, a:a + n])
+        toks.append(t)
+        audio.append(y)
+        a += n
+        i += 1
+    t, y = s.flush()
+    return torch.cat(toks + [t], 1), torch.cat(audio + [y], 1)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[1279], [1281], [3 * 1280], [1280, 1, 2559, 700, 5000], [64000]],
+    ids=["1279", "1281", "3x1280", "mixed", "all-at-once"],
+)
+def test_stream_equals_offline(causal, golden_causal, sizes):
+    sig = T(golden_causal["sig"][:, :25600])
+    toks, audio = run_stream(causal, sig, sizes)
+    ref_toks = causal.sig_to_toks(sig)
+    assert_tokens("toks", toks, ref_toks)
+    assert_close("audio", audio, causal.sig_to_sig(sig), rel=1e-5)
+
+
+def test_stream_one_sample_pushes(causal, golden_causal):
+    sig = T(golden_causal["sig"][:1, 3000:3000 + 3 * 1280 + 5])
+    toks, audio = run_stream(causal, sig, [1])
+    # the first 3 chunks are whole: offline on those samples must agree exactly
+    ref = causal.sig_to_toks(sig[:, : 3 * 1280])
+    assert_tokens("toks", toks[:, :12], ref)
+    # 5 leftover samples -> one started frame, from the zero-padded chunk
+    assert toks.shape[1] == 13
+    ref_sig = causal.sig_to_sig(sig[:, : 3 * 1280])
+    assert_close("audio", audio[:, : ref_sig.shape[1]], ref_sig, rel=1e-5)
+
+
+def test_flush_tail_matches_zero_padded_offline(causal, golden_causal):
+    sig = T(golden_causal["sig"][:1, :2000])
+    toks, _ = run_stream(causal, sig, [700])
+    padded = torch.cat([sig, torch.zeros(1, 2560 - 2000)], 1)
+    ref = causal.sig_to_toks(padded)[:, : -(-2000 // 320)]
+    assert_tokens("toks", toks, ref)
+
+
+def test_stream_decoder_any_push_sizes(causal, golden_causal):
+    toks = T(golden_causal["dec_toks"][:, :37])  # not a multiple of 4: last group partial
+    ref = causal.decode(toks)
+    for sizes in ([1], [3], [5, 2, 9]):
+        s = causal.stream_decoder(batch_size=2)
+        out, a, i = [], 0, 0
+        while a < toks.shape[1]:
+            n = sizes[i % len(sizes)]
+            out.append(s.push(toks[:, a:a + n]))
+            a, i = a + n, i + 1
+        out.append(s.flush())
+        assert_close(f"decode {sizes}", torch.cat(out, 1), ref, rel=1e-5)
+
+
+def test_offline_segmentation_invariant(causal, golden_causal):
+    sig = T(golden_causal["sig"])
+    ref_t, ref_s = causal.sig_to_toks(sig), causal.sig_to_sig(sig)
+    old = causal.segment_frames
+    try:
+        for seg in (4, 36, 200):
+            causal.segment_frames = seg
+            assert_tokens(f"toks seg={seg}", causal.sig_to_toks(sig), ref_t)
+            assert_close(f"sig seg={seg}", causal.sig_to_sig(sig), ref_s, rel=1e-5)
+    finally:
+        causal.segment_frames = old
+
+
+@pytest.mark.parametrize("name", ["causal", "noncausal"])
+def test_batch_invariance(request, name, golden_causal):
+    codec = request.getfixturevalue(name)
+    sig = T(golden_causal["sig"][:, :20000])
+    both_t, both_s = codec.sig_to_toks(sig), codec.sig_to_sig(sig)
+    for r in range(2):
+        assert_tokens(f"row {r}", codec.sig_to_toks(sig[r]), both_t[r])
+        assert_close(f"row {r}", codec.sig_to_sig(sig[r]), both_s[r], rel=1e-5)
+
+
+def test_reset_one_row_leaves_others(causal, golden_causal):
+    sig = T(golden_causal["sig"][:, :12800])
+    other = T(golden_causal["sig"][::-1, 20000:32800].copy())
+    s = causal.stream(batch_size=2)
+    t1, y1 = s.push(sig[:, :6400])
+    s.reset(rows=[0])
+    # row 0 now starts a new stream on `other`, row 1 continues
+    t2, y2 = s.push(torch.stack([other[0, :6400], sig[1, 6400:]]))
+    ref1_t, ref1_y = run_stream(causal, sig[1:], [6400])
+    assert_tokens("row 1 continues", torch.cat([t1[1], t2[1]]), ref1_t[0])
+    assert_close("row 1 continues", torch.cat([y1[1], y2[1]]), ref1_y[0], rel=1e-5)
+    ref0_t, ref0_y = run_stream(causal, other[:1, :6400], [6400])
+    assert_tokens("row 0 restarted", t2[0], ref0_t[0])
+    assert_close("row 0 restarted", y2[0], ref0_y[0], rel=1e-5)
+
+
+def test_reset_rows_needs_chunk_boundary(causal):
+    import fastfocal
+
+    s = causal.stream_encoder(batch_size=2)
+    s.push(torch.zeros(2, 100))
+    with pytest.raises(fastfocal.InputError, match="chunk boundary"):
+        s.reset(rows=[1])
+    s.reset()  # whole-session reset is always allowed
+    assert s.pending == 0
+
+
+def test_future_input_never_changes_past(causal, golden_causal):
+    sig = T(golden_causal["sig"][:1, :25600])
+    base_t, base_s = causal.sig_to_toks(sig), causal.sig_to_sig(sig)
+    cut = 5 * 1280 + 77  # inside chunk 5
+    changed = sig.clone()
+    changed[:, cut:] = torch.randn(1, sig.shape[1] - cut) * 0.3
+    t, s = causal.sig_to_toks(changed), causal.sig_to_sig(changed)
+    done = (cut // 1280) * 4  # tokens of chunks that end before the change
+    assert_tokens("past toks", t[:, :done], base_t[:, :done])
+    assert not torch.equal(t[:, done:], base_t[:, done:]), "the change must show up later"
+    n = done * 480
+    torch.testing.assert_close(s[:, :n], base_s[:, :n], rtol=0, atol=0)
+
+
+def test_state_size_constant(causal, golden_causal):
+    s = causal.stream(batch_size=1)
+    before = s.state_bytes
+    ptrs = [t.data_ptr() for t in s.encoder.enc_state.k_ring]
+    sig = T(golden_causal["sig"][:1])
+    for a in range(0, 64000, 1280):
+        s.push(sig[:, a:a + 1280])
+    assert s.state_bytes == before
+    assert [t.data_ptr() for t in s.encoder.enc_state.k_ring] == ptrs  # never reallocated
+
+
+def test_noncausal_cannot_stream(noncausal):
+    import fastfocal
+
+    with pytest.raises(fastfocal.InputError, match="causal"):
+        noncausal.stream()
+
+
+def test_rings_wrap(causal, golden_causal):
+    # tiny_causal: window 32 -> ring of 28 frames; 200 frames wrap it ~7 times
+    st = causal.stream_encoder(batch_size=1)
+    sig = T(golden_causal["sig"][:1])
+    st.push(sig)
+    assert int(st.enc_state.pos[0]) == 200
+    assert st.enc_state.k_ring[0].shape[2] == 28
+    assert not np.allclose(st.enc_state.k_ring[0].numpy(), 0)
