@@ -19,6 +19,8 @@ class InputError(ValueError):
 
 def _as_tensor(x, what: str) -> Tensor:
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{what} must be a numeric array, got numpy dtype {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
         raise InputError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")

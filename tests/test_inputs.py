@@ -1,0 +1,99 @@
+"""Bad input gets a clear error naming the problem, and never touches stream state."""
+import numpy as np
+import pytest
+import torch
+
+import fastfocal
+from fastfocal import InputError
+
+
+@pytest.mark.parametrize(
+    "sig, match",
+    [
+        (torch.zeros(2, 0), "empty"),
+        (torch.zeros(0, 100), "empty"),
+        (torch.tensor([[0.1, float("nan"), 0.2]]), "NaN or Inf"),
+        (torch.tensor([[0.1, float("inf"), 0.2]]), "NaN or Inf"),
+        (torch.zeros(2, 100, dtype=torch.int16), "floating point.*int16"),
+        (torch.zeros(1, 2, 100), r"\(samples,\) or \(batch, samples\)"),
+        ([0.1, 0.2], "torch.Tensor or numpy array"),
+    ],
+)
+def test_bad_audio(causal, sig, match):
+    with pytest.raises(InputError, match=match):
+        causal.sig_to_toks(sig)
+
+
+@pytest.mark.parametrize(
+    "toks, match",
+    [
+        (torch.tensor([[0, 4096]]), r"token out of range \[0, 4096\)"),
+        (torch.tensor([[-1, 3]]), "token out of range"),
+        (torch.tensor([[0.0, 1.0]]), "integer"),
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"\(T,\) or \(batch, T\)"),
+    ],
+)
+def test_bad_tokens(causal, toks, match):
+    with pytest.raises(InputError, match=match):
+        causal.toks_to_sig(toks)
+
+
+def test_bad_frames(causal):
+    with pytest.raises(InputError, match=r"features must be \(T, 128\)"):
+        causal.feats_to_lats(torch.zeros(1, 10, 64))
+    with pytest.raises(InputError, match=r"codes must be \(T, 12\)"):
+        causal.codes_to_qfeats(torch.zeros(1, 10, 13))
+    with pytest.raises(InputError, match="NaN"):
+        causal.feats_to_sig(torch.full((1, 4, 128), float("nan")))
+
+
+def test_numpy_and_1d_inputs(causal, golden_causal):
+    sig = golden_causal["sig"][0, :6400]
+    t1 = causal.sig_to_toks(sig)  # numpy, 1-D
+    assert t1.shape == (20,)
+    t2 = causal.sig_to_toks(torch.from_numpy(sig)[None])
+    assert torch.equal(t1, t2[0])
+    assert causal.decode(t1.numpy()).shape == (20 * 480,)
+
+
+def test_short_inputs(causal, noncausal):
+    # shorter than one frame: still one token / a valid output, never a crash
+    assert causal.sig_to_toks(torch.randn(1, 10) * 0.1).shape == (1, 1)
+    assert noncausal.sig_to_toks(torch.randn(1, 10) * 0.1).shape == (1, 1)
+    assert causal.sig_to_sig(torch.randn(1, 10) * 0.1).shape == (1, 15)
+
+
+def test_bad_push_leaves_state_untouched(causal, golden_causal):
+    sig = torch.from_numpy(golden_causal["sig"][:, :2560])
+    s = causal.stream_encoder(batch_size=2)
+    s.push(sig[:, :1280])
+    snapshot = [t.clone() for t in s.enc_state.k_ring] + [s.enc_state.pos.clone()]
+    bad = sig[:, 1280:].clone()
+    bad[1, 5] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        s.push(bad)
+    with pytest.raises(InputError, match=r"expected shape \(2, n\)"):
+        s.push(sig[:1, 1280:])
+    after = [t for t in s.enc_state.k_ring] + [s.enc_state.pos]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
+    assert s.pending == 0
+    # and the stream goes on exactly as if nothing happened
+    t = s.push(sig[:, 1280:])
+    ref = causal.sig_to_toks(sig)
+    assert torch.equal(t, ref[:, 4:])
+
+
+def test_bad_session_args(causal):
+    with pytest.raises(InputError, match="batch_size"):
+        causal.stream(batch_size=0)
+    s = causal.stream_decoder(batch_size=2)
+    with pytest.raises(InputError, match="rows must be in"):
+        s.reset(rows=[2])
+    with pytest.raises(InputError, match="token out of range"):
+        s.push(torch.full((2, 4), 5000))
+
+
+def test_numpy_rejects_object_arrays(causal):
+    with pytest.raises(InputError, match="numeric array"):
+        causal.sig_to_toks(np.array(["a", "b"]))
