@@ -48,7 +48,7 @@ class _State:
 @dataclass
 class EncoderState(_State):
     pos: Tensor  # (S,) frames already encoded
-    fe_caches: list[Tensor]  # feature-extractor conv inputs, (S, C_in, k-1)
+    fe_caches: list[Tensor]  # feature-extractor conv inputs, time-major (S, k-1, C_in)
     pos_conv_cache: Tensor  # (S, dim, conv_pos-1)
     k_ring: list[Tensor]  # per layer (S, H, R, d), R = window - chunk
     v_ring: list[Tensor]
@@ -62,7 +62,7 @@ class EncoderState(_State):
         d = e.dim // e.num_heads
         return cls(
             pos=z(slots, dt=torch.long),
-            fe_caches=[z(slots, c, k - 1) for c, k in zip(ins, e.kernel_sizes)],
+            fe_caches=[z(slots, k - 1, c) for c, k in zip(ins, e.kernel_sizes)],
             pos_conv_cache=z(slots, e.dim, e.conv_pos - 1),
             k_ring=[z(slots, e.num_heads, R, d) for _ in range(e.num_layers)],
             v_ring=[z(slots, e.num_heads, R, d) for _ in range(e.num_layers)],
