@@ -392,14 +392,18 @@ class _Backbone(nn.Module):
 
     def forward(self, x: Tensor, causal: bool, st: DecoderState | None, idx) -> Tensor:
         def conv(xt, w, b, groups, cache_buf):
+            k = w.shape[-1]
             if causal:
                 cache = _gather(cache_buf, idx) if st is not None else None
-                y, nc = ops.conv1d_causal(xt, w, b, groups=groups, cache=cache, replicate=False)
+                xp = ops.causal_pad(xt, k - 1, cache, None, replicate=False)
                 if st is not None:
-                    cache_buf.index_copy_(0, idx, nc)
-                return y
-            k = w.shape[-1]
-            return F.conv1d(F.pad(xt, ((k - 1) // 2, k // 2)), w, b, groups=groups)
+                    cache_buf.index_copy_(0, idx, xp[:, :, xp.shape[2] - (k - 1):])
+            else:
+                xp = F.pad(xt, ((k - 1) // 2, k // 2))
+            if groups == 1:  # dense conv as unfold + GEMM: the library conv is slow for few frames
+                u = xp.unfold(2, k, 1).transpose(1, 2).reshape(xp.shape[0], -1, w.shape[1] * k)
+                return ops.linear(u, w.reshape(w.shape[0], -1), b).transpose(1, 2)
+            return F.conv1d(xp, w, b, groups=groups)
 
         e = self.embedding
         x = conv(x.transpose(1, 2), e.weight, e.bias, 1, st.emb_cache if st is not None else None).transpose(1, 2)
