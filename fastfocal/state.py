@@ -15,15 +15,17 @@ from torch import Tensor
 from .config import CodecConfig
 
 
+def _flat(v) -> list[Tensor]:
+    # FocalState.caches nests lists (layer -> level): recurse, or reset/nbytes miss them
+    if isinstance(v, Tensor):
+        return [v]
+    if isinstance(v, list):
+        return [t for x in v for t in _flat(x)]
+    return []
+
+
 def _tensors(obj) -> list[Tensor]:
-    out = []
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, Tensor):
-            out.append(v)
-        elif isinstance(v, list):
-            out.extend(t for t in v if isinstance(t, Tensor))
-    return out
+    return [t for f in dataclasses.fields(obj) for t in _flat(getattr(obj, f.name))]
 
 
 class _State:
