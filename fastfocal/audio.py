@@ -1,0 +1,96 @@
+"""Audio file IO: any format libsndfile reads, mixed down to mono and resampled with soxr."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+BLOCK = 1 << 20  # frames per read block: long multichannel files never sit in memory at full rate
+
+
+class AudioError(ValueError):
+    """An audio file that is missing, unreadable, empty or holds NaN/Inf samples."""
+
+
+def _open(source, name: str) -> sf.SoundFile:
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if not p.exists():
+            raise AudioError(f"{name}: no such file")
+        if p.is_dir():
+            raise AudioError(f"{name}: is a directory, not an audio file")
+    try:
+        return sf.SoundFile(source)
+    except sf.LibsndfileError as e:
+        raise AudioError(f"{name}: cannot read audio ({e.error_string})") from None
+    except (OSError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{name}: cannot read audio ({e})") from None
+
+
+def read_audio(source, target_sr: int = 16000, name: str | None = None) -> np.ndarray:
+    """Read a file path or file-like object as float32 mono at `target_sr`.
+
+    Channels are averaged; resampling is soxr HQ, streamed block by block so memory stays
+    about the size of the output.
+    """
+    name = name or str(source)
+    f = _open(source, name)
+    with f:
+        sr = f.samplerate
+        rs = None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
+        parts = []
+        n_in = 0
+        try:
+            while True:
+                x = f.read(BLOCK, dtype="float32", always_2d=True)
+                last = len(x) < BLOCK
+                n_in += len(x)
+                x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+                if not np.isfinite(x).all():
+                    raise AudioError(f"{name}: contains NaN or Inf samples")
+                parts.append(x if rs is None else rs.resample_chunk(x, last=last))
+                if last:
+                    break
+        except sf.LibsndfileError as e:
+            raise AudioError(f"{name}: corrupt audio data ({e.error_string})") from None
+        except RuntimeError as e:  # soundfile reports truncated data as a plain RuntimeError
+            raise AudioError(f"{name}: corrupt audio data ({e})") from None
+    if n_in == 0:
+        raise AudioError(f"{name}: contains no samples")
+    sig = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return np.ascontiguousarray(sig, dtype=np.float32)
+
+
+def read_audio_bytes(path, target_sr: int = 16000) -> tuple[np.ndarray, bytes]:
+    """Read a file once: (signal, raw bytes), so callers can hash what they decoded."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{path}: no such file")
+    if p.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    data = p.read_bytes()
+    return read_audio(io.BytesIO(data), target_sr, name=str(path)), data
+
+
+def audio_info(path) -> tuple[int, int]:
+    """(frames, sample rate) from the header alone."""
+    with _open(path, str(path)) as f:
+        return f.frames, f.samplerate
+
+
+def write_audio(path, sig, sr: int, subtype: str = "PCM_16") -> None:
+    """Write a mono (samples,) signal as WAV; PCM_16 clips to [-1, 1], FLOAT keeps values."""
+    if subtype not in ("PCM_16", "FLOAT"):
+        raise ValueError(f"subtype must be PCM_16 or FLOAT, got {subtype!r}")
+    if hasattr(sig, "detach"):
+        sig = sig.detach().float().cpu().numpy()
+    sig = np.asarray(sig, dtype=np.float32)
+    if sig.ndim != 1:
+        raise ValueError(f"write_audio takes a mono (samples,) signal, got shape {sig.shape}")
+    if subtype == "PCM_16":
+        sig = np.clip(sig, -1.0, 1.0)
+    sf.write(str(path), sig, sr, subtype=subtype, format="WAV")

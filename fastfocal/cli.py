@@ -1,0 +1,264 @@
+"""The `fastfocal` command: encode, decode, roundtrip, info, encode-corpus.
+
+User errors (bad files, bad models, bad tokens) print one line `fastfocal: error: ...` and
+exit with status 2; a traceback means a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastfocal
+
+from .audio import AudioError, read_audio, write_audio
+from .codec import Codec, InputError
+from .config import ConfigError
+from .loading import DEFAULT_MODEL, CheckpointError
+
+USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, OSError)
+
+
+class CliError(ValueError):
+    """A bad command line or file that stops the command."""
+
+
+def _error(msg) -> None:
+    text = " ".join(str(msg).split()) or type(msg).__name__  # one line, whatever the message holds
+    print(f"fastfocal: error: {text}", file=sys.stderr)
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if codebook_size <= 65536 else np.int32)
+
+
+def load_codec(model: str | None, random_init: str | None, device: str | None, dtype: str) -> Codec:
+    try:
+        dev, dt = fastfocal._resolve_device_dtype(device, dtype)
+    except (RuntimeError, ValueError) as e:  # bad device string, fp16 on CPU
+        raise CliError(str(e)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"device {device!r} requested but CUDA is not available")
+    if random_init:
+        return fastfocal.random_init(random_init, device=dev, dtype=dt)
+    return fastfocal.load(model or DEFAULT_MODEL, device=dev, dtype=dt)
+
+
+def _codec(args) -> Codec:
+    return load_codec(args.model, args.random_init, args.device, args.dtype)
+
+
+def _out_path(args, src: str, suffix: str, seen: dict[Path, str]) -> Path:
+    out = Path(args.out) / (Path(src).stem + suffix)
+    if out in seen:
+        raise CliError(f"{src}: output {out} would overwrite the output of {seen[out]}")
+    if out.exists() and Path(src).exists() and os.path.samefile(out, src):
+        raise CliError(f"{src}: output {out} would overwrite the input; pass --out DIR")
+    seen[out] = src
+    return out
+
+
+def _each(args, fn) -> int:
+    """Run fn(path) for every input; report failures one line each and go on."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for src in args.inputs:
+        try:
+            fn(src)
+        except USER_ERRORS + (CliError,) as e:
+            _error(e)
+            failed += 1
+    return 2 if failed else 0
+
+
+def _sidecar(codec: Codec, src: str, n_samples: int, n_tokens: int) -> dict:
+    return {
+        "model": codec.name,
+        "sample_rate_input": codec.sample_rate_input,
+        "sample_rate_output": codec.sample_rate_output,
+        "token_rate": codec.token_rate,
+        "codebook_size": codec.codebook_size,
+        "n_tokens": n_tokens,
+        "duration_s": n_samples / codec.sample_rate_input,
+        "source": os.path.abspath(src),
+    }
+
+
+def cmd_encode(args) -> int:
+    codec = _codec(args)
+    seen: dict[Path, str] = {}
+
+    def one(src):
+        out = _out_path(args, src, ".npy", seen)
+        sig = read_audio(src, codec.sample_rate_input)
+        toks = codec.sig_to_toks(sig).cpu().numpy().astype(token_dtype(codec.codebook_size))
+        np.save(out, toks)
+        out.with_suffix(".json").write_text(json.dumps(_sidecar(codec, src, len(sig), len(toks)), indent=1) + "\n")
+        print(out)
+
+    return _each(args, one)
+
+
+def read_tokens(path: str, codec: Codec) -> np.ndarray:
+    """A 1-D integer token array from a .npy file, checked against its sidecar if present."""
+    try:
+        toks = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CliError(f"{path}: not a readable .npy token file ({e})") from None
+    if not isinstance(toks, np.ndarray) or toks.dtype.kind not in "iu":
+        raise CliError(f"{path}: tokens must be an integer array, got {getattr(toks, 'dtype', type(toks))}")
+    if toks.ndim != 1:
+        raise CliError(f"{path}: tokens must have shape (T,), got {toks.shape}")
+    if toks.size == 0:
+        raise CliError(f"{path}: token array is empty")
+    side = Path(path).with_suffix(".json")
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except (ValueError, OSError):
+            meta = {}
+        cb = meta.get("codebook_size") if isinstance(meta, dict) else None
+        if cb is not None and cb != codec.codebook_size:
+            raise CliError(f"{path}: encoded with a {cb}-token codebook ({meta.get('model')}), model has {codec.codebook_size}")
+    lo, hi = int(toks.min()), int(toks.max())
+    if lo < 0 or hi >= codec.codebook_size:
+        raise InputError(f"{path}: token out of range [0, {codec.codebook_size}): found values in [{lo}, {hi}]")
+    return toks.astype(np.int64)
+
+
+def cmd_decode(args) -> int:
+    codec = _codec(args)
+    seen: dict[Path, str] = {}
+
+    def one(src):
+        out = _out_path(args, src, ".wav", seen)
+        sig = codec.toks_to_sig(read_tokens(src, codec))
+        write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
+        print(out)
+
+    return _each(args, one)
+
+
+def cmd_roundtrip(args) -> int:
+    codec = _codec(args)
+    seen: dict[Path, str] = {}
+
+    def one(src):
+        out = _out_path(args, src, ".wav", seen)
+        sig = codec.sig_to_sig(read_audio(src, codec.sample_rate_input))
+        write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
+        print(out)
+
+    return _each(args, one)
+
+
+def cmd_info(args) -> int:
+    c = _codec(args)
+    lat = f"{c.latency:.0f} ms" if c.latency is not None else "n/a (non-causal)"
+    rows = [
+        ("model", c.name),
+        ("causal", c.causal),
+        ("codebook size", c.codebook_size),
+        ("parameters", f"{c.num_params:,} ({c.num_params / 1e6:.1f} M)"),
+        ("sample rate in", f"{c.sample_rate_input} Hz"),
+        ("sample rate out", f"{c.sample_rate_output} Hz"),
+        ("token rate", f"{c.token_rate:g} Hz"),
+        ("chunk size", f"{c.chunk_size} samples ({1000 * c.chunk_size / c.sample_rate_input:g} ms)" if c.causal else "n/a"),
+        ("latency", lat),
+        ("device", c.device),
+        ("dtype", str(c.dtype).removeprefix("torch.")),
+    ]
+    for k, v in rows:
+        print(f"{k + ':':17} {v}")
+    return 0
+
+
+def cmd_encode_corpus(args) -> int:
+    from .corpus import encode_corpus
+
+    devices = args.devices.split(",") if args.devices else None
+    encode_corpus(
+        args.inputs, args.out, model=args.model, random_init=args.random_init, devices=devices, dtype=args.dtype,
+        batch_seconds=args.batch_seconds, max_batch=args.max_batch, workers=args.workers,
+        prefetch=args.prefetch, fmt=args.format, quiet=args.quiet,
+    )
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help=f"hub id, model directory or config.json (default {DEFAULT_MODEL})")
+    g.add_argument("--random-init", metavar="PRESET", help="random weights for a preset (e.g. 50hz_4k_causal) or config: no download")
+    if device:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastfocal", description="FocalCodec-Stream: 16 kHz speech <-> 50 Hz tokens <-> 24 kHz speech")
+    ap.add_argument("--version", action="version", version=f"fastfocal {fastfocal.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("encode", help="audio files -> <stem>.npy tokens + <stem>.json sidecar")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", default=".", help="output directory (default: current)")
+    _model_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="<stem>.npy tokens -> <stem>.wav")
+    p.add_argument("inputs", nargs="+", metavar="TOKENS.npy")
+    p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
+    _model_args(p)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("roundtrip", help="audio -> tokens -> audio, written as <stem>.wav")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
+    _model_args(p)
+    p.set_defaults(func=cmd_roundtrip)
+
+    p = sub.add_parser("info", help="print model properties")
+    _model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("encode-corpus", help="directories, globs or manifests -> mirrored .npy tree + manifest.jsonl (resumable)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="directory, glob, audio file, or manifest (.jsonl with 'path', .csv with a path column)")
+    p.add_argument("--out", required=True, help="output directory")
+    _model_args(p, device=False)
+    p.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 (one process each) or cpu")
+    p.add_argument("--batch-seconds", type=float, default=600.0, help="audio seconds per batch, padded to its longest file (default 600)")
+    p.add_argument("--max-batch", type=int, default=64, help="files per batch at most (default 64)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes per device (0: decode inline)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead of the device (default 2)")
+    p.add_argument("--format", default="npy", choices=["npy", "parquet"], help="npy per utterance (default) or parquet shards")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_encode_corpus)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (argparse already printed them)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except USER_ERRORS + (CliError,) as e:
+        _error(e)
+        return 2
+    except KeyboardInterrupt:
+        print("fastfocal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
