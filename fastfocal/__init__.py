@@ -5,6 +5,7 @@ import torch
 
 from .codec import Codec, InputError
 from .config import CodecConfig, ConfigError, load_config, preset
+from .engine import StreamEngine
 from .loading import DEFAULT_MODEL, CheckpointError, build, config_from, random_state_dict, read_state_dict, resolve
 from .streaming import Stream, StreamDecoder, StreamEncoder
 
@@ -57,5 +58,5 @@ def random_init(preset_or_config="50hz_4k_causal", seed: int = 0, device=None, d
 
 __all__ = [
     "Codec", "CodecConfig", "ConfigError", "CheckpointError", "InputError", "Stream", "StreamDecoder",
-    "StreamEncoder", "load", "random_init", "load_config", "preset", "DEFAULT_MODEL",
+    "StreamEncoder", "StreamEngine", "load", "random_init", "load_config", "preset", "DEFAULT_MODEL",
 ]
