@@ -1,0 +1,85 @@
+"""Helpers shared by the kernels: launch rules, input checks, and accurate math.
+
+On CUDA the transcendental functions come from libdevice (accurate for large arguments,
+unlike the `.approx` instructions); the interpreter has no libdevice, so under
+TRITON_INTERPRET=1 the kernels take `tl.*` (numpy) versions through the INTERP constexpr.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# read once: triton.jit decides interpretation at decoration time, so must we
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+SQRT1_2 = 0.7071067811865476
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_device(*ts: torch.Tensor) -> None:
+    dev = ts[0].device
+    for t in ts:
+        check(t.device == dev, f"all tensors must be on {dev}, got one on {t.device}")
+    check(dev.type == "cuda" or INTERPRET, "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before importing triton")
+
+
+def out_or_new(out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check(tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.is_contiguous(),
+          f"out must be contiguous {tuple(shape)} {dtype}, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """View x (..., C) as (N, C) with unit channel stride, copying only when needed."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(-1, x.shape[-1])
+
+
+@triton.jit
+def gelu(x, INTERP: tl.constexpr):
+    """Exact (erf) GELU of an fp32 tensor."""
+    if INTERP:
+        e = tl.erf(x * 0.7071067811865476)
+    else:
+        e = libdevice.erf(x * 0.7071067811865476)
+    return 0.5 * x * (1.0 + e)
+
+
+@triton.jit
+def tanh(x, INTERP: tl.constexpr):
+    if INTERP:
+        # no libdevice here: exp identity (finite for any x), series near 0 where it cancels
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        t = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        small = x * (1.0 - x2 * (0.3333333333333333 - x2 * 0.13333333333333333))
+        return tl.where(a < 0.1, small, tl.where(x < 0, -t, t))
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def sin(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.sin(x)
+    else:
+        return libdevice.sin(x)
