@@ -3,6 +3,10 @@
 State is preallocated (ring buffers, constant size); `push` takes any number of samples or
 tokens and returns what is complete; `flush` ends the stream (zero-padding a partial chunk)
 and leaves the session ready for a new one.
+
+On CUDA each session captures its chunk step as a CUDA graph for its batch size when built
+(FASTFOCAL_CUDA_GRAPHS=0 or cuda_graphs=False: eager), so a push of k whole chunks is k graph
+replays; CPU sessions run eagerly, all whole chunks of a push in one step.
 """
 from __future__ import annotations
 
@@ -11,7 +15,29 @@ from torch import Tensor
 
 from . import ops
 from .codec import Codec, InputError
+from .engine import make_step
+from .graphs import GraphRunner, graphs_enabled
 from .state import decoder_side, encoder_side
+
+
+def _graph(codec: Codec, mode: str, idx: Tensor, cuda_graphs: bool | None, **states) -> GraphRunner | None:
+    """The chunk step captured for this batch (bucket = batch size), or None (CPU, off, failed).
+    Warm-up and capture step slot 0 for real: the caller resets its states afterwards."""
+    if not graphs_enabled(codec.device, cuda_graphs):
+        return None
+    shape, dt = ((codec.chunk_size,), codec.dtype) if mode != "decode" else ((codec.config.chunk_frames,), torch.long)
+    r = GraphRunner(make_step(codec, mode, **states), [(shape, dt)], [idx.numel()], codec.device, 0, use_graphs=True)
+    if not r.capture():
+        return None
+    r.idx.copy_(idx)
+    return r
+
+
+def _replay(r: GraphRunner, x: Tensor, width: int) -> list[Tensor]:
+    """Run x (B, k*width) through the graph one chunk at a time; outputs joined along time
+    (copied out of the static buffers before the next replay)."""
+    outs = [[o.clone() for o in r.run(x.shape[0], [x[:, a:a + width]])] for a in range(0, x.shape[1], width)]
+    return outs[0] if len(outs) == 1 else [torch.cat(o, 1) for o in zip(*outs)]
 
 
 class _Session:
@@ -41,7 +67,7 @@ class _Session:
 class StreamEncoder(_Session):
     """16 kHz audio in, tokens out (4 per 1280-sample chunk)."""
 
-    def __init__(self, codec: Codec, batch_size: int = 1):
+    def __init__(self, codec: Codec, batch_size: int = 1, cuda_graphs: bool | None = None):
         super().__init__(codec, batch_size)
         cfg = codec.config
         self.enc_state, self.comp_state = encoder_side(cfg, batch_size, codec.device, codec.dtype)
@@ -49,6 +75,9 @@ class StreamEncoder(_Session):
         self.hop = cfg.hop_samples
         self._buf = torch.zeros(batch_size, self.chunk, device=codec.device, dtype=codec.dtype)
         self._fill = 0
+        self._graph = _graph(codec, "encode", self.idx, cuda_graphs, enc=self.enc_state, comp=self.comp_state)
+        if self._graph is not None:
+            self.reset()
 
     @property
     def pending(self) -> int:
@@ -60,15 +89,18 @@ class StreamEncoder(_Session):
         return self.enc_state.nbytes + self.comp_state.nbytes + self._buf.numel() * self._buf.element_size()
 
     def _step(self, sig: Tensor) -> tuple[Tensor, Tensor]:
+        if self._graph is not None:
+            return tuple(_replay(self._graph, sig, self.chunk)[:2])
         m = self.codec.model
         feats = m.encoder(sig, self.enc_state, self.idx)
         lats = m.compressor(feats, self.comp_state, self.idx)
         return ops.bsq_quantize(lats)
 
-    def _push(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _take(self, x: Tensor) -> Tensor | None:
+        """Buffer x; return the whole chunks it completes (batch, 1280k), or None."""
         x = self._batch(x)
         if x.shape[1] == 0:
-            return self._empty()
+            return None
         x, _ = self.codec._check_sig(x)
         with torch.inference_mode():
             take = min(self.chunk - self._fill, x.shape[1])
@@ -76,13 +108,20 @@ class StreamEncoder(_Session):
             self._fill += take
             rest = x[:, take:]
             if self._fill < self.chunk:
-                return self._empty()
+                return None
             n_whole = (rest.shape[1] // self.chunk) * self.chunk
             # the buffered chunk and every whole chunk after it go in one step
             sig = torch.cat([self._buf, rest[:, :n_whole]], 1) if n_whole else self._buf.clone()
             tail = rest[:, n_whole:]
             self._buf[:, :tail.shape[1]] = tail
             self._fill = tail.shape[1]
+            return sig
+
+    def _push(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        sig = self._take(x)
+        if sig is None:
+            return self._empty()
+        with torch.inference_mode():
             return self._step(sig)
 
     def _empty(self) -> tuple[Tensor, Tensor]:
@@ -134,13 +173,16 @@ class StreamEncoder(_Session):
 class StreamDecoder(_Session):
     """Tokens in (4 per step), 24 kHz audio out (1920 samples per step)."""
 
-    def __init__(self, codec: Codec, batch_size: int = 1):
+    def __init__(self, codec: Codec, batch_size: int = 1, cuda_graphs: bool | None = None):
         super().__init__(codec, batch_size)
         cfg = codec.config
         self.dec_state, self.wav_state = decoder_side(cfg, batch_size, codec.device, codec.dtype)
         self.group = cfg.chunk_frames
         self._buf = torch.zeros(batch_size, self.group, dtype=torch.long, device=codec.device)
         self._fill = 0
+        self._graph = _graph(codec, "decode", self.idx, cuda_graphs, dec=self.dec_state, wav=self.wav_state)
+        if self._graph is not None:
+            self.reset()
 
     @property
     def pending(self) -> int:
@@ -178,6 +220,8 @@ class StreamDecoder(_Session):
             tail = rest[:, n_whole:]
             self._buf[:, :tail.shape[1]] = tail
             self._fill = tail.shape[1]
+            if self._graph is not None:
+                return _replay(self._graph, t, self.group)[0]
             return self._step_codes(ops.bsq_codes(t, self.codec.code_dim, self.codec.dtype))
 
     def push_codes(self, codes: Tensor) -> Tensor:
@@ -210,10 +254,15 @@ class StreamDecoder(_Session):
 class Stream:
     """Audio in, tokens and audio out: encoder and decoder sessions chained per chunk."""
 
-    def __init__(self, codec: Codec, batch_size: int = 1):
+    def __init__(self, codec: Codec, batch_size: int = 1, cuda_graphs: bool | None = None):
         self.codec = codec
-        self.encoder = StreamEncoder(codec, batch_size)
-        self.decoder = StreamDecoder(codec, batch_size)
+        # one graph for the whole chunk (encoder to decoder), not one per half
+        self.encoder = StreamEncoder(codec, batch_size, cuda_graphs=False)
+        self.decoder = StreamDecoder(codec, batch_size, cuda_graphs=False)
+        self._graph = _graph(codec, "full", self.encoder.idx, cuda_graphs, enc=self.encoder.enc_state,
+                             comp=self.encoder.comp_state, dec=self.decoder.dec_state, wav=self.decoder.wav_state)
+        if self._graph is not None:
+            self.reset()
 
     @property
     def state_bytes(self) -> int:
@@ -223,7 +272,14 @@ class Stream:
         """Returns (tokens, audio) completed by these samples."""
         from .codec import _as_tensor
 
-        toks, codes = self.encoder._push(_as_tensor(sig, "audio"))
+        x = _as_tensor(sig, "audio")
+        if self._graph is not None:
+            whole = self.encoder._take(x)
+            if whole is None:
+                return self.encoder._empty()[0], self.decoder._empty()
+            toks, audio, _ = _replay(self._graph, whole, self.encoder.chunk)
+            return toks, audio
+        toks, codes = self.encoder._push(x)
         if toks.shape[1] == 0:
             return toks, self.decoder._empty()
         return toks, self.decoder.push_codes(codes)
