@@ -44,9 +44,12 @@ def load_codec(model: str | None, random_init: str | None, device: str | None, d
         raise CliError(str(e)) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"device {device!r} requested but CUDA is not available")
-    if random_init:
-        return fastfocal.random_init(random_init, device=dev, dtype=dt)
-    return fastfocal.load(model or DEFAULT_MODEL, device=dev, dtype=dt)
+    try:
+        if random_init:
+            return fastfocal.random_init(random_init, device=dev, dtype=dt)
+        return fastfocal.load(model or DEFAULT_MODEL, device=dev, dtype=dt)
+    except ConfigError as e:  # config messages do not always name the file
+        raise ConfigError(f"{random_init or model or DEFAULT_MODEL}: {e}") from None
 
 
 def _codec(args) -> Codec:

@@ -1,0 +1,75 @@
+"""Ray Data path: decode on CPU tasks, encode on a pool of device actors.
+
+    import fastfocal.ray as ffr
+    ds = ffr.encode_paths(paths, model="lucadellalib/focalcodec_50hz_4k_causal", num_gpus=4)
+    ds.write_parquet("/data/tokens")  # columns: path, tokens, n_tokens, duration, error
+
+or build the pipeline yourself: `ds.map(ffr.load_row)` then
+`ds.map_batches(ffr.TokenEncoder, fn_constructor_kwargs={...}, batch_size=64, num_gpus=1, concurrency=4)`.
+Tokens equal `Codec.sig_to_toks` per file (`fastfocal.corpus.encode_batch`). `ray` is optional and
+imported only inside `encode_paths`; the row function and the actor class need no ray.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .audio import AudioError, read_audio
+from .cli import load_codec, token_dtype
+from .corpus import SR, encode_batch
+
+
+def load_row(row: dict) -> dict:
+    """CPU stage: add "audio" (16 kHz float32) and "error" ("" when fine) to a row with "path"."""
+    try:
+        audio, error = read_audio(row["path"], SR), ""
+    except AudioError as e:
+        audio, error = np.zeros(0, np.float32), str(e)
+    return {**row, "audio": audio, "error": error}
+
+
+class TokenEncoder:
+    """Actor for `map_batches`: a batch with "path" (and optionally "audio"/"error" from
+    `load_row`) -> columns path, tokens, n_tokens, duration, error."""
+
+    def __init__(self, model: str | None = None, random_init: str | None = None, device: str | None = None,
+                 dtype: str = "fp32"):
+        self.codec = load_codec(model, random_init, device, dtype)
+        self.dtype = token_dtype(self.codec.codebook_size)
+
+    def __call__(self, batch: dict) -> dict:
+        paths = [str(p) for p in batch["path"]]
+        if "audio" in batch:
+            rows = [(np.asarray(a, np.float32), str(e)) for a, e in zip(batch["audio"], batch["error"])]
+        else:
+            rows = [(r["audio"], r["error"]) for r in map(load_row, ({"path": p} for p in paths))]
+        good = [i for i, (a, e) in enumerate(rows) if not e]
+        toks = [np.zeros(0, self.dtype)] * len(paths)
+        for i, t in zip(good, encode_batch(self.codec, [rows[i][0] for i in good]) if good else []):
+            toks[i] = t.astype(self.dtype)
+        return {
+            "path": paths,
+            "tokens": toks,
+            "n_tokens": np.array([len(t) for t in toks], np.int64),
+            "duration": np.array([len(a) / SR for a, _ in rows], np.float64),
+            "error": [e for _, e in rows],
+        }
+
+
+def encode_paths(paths, model: str | None = None, random_init: str | None = None, dtype: str = "fp32",
+                 num_gpus: int = 0, num_cpu_actors: int = 1, batch_size: int = 64):
+    """A lazy ray.data.Dataset of tokens for `paths`: one actor per GPU (or `num_cpu_actors`
+    CPU actors when num_gpus is 0)."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("fastfocal.ray needs ray: pip install 'ray[data]'") from None
+    ds = ray.data.from_items([{"path": str(p)} for p in paths]).map(load_row)
+    return ds.map_batches(
+        TokenEncoder,
+        fn_constructor_kwargs={"model": model, "random_init": random_init, "dtype": dtype,
+                               "device": "cuda" if num_gpus else "cpu"},
+        batch_size=batch_size,
+        num_gpus=1 if num_gpus else 0,
+        concurrency=num_gpus or num_cpu_actors,
+        batch_format="numpy",
+    )
