@@ -1,0 +1,92 @@
+"""Elementwise epilogue of a cuBLAS matmul, one pass over (N, C) rows:
+
+    out = ACT(res + gamma * (h + bias))      every part optional
+
+ACT: none, exact GELU (FFN / refiner / ConvNeXt hidden), clamp (WaveNeXt head: the frame's
+480 samples are already the contiguous layout of the waveform), Snake (per-channel alpha).
+The matmul runs without bias so bias, scale, residual and activation cost one read and one
+write; `out` may be `h` itself (each element is read before it is written, by one thread).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRET, check, check_device, gelu, out_or_new, pow2, sin
+
+ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3}
+_TILE = 4096
+
+
+@triton.jit
+def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C, lo, hi,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, ACT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (r < N)[:, None] & cm[None, :]
+    p = r[:, None] * C + c[None, :]
+    x = tl.load(h_ptr + p, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        x = x * tl.load(gamma_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        x += tl.load(res_ptr + p, mask=m, other=0.0).to(tl.float32)
+    if ACT == 1:
+        x = gelu(x, INTERP)
+    elif ACT == 2:
+        x = tl.minimum(tl.maximum(x, lo), hi)
+    elif ACT == 3:
+        a = tl.load(alpha_ptr + c, mask=cm, other=1.0).to(tl.float32)[None, :]
+        s = sin(a * x, INTERP)
+        x = x + s * s / (a + 1e-9)
+    tl.store(out_ptr + p, x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def epilogue(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
+             gamma: Tensor | None = None, alpha: Tensor | None = None, lo: float = -1.0, hi: float = 1.0,
+             out: Tensor | None = None) -> Tensor:
+    """ACT(res + gamma * (h + bias)) over the last dim; h (..., C) contiguous."""
+    check(act in ACTS, f"act must be one of {list(ACTS)}, got {act!r}")
+    check(h.is_contiguous(), "h must be contiguous (a matmul output)")
+    C = h.shape[-1]
+    N = h.numel() // max(C, 1)
+    for name, v in (("bias", bias), ("gamma", gamma), ("alpha", alpha)):
+        if v is not None:
+            check(v.numel() == C and v.is_contiguous(), f"{name} must hold {C} contiguous values, got {tuple(v.shape)}")
+    check(act != "snake" or alpha is not None, "snake needs alpha")
+    if res is not None:
+        check(res.shape == h.shape, f"res must be {tuple(h.shape)}, got {tuple(res.shape)}")
+        res = res.contiguous()
+    check_device(h, *[v for v in (bias, res, gamma, alpha) if v is not None])
+    out = h if out is h else out_or_new(out, h.shape, h.dtype, h.device)
+    bc = min(pow2(C), 1024)
+    br = max(1, min(_TILE // bc, pow2(N)))
+    _epilogue_kernel[(triton.cdiv(N, br), triton.cdiv(C, bc))](
+        h, bias if bias is not None else h, res if res is not None else h, gamma if gamma is not None else h,
+        alpha if alpha is not None else h, out, N, C, float(lo), float(hi),
+        HAS_BIAS=bias is not None, HAS_RES=res is not None, HAS_GAMMA=gamma is not None, ACT=ACTS[act],
+        BLOCK_R=br, BLOCK_C=bc, INTERP=INTERPRET, num_warps=4,
+    )
+    return out
+
+
+def epilogue_ref(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
+                 gamma: Tensor | None = None, alpha: Tensor | None = None, lo: float = -1.0, hi: float = 1.0) -> Tensor:
+    x = h if bias is None else h + bias
+    if gamma is not None:
+        x = x * gamma
+    if res is not None:
+        x = res + x
+    if act == "gelu":
+        x = F.gelu(x)
+    elif act == "clamp":
+        x = x.clamp(lo, hi)
+    elif act == "snake":
+        x = x + torch.sin(alpha * x).pow(2) / (alpha + 1e-9)
+    return x
