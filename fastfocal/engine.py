@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .codec import Codec, InputError, _as_tensor
+from .config import CodecConfig
 from .graphs import GraphRunner, buckets_for, graphs_enabled
 from .profiling import nvtx_range
 from .state import decoder_side, encoder_side
@@ -91,12 +92,12 @@ def make_step(codec: Codec, mode: str, enc=None, comp=None, dec=None, wav=None):
     return step
 
 
-def _states(codec: Codec, mode: str, slots: int, device, dtype) -> dict:
+def _states(cfg, mode: str, slots: int, device, dtype) -> dict:
     st = {}
     if mode != "decode":
-        st["enc"], st["comp"] = encoder_side(codec.config, slots, device, dtype)
+        st["enc"], st["comp"] = encoder_side(cfg, slots, device, dtype)
     if mode != "encode":
-        st["dec"], st["wav"] = decoder_side(codec.config, slots, device, dtype)
+        st["dec"], st["wav"] = decoder_side(cfg, slots, device, dtype)
     return st
 
 
@@ -135,7 +136,7 @@ class StreamEngine:
         self.chunk = codec.chunk_size if mode != "decode" else cfg.chunk_frames  # samples or tokens in
         self.hop = cfg.token_hop
         self.scratch = max_streams  # padding rows (and graph warm-up) run on this slot
-        self.states = _states(codec, mode, max_streams + 1, self.device, self.dtype)
+        self.states = _states(cfg, mode, max_streams + 1, self.device, self.dtype)
         self._slot_ids = torch.arange(max_streams + 1, device=self.device)
         in_dtype = torch.long if mode == "decode" else self.dtype
         step = make_step(codec, mode, self.states.get("enc"), self.states.get("comp"),
@@ -154,13 +155,15 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ memory
     @staticmethod
-    def bytes_per_stream(codec: Codec, mode: str = "full", dtype=None) -> int:
-        """State bytes of one slot (ring buffers and positions), computed without allocating."""
-        st = _states(codec, mode, 1, "meta", dtype or codec.dtype)
-        return sum(s.nbytes for s in st.values())
+    def bytes_per_stream(codec: Codec | CodecConfig, mode: str = "full", dtype=None) -> int:
+        """State bytes of one slot (ring buffers and positions), computed without allocating.
+        dtype defaults to the codec's (float32 for a bare config)."""
+        cfg = codec if isinstance(codec, CodecConfig) else codec.config
+        dtype = dtype or (torch.float32 if isinstance(codec, CodecConfig) else codec.dtype)
+        return sum(s.nbytes for s in _states(cfg, mode, 1, "meta", dtype).values())
 
     @staticmethod
-    def max_streams_for(codec: Codec, memory_bytes: int, mode: str = "full", dtype=None) -> int:
+    def max_streams_for(codec: Codec | CodecConfig, memory_bytes: int, mode: str = "full", dtype=None) -> int:
         """Most streams whose state fits in memory_bytes (one slot is kept as scratch).
         Weights and the step's activations (see bench/serve_capacity.py) come on top."""
         return max(0, memory_bytes // StreamEngine.bytes_per_stream(codec, mode, dtype) - 1)

@@ -1,0 +1,371 @@
+"""StreamEngine: many streams with their own clocks equal independent sessions; isolation of bad
+streams; slot reuse; encode/decode modes; buckets and padding; state bytes; CUDA graphs (gpu)."""
+import numpy as np
+import pytest
+import torch
+
+import fastfocal
+from fastfocal.engine import EngineFull, StreamEngine
+from fastfocal.graphs import buckets_for, pick_bucket
+from fastfocal.state import _tensors
+from helpers import assert_close, assert_tokens
+
+T = torch.from_numpy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny-model steps are op overhead: extra intra-op threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def windows(golden, n, seed):
+    """n stretches of real speech of different lengths (none a multiple of 1280)."""
+    rng = np.random.default_rng(seed)
+    sig = golden["sig"]
+    out = []
+    for i in range(n):
+        ln = int(rng.integers(5000, 12000)) | 1
+        a = int(rng.integers(0, sig.shape[1] - ln))
+        out.append(T(sig[i % 2, a:a + ln].copy()))
+    return out
+
+
+def reference(codec, mode, x):
+    """The same input through an independent batch-1 session, pushed at once, then flushed."""
+    if mode == "full":
+        s = codec.stream(1)
+        t1, y1 = s.push(x[None])
+        t2, y2 = s.flush()
+        return torch.cat([t1, t2], 1)[0], torch.cat([y1, y2], 1)[0]
+    if mode == "encode":
+        s = codec.stream_encoder(1)
+        return torch.cat([s.push(x[None]), s.flush()], 1)[0], None
+    s = codec.stream_decoder(1)
+    return None, torch.cat([s.push(x[None]), s.flush()], 1)[0]
+
+
+def drive(engine, inputs, seed, max_piece, drop=()):
+    """Streams join at random ticks when a slot is free, submit random-size pieces, step, and
+    finish when their input runs out (those in `drop` are closed mid-flight instead).
+    Returns {input index: (tokens, audio)} joined over steps and the finish tail."""
+    rng = np.random.default_rng(seed)
+    join = sorted(rng.integers(0, 8, len(inputs)).tolist())
+    sid_of, pos, got, out = {}, {}, {}, {}
+    waiting = list(range(len(inputs)))
+    tick = 0
+    while waiting or sid_of:
+        while waiting and join[waiting[0]] <= tick and len(engine) < engine.max_streams:
+            i = waiting.pop(0)
+            sid_of[i], pos[i], got[i] = engine.open(), 0, []
+        for i in list(sid_of):
+            x = inputs[i]
+            if i in drop and pos[i] > len(x) // 2:
+                engine.close(sid_of.pop(i))
+                continue
+            if pos[i] >= len(x):
+                got[i].append(engine.finish(sid_of.pop(i)))
+                out[i] = got[i]
+                continue
+            n = int(rng.integers(1, max_piece))
+            engine.submit(sid_of[i], x[pos[i]:pos[i] + n])
+            pos[i] += n
+        res = engine.step()
+        inv = {s: i for i, s in sid_of.items()}
+        assert set(res) <= set(inv), "outputs only for open streams"
+        for s, o in res.items():
+            assert o.error is None
+            got[inv[s]].append(o)
+        tick += 1
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return {i: (cat([o.tokens for o in v]), cat([o.audio for o in v])) for i, v in out.items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "encode"])
+def test_many_streams_equal_single_sessions(causal, golden_causal, mode):
+    inputs = windows(golden_causal, 6, seed=1)
+    engine = StreamEngine(causal, 3, mode=mode)
+    ptrs = [t.data_ptr() for st in engine.states.values() for t in _tensors(st)]
+    got = drive(engine, inputs, seed=2, max_piece=3000, drop={4})
+    assert sorted(got) == [0, 1, 2, 3, 5]
+    for i, (toks, audio) in got.items():
+        ref_t, ref_a = reference(causal, mode, inputs[i])
+        assert toks.shape[0] == -(-len(inputs[i]) // 320)
+        assert_tokens(f"stream {i} tokens", toks, ref_t)
+        if mode == "full":
+            assert_close(f"stream {i} audio", audio, ref_a, rel=1e-5)
+    assert [t.data_ptr() for st in engine.states.values() for t in _tensors(st)] == ptrs  # never reallocated
+
+
+def test_decode_mode_equals_single_sessions(causal):
+    rng = np.random.default_rng(3)
+    inputs = [T(rng.integers(0, causal.codebook_size, int(n))) for n in rng.integers(9, 31, 5)]
+    engine = StreamEngine(causal, 2, mode="decode")
+    got = drive(engine, inputs, seed=4, max_piece=7)
+    for i, (toks, audio) in got.items():
+        assert toks is None
+        assert_close(f"stream {i} audio", audio, reference(causal, "decode", inputs[i])[1], rel=1e-5)
+
+
+def _feed(engine, ids, inputs, chunk=1280):
+    """Whole chunks to every stream in lockstep; returns per id the list of step outputs."""
+    outs = {s: [] for s in ids}
+    for a in range(0, min(len(x) for x in inputs), chunk):
+        for s, x in zip(ids, inputs):
+            engine.submit(s, x[a:a + chunk])
+        for s, o in engine.step().items():
+            outs[s].append(o)
+    return outs
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+def test_bad_stream_is_isolated_and_reported(causal, golden_causal, poison):
+    inputs = windows(golden_causal, 3, seed=5)
+    bad = inputs[1].clone()
+    if poison == "nan":
+        bad[3000:3100] = float("nan")  # chunk 2
+        bad[4000] = float("inf")
+    else:
+        bad[2560:3840] = 3e38  # finite garbage that overflows inside the model
+    runs = {}
+    for name, mid in (("clean", inputs[1]), ("bad", bad)):
+        e = StreamEngine(causal, 4)
+        ids = [e.open() for _ in range(3)]
+        runs[name] = (e, ids, _feed(e, ids, [inputs[0], mid, inputs[2]]))
+    (_, ids, clean), (e, _, dirty) = runs["clean"][:3], runs["bad"]
+    for s in (ids[0], ids[2]):  # same batch composition: other rows bit-identical
+        for a, b in zip(clean[s], dirty[s]):
+            assert a.error is None and b.error is None
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.audio, b.audio)
+    want = "non-finite input" if poison == "nan" else "non-finite output"
+    assert [o.error for o in dirty[ids[1]]] == [None, None] + [want] * (len(dirty[ids[1]]) - 2)
+    assert all(o.error is None for o in clean[ids[1]])
+    assert e.error(ids[1]) == want
+    # the poisoned slot is reused by the next stream: reset in place, clean output
+    e.close(ids[1])
+    new = e.open()
+    assert e._streams[new].slot == 1 and e.error(new) is None
+    x = inputs[1][:3 * 1280]
+    e.submit(new, x)
+    toks, audio = [], []
+    while e.ready():
+        o = e.step()[new]
+        toks.append(o.tokens)
+        audio.append(o.audio)
+    ref_t, ref_a = reference(causal, "full", x)
+    assert_tokens("reused slot", torch.cat(toks), ref_t)
+    assert_close("reused slot", torch.cat(audio), ref_a, rel=1e-5)
+
+
+def _rows(engine, slot):
+    return [t[slot].clone() for st in engine.states.values() for t in _tensors(st)]
+
+
+def test_streams_without_a_chunk_are_untouched(causal, golden_causal):
+    x = windows(golden_causal, 1, seed=6)[0]
+    e = StreamEngine(causal, 4)
+    a, b, c = e.open(), e.open(), e.open()
+    for s in (a, b, c):
+        e.submit(s, x[:1280])
+    e.step()  # every slot now holds some state worth disturbing
+    e.submit(a, x[1280:2560])
+    e.submit(b, x[:700])  # not a whole chunk
+    before = {s: _rows(e, e._streams[s].slot) for s in (a, b, c)}
+    scratch = _rows(e, e.scratch)
+    assert e.ready() == [a]
+    assert list(e.step()) == [a]
+    for s in (b, c):
+        assert all(torch.equal(p, q) for p, q in zip(before[s], _rows(e, e._streams[s].slot))), s
+    assert all(torch.equal(p, q) for p, q in zip(scratch, _rows(e, e.scratch))), "unpadded eager: scratch idle"
+    assert not all(torch.equal(p, q) for p, q in zip(before[a], _rows(e, e._streams[a].slot)))
+    assert e.pending(b) == 700 and e.step() == {}
+
+
+def test_buckets_and_padding(causal, golden_causal):
+    assert buckets_for(1) == [1]
+    assert buckets_for(5) == [1, 2, 4, 5]
+    assert buckets_for(8) == [1, 2, 4, 8]
+    assert [pick_bucket([1, 2, 4, 5], n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]
+    for n in (0, 6):
+        with pytest.raises(ValueError):
+            pick_bucket([1, 2, 4, 5], n)
+    inputs = windows(golden_causal, 3, seed=7)
+    plain, padded = StreamEngine(causal, 8), StreamEngine(causal, 8)
+    padded.runner.pad_eager = True  # run the bucket (4 rows) as graphs do; row 3 -> scratch
+    assert padded.runner.rows_for(3) == 4 and plain.runner.rows_for(3) == 3
+    ids = [[e.open() for _ in range(3)] for e in (plain, padded)]
+    untouched = _rows(padded, 5)
+    scratch = _rows(padded, padded.scratch)
+    ref = _feed(plain, ids[0], inputs)
+    got = _feed(padded, ids[1], inputs)
+    assert padded.runner.idx[3].item() == padded.scratch
+    for s0, s1 in zip(*ids):
+        for a, b in zip(ref[s0], got[s1]):
+            assert_tokens("padded", b.tokens, a.tokens)
+            assert_close("padded", b.audio, a.audio, rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(untouched, _rows(padded, 5)))
+    assert not torch.equal(scratch[0], _rows(padded, padded.scratch)[0]), "padding rows ran on the scratch slot"
+
+
+def test_session_graph_path_logic_on_cpu(causal, golden_causal, monkeypatch):
+    """The CUDA session path (one runner call per chunk, static buffers) run eagerly on CPU."""
+    import fastfocal.streaming as S
+
+    sig = T(golden_causal["sig"][:, :9000])
+    toks = T(golden_causal["dec_toks"][:, :23])
+    ref = (causal.stream(2), causal.stream_encoder(2), causal.stream_decoder(2))
+    monkeypatch.setattr(S, "graphs_enabled", lambda *a: True)
+    monkeypatch.setattr(S.GraphRunner, "capture", lambda self: True)
+    new = (causal.stream(2), causal.stream_encoder(2), causal.stream_decoder(2))
+    assert all(s._graph is not None for s in new)
+    for sizes in ([1279, 4000, 3721], [9000]):
+        (rs, re_, rd), (gs, ge, gd) = ref, new
+        outs = []
+        for s in (rs, gs):
+            parts = [s.push(sig[:, a:a + n]) for a, n in zip(np.cumsum([0] + sizes[:-1]), sizes)] + [s.flush()]
+            outs.append((torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)))
+        assert_tokens("stream", outs[1][0], outs[0][0])
+        assert_close("stream", outs[1][1], outs[0][1], rel=1e-5)
+        e = [torch.cat([s.push(sig[:, :5000]), s.push(sig[:, 5000:]), s.flush()], 1) for s in (re_, ge)]
+        assert_tokens("encoder", e[1], e[0])
+        d = [torch.cat([s.push(toks[:, :9]), s.push(toks[:, 9:]), s.flush()], 1) for s in (rd, gd)]
+        assert_close("decoder", d[1], d[0], rel=1e-5)
+
+
+def test_errors(causal, noncausal):
+    e = StreamEngine(causal, 2)
+    a = e.open()
+    e.open()
+    with pytest.raises(EngineFull, match="all 2 streams"):
+        e.open()
+    e.close(a)
+    with pytest.raises(KeyError, match="closed"):
+        e.submit(a, torch.zeros(10))
+    with pytest.raises(KeyError, match="unknown"):
+        e.finish(99)
+    b = e.open()
+    with pytest.raises(fastfocal.InputError, match="floating point"):
+        e.submit(b, torch.zeros(10, dtype=torch.int16))
+    with pytest.raises(fastfocal.InputError, match="shape"):
+        e.submit(b, torch.zeros(2, 10))
+    with pytest.raises(fastfocal.InputError, match="numpy|Tensor"):
+        e.submit(b, [0.0] * 10)
+    e.submit(b, np.zeros(10, dtype=np.float32))  # numpy and (1, n) are fine
+    e.submit(b, torch.zeros(1, 10))
+    assert e.pending(b) == 20
+    d = StreamEngine(causal, 1, mode="decode")
+    s = d.open()
+    with pytest.raises(fastfocal.InputError, match="out of range"):
+        d.submit(s, torch.tensor([0, causal.codebook_size]))
+    with pytest.raises(fastfocal.InputError, match="integer"):
+        d.submit(s, torch.zeros(4))
+    with pytest.raises(fastfocal.InputError, match="causal"):
+        StreamEngine(noncausal, 2)
+    with pytest.raises(fastfocal.InputError, match="mode"):
+        StreamEngine(causal, 2, mode="both")
+    with pytest.raises(fastfocal.InputError, match="max_streams"):
+        StreamEngine(causal, 0)
+    with pytest.raises(fastfocal.InputError, match="dtype"):
+        StreamEngine(causal, 2, dtype=torch.bfloat16)
+    e.close(b)
+    empty = e.finish(e.open())  # nothing pending: empty outputs
+    assert empty.tokens.shape == (0,) and empty.audio.shape == (0,) and empty.error is None
+
+
+def test_state_bytes(causal):
+    e = StreamEngine(causal, 3)
+    s = causal.stream(1)
+    sess = sum(st.nbytes for st in (s.encoder.enc_state, s.encoder.comp_state, s.decoder.dec_state, s.decoder.wav_state))
+    assert e.state_bytes_per_stream == StreamEngine.bytes_per_stream(causal) == sess
+    assert e.state_bytes == 4 * sess  # 3 slots + scratch
+    assert StreamEngine.max_streams_for(causal, 10 * sess) == 9
+    enc, dec = (StreamEngine.bytes_per_stream(causal, m) for m in ("encode", "decode"))
+    assert enc + dec == sess
+    # documented numbers for the full-size model (README, Serving)
+    cfg = fastfocal.preset("50hz_4k_causal")
+    assert StreamEngine.bytes_per_stream(cfg) == 33_486_916
+    assert StreamEngine.bytes_per_stream(cfg, dtype=torch.bfloat16) == 16_743_474
+
+
+def test_nvtx_helper_is_a_context_manager():
+    from fastfocal.profiling import nvtx_range
+
+    with nvtx_range("test"):
+        pass
+    with nvtx_range("test"):
+        pass
+
+
+# --------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def causal_cuda(data_dir):
+    return fastfocal.load(data_dir / "tiny_causal", device="cuda", dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["full", "encode", "decode"])
+def test_graph_replay_equals_eager_every_bucket(causal_cuda, golden_causal, mode):
+    c = causal_cuda
+    g = StreamEngine(c, 8, mode=mode)
+    e = StreamEngine(c, 8, mode=mode, cuda_graphs=False)
+    e.runner.pad_eager = True  # same padded shapes as the graphs
+    assert sorted(g.runner.graphs) == [1, 2, 4, 8] and not e.runner.graphs
+    rng = np.random.default_rng(8)
+    for n in range(1, 9):  # every bucket, padded and exact
+        ids = [[x.open() for _ in range(n)] for x in (g, e)]
+        for _ in range(3):
+            if mode == "decode":
+                data = [T(rng.integers(0, c.codebook_size, 4)) for _ in range(n)]
+            else:
+                a = int(rng.integers(0, 60000))
+                data = [T(golden_causal["sig"][i % 2, a:a + 1280].copy()) for i in range(n)]
+            res = []
+            for x, sids in zip((g, e), ids):
+                for s, d in zip(sids, data):
+                    x.submit(s, d)
+                res.append(x.step())
+            for s0, s1 in zip(*ids):
+                a, b = res[0][s0], res[1][s1]
+                if mode != "decode":
+                    assert torch.equal(a.tokens, b.tokens), f"bucket for {n}: tokens"
+                if mode != "encode":
+                    torch.testing.assert_close(a.audio, b.audio, rtol=1e-5, atol=1e-6)
+        for x, sids in zip((g, e), ids):
+            for s in sids:
+                x.close(s)
+
+
+@pytest.mark.gpu
+@gpu
+def test_step_has_no_host_sync(causal_cuda):
+    e = StreamEngine(causal_cuda, 4, cuda_graphs=False)
+    x = torch.randn(3, 1280, device="cuda") * 0.1
+    idx = torch.tensor([0, 2, 3], device="cuda")
+    e.runner.run(3, [x], idx)  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        e.runner.run(3, [x], idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@gpu
+def test_session_graphs_equal_eager(causal_cuda, golden_causal):
+    sig = T(golden_causal["sig"][:1, :20000]).cuda()
+    outs = []
+    for graphs in (True, False):
+        s = fastfocal.Stream(causal_cuda, 1, cuda_graphs=graphs)
+        assert (s._graph is not None) == graphs
+        parts = [s.push(sig[:, a:a + 3000]) for a in range(0, 20000, 3000)] + [s.flush()]
+        outs.append([torch.cat(p, 1) for p in zip(*parts)])
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
