@@ -37,7 +37,7 @@ def machine() -> dict:
     except OSError:
         commit = "?"
     return {"machine": dev, "commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1m": round(os.getloadavg()[0], 2)}  # >cores: noisy
 
 
 def peak_bw(dev: str) -> float | None:
