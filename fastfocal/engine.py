@@ -149,7 +149,7 @@ class StreamEngine:
                          else self.runner.inputs[0])
         self._host_idx = torch.zeros(max_streams, dtype=torch.long, pin_memory=True) if on_gpu else self.runner.idx
         self._streams: dict[int, _Stream] = {}
-        self._free = list(range(max_streams - 1, -1, -1))  # pop() hands out the lowest slot
+        self._free = list(range(max_streams - 1, -1, -1))  # pop(): lowest first, then the last freed
         self._next_id = 0
         self.runner.capture()
 
