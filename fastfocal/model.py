@@ -16,9 +16,6 @@ from . import ops
 from .config import CodecConfig, FocalDecoderConfig, FocalEncoderConfig, VocosConfig, WavLMConfig, WaveNeXtConfig
 from .state import DecoderState, EncoderState, FocalState, _focal_kernels
 
-ATTN_BLOCK = 256  # query frames per attention block: bounds memory at O(block * window)
-
-
 def _container(**mods) -> nn.Module:
     m = nn.Module()
     for k, v in mods.items():
@@ -122,7 +119,7 @@ class WavLM(nn.Module):
                 if st is not None and k > 1:
                     st.fe_caches[i].index_copy_(0, idx, x[:, x.shape[1] - (k - 1):].to(st.fe_caches[i].dtype))
             x = ops.linear(x.unfold(1, k, s_).reshape(B, -1, w.shape[1] * k), w.reshape(w.shape[0], -1), None)
-            x = ops.gelu(ops.layer_norm(x, layer.norm.weight, layer.norm.bias, 1e-5))
+            x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
         x = ops.linear(x, self.feature_proj.weight, self.feature_proj.bias)
 
@@ -143,67 +140,34 @@ class WavLM(nn.Module):
 
         T = x.shape[1]
         start = _gather(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
-        q_pos = start[:, None] + torch.arange(T, device=x.device)[None, :]
-        for li, layer in enumerate(self.encoder.layers):
-            y = ops.layer_norm(x, layer.attention_norm.weight, layer.attention_norm.bias, 1e-5)
-            x = x + self._attention(layer.attention, y, q_pos, start, st, idx, li)
-            y = ops.layer_norm(x, layer.feed_forward_norm.weight, layer.feed_forward_norm.bias, 1e-5)
+        layers = self.encoder.layers
+        # each residual add is fused with the norm that follows it (the next layer's LN_a)
+        y = ops.layer_norm(x, layers[0].attention_norm.weight, layers[0].attention_norm.bias, 1e-5)
+        for li, layer in enumerate(layers):
+            o = self._attention(layer.attention, y, start, st, idx, li)
+            op, fn = layer.attention.out_proj, layer.feed_forward_norm
+            x, y = ops.linear_residual_layer_norm(o, op.weight, op.bias, x, fn.weight, fn.bias, 1e-5)
             ff = layer.feed_forward
-            x = x + ops.linear(ops.gelu(ops.linear(y, ff.in_proj.weight, ff.in_proj.bias)), ff.out_proj.weight, ff.out_proj.bias)
+            h = ops.linear_gelu(y, ff.in_proj.weight, ff.in_proj.bias)
+            if li + 1 < len(layers):
+                an = layers[li + 1].attention_norm
+                x, y = ops.linear_residual_layer_norm(h, ff.out_proj.weight, ff.out_proj.bias, x, an.weight, an.bias, 1e-5)
+            else:
+                x = ops.linear_residual(h, ff.out_proj.weight, ff.out_proj.bias, x)
         if st is not None:
             st.pos.index_copy_(0, idx, start + T)
         return x
 
-    def _attention(self, att: _Attention, y: Tensor, q_pos: Tensor, start: Tensor, st, idx, li: int) -> Tensor:
+    def _attention(self, att: _Attention, y: Tensor, start: Tensor, st, idx, li: int) -> Tensor:
+        """Heads' output (B, T, C) before out_proj; streaming reads and updates layer li's K/V ring."""
         c = self.cfg
-        B, T, C = y.shape
-        H = c.num_heads
-        d = C // H
-        qkv = ops.linear(y, att.qkv_proj.weight, att.qkv_proj.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # B H T d
-        gate = ops.attention_gate(y, att.gru_rel_pos_linear.weight, att.gru_rel_pos_linear.bias, att.gru_rel_pos_const, H)
-        rel_emb = self.encoder.relative_embedding.weight
-
-        R0 = 0
-        keys, vals, k_pos, k_valid = k, v, q_pos, None
-        if st is not None:
-            R = st.k_ring[li].shape[2]
-            R0 = R
-            ring_k = _gather(st.k_ring[li], idx)
-            ring_v = _gather(st.v_ring[li], idx)
-            r = torch.arange(R, device=y.device)
-            ring_pos = start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)
-            keys = torch.cat([ring_k.to(k.dtype), k], 2)
-            vals = torch.cat([ring_v.to(v.dtype), v], 2)
-            k_pos = torch.cat([ring_pos, q_pos], 1)
-            k_valid = torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
-            # the ring keeps the newest R frames of this layer's keys and values
-            m = min(T, R)
-            slots = torch.remainder(q_pos[:, T - m:], R)
-            rows = idx[:, None].expand(B, m)
-            st.k_ring[li][rows, :, slots] = k[:, :, T - m:].transpose(1, 2).to(st.k_ring[li].dtype)
-            st.v_ring[li][rows, :, slots] = v[:, :, T - m:].transpose(1, 2).to(st.v_ring[li].dtype)
-
-        window = c.window_size if c.causal else None
-        outs = []
-        for a in range(0, T, ATTN_BLOCK):
-            b = min(T, a + ATTN_BLOCK)
-            if c.causal:
-                lo_new = a - c.window_size  # superset of the window; the mask is exact
-                lo = R0 + lo_new if lo_new >= 0 else 0
-                hi = R0 + min(T, b + self.chunk)
-            else:
-                lo, hi = 0, keys.shape[2]
-            outs.append(
-                ops.gated_rel_attention(
-                    q[:, :, a:b], keys[:, :, lo:hi], vals[:, :, lo:hi], gate[:, :, a:b], rel_emb,
-                    q_pos[:, a:b], k_pos[:, lo:hi], None if k_valid is None else k_valid[:, lo:hi],
-                    self.chunk, window, c.num_buckets, c.max_distance,
-                )
-            )
-        o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-        o = o.transpose(1, 2).reshape(B, T, C)
-        return ops.linear(o, att.out_proj.weight, att.out_proj.bias)
+        qkv = ops.linear(y, att.qkv_proj.weight, att.qkv_proj.bias)
+        return ops.rel_attention(
+            qkv, y, att.gru_rel_pos_linear.weight, att.gru_rel_pos_linear.bias, att.gru_rel_pos_const,
+            self.encoder.relative_embedding.weight, c.num_heads, start, self.chunk,
+            c.window_size if c.causal else None, c.num_buckets, c.max_distance,
+            st.k_ring[li] if st is not None else None, st.v_ring[li] if st is not None else None, idx,
+        )
 
 
 # =========================================================================== focal blocks
@@ -223,16 +187,17 @@ class FocalModulation(nn.Module):
         self.context_proj = nn.Conv1d(dim, dim, 1)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, caches: list[Tensor] | None, fresh: Tensor | None):
+    def forward(self, x: Tensor, caches: list[Tensor] | None, idx: Tensor | None, fresh: Tensor | None) -> Tensor:
+        """q * context_proj(acc), before out_proj (the caller fuses out_proj with its residual).
+        caches: this layer's full state tensors, rows idx updated in place."""
         C = x.shape[-1]
         h = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
         q, ctx, gates = h[..., :C], h[..., C:2 * C], h[..., 2 * C:]
-        acc, new = ops.focal_context(
+        acc = ops.focal_context(
             ctx, gates, [l[0].weight for l in self.layers], [l[0].bias for l in self.layers],
-            self.causal, caches, fresh,
+            self.causal, caches, idx, fresh,
         )
-        m = ops.linear(acc, self.context_proj.weight[:, :, 0], self.context_proj.bias)
-        return ops.linear(q * m, self.out_proj.weight, self.out_proj.bias), new
+        return ops.modulate(q, acc, self.context_proj.weight[:, :, 0], self.context_proj.bias)
 
 
 class FocalBlock(nn.Module):
@@ -248,27 +213,20 @@ class FocalBlock(nn.Module):
     def _norm(self, n, x):
         return ops.dyt(x, n.alpha) if self.causal else ops.layer_norm(x, n.weight, n.bias, 1e-5)
 
-    def forward(self, x, caches=None, fresh=None):
-        m, new = self.modulation(self._norm(self.modulation_norm, x), caches, fresh)
-        x = x + m
+    def forward(self, x, caches=None, idx=None, fresh=None):
+        u = self.modulation(self._norm(self.modulation_norm, x), caches, idx, fresh)
+        op, n = self.modulation.out_proj, self.feed_forward_norm
+        if self.causal:
+            x, y = ops.linear_residual_dyt(u, op.weight, op.bias, x, n.alpha)
+        else:
+            x, y = ops.linear_residual_layer_norm(u, op.weight, op.bias, x, n.weight, n.bias, 1e-5)
         ff = self.feed_forward
-        y = self._norm(self.feed_forward_norm, x)
-        x = x + ops.linear(ops.gelu(ops.linear(y, ff.in_proj.weight, ff.in_proj.bias)), ff.out_proj.weight, ff.out_proj.bias)
-        return x, new
+        return ops.linear_residual(ops.linear_gelu(y, ff.in_proj.weight, ff.in_proj.bias), ff.out_proj.weight, ff.out_proj.bias, x)
 
 
 def _block_kernels(part, window: int) -> list[int]:
     ks = _focal_kernels(part.focal_window, part.focal_level, part.focal_factor)
     return ks + [window] if part.causal else ks
-
-
-def _write_caches(st: FocalState, li: int, idx: Tensor, new: list[Tensor]) -> None:
-    for buf, nc in zip(st.caches[li], new):
-        buf.index_copy_(0, idx, nc)
-
-
-def _gather_caches(st: FocalState | None, li: int, idx) -> list[Tensor] | None:
-    return None if st is None else [_gather(t, idx) for t in st.caches[li]]
 
 
 class FocalEncoder(nn.Module):
@@ -295,23 +253,21 @@ class FocalEncoder(nn.Module):
         for li, layer in enumerate(self.layers):
             conv = layer.downscale.downscale
             f = conv.stride[0]
+            alpha = layer.downscale.activation.alpha[:, 0]
             if f == 1:
-                x = ops.linear(x, conv.weight[:, :, 0], conv.bias)
+                x = ops.linear_snake(x, conv.weight[:, :, 0], conv.bias, alpha)
             else:
                 xt = x.transpose(1, 2)
                 if self.cfg.causal:
                     xt, _ = ops.conv1d_causal(xt, conv.weight, conv.bias, stride=f)
                 else:
                     xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
-                x = xt.transpose(1, 2)
-            x = ops.snake(x, layer.downscale.activation.alpha[:, 0])
-            x, new = layer.focal_block(x, _gather_caches(st, li, idx), fresh)
-            if st is not None:
-                _write_caches(st, li, idx, new)
+                x = ops.snake(xt.transpose(1, 2), alpha)
+            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
         if st is not None:
             st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
-        return F.normalize(lats, dim=-1, eps=1e-12)
+        return ops.l2_normalize(lats, 1e-12)
 
 
 class FocalDecoder(nn.Module):
@@ -343,11 +299,9 @@ class FocalDecoder(nn.Module):
         except the last one of a stream."""
         fresh = (_gather(st.pos, idx) == 0) if st is not None else None
         T_in = codes.shape[1]
-        x = ops.linear(codes, self.in_proj.weight, self.in_proj.bias)
+        x = ops.code_proj(codes, self.in_proj.weight, self.in_proj.bias)
         for li, layer in enumerate(self.layers):
-            x, new = layer.focal_block(x, _gather_caches(st, li, idx), fresh)
-            if st is not None:
-                _write_caches(st, li, idx, new)
+            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
             x = ops.snake(x, layer.upscale.activation.alpha[:, 0])
             conv = layer.upscale.upscale
             f = conv.stride[0]
@@ -367,7 +321,7 @@ class FocalDecoder(nn.Module):
         pad = (-T) % g
         v = F.pad(x, (0, 0, 0, pad)).reshape(B, (T + pad) // g, g * C)
         r = self.refiner
-        v = v + ops.linear(ops.gelu(ops.linear(v, r.in_proj.weight, r.in_proj.bias)), r.out_proj.weight, r.out_proj.bias)
+        v = ops.linear_residual(ops.linear_gelu(v, r.in_proj.weight, r.in_proj.bias), r.out_proj.weight, r.out_proj.bias, v)
         return v.reshape(B, T + pad, C)[:, :T]
 
 
@@ -409,10 +363,10 @@ class _Backbone(nn.Module):
         x = conv(x.transpose(1, 2), e.weight, e.bias, 1, st.emb_cache if st is not None else None).transpose(1, 2)
         x = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, 1e-6)
         for li, L in enumerate(self.layers):
-            h = conv(x.transpose(1, 2), L.dwconv.weight, L.dwconv.bias, x.shape[-1], st.caches[li] if st is not None else None)
-            h = ops.layer_norm(h.transpose(1, 2), L.norm.weight, L.norm.bias, 1e-6)
-            h = ops.linear(ops.gelu(ops.linear(h, L.pwconv1.weight, L.pwconv1.bias)), L.pwconv2.weight, L.pwconv2.bias)
-            x = x + h * L.gamma
+            h = ops.dwconv_layer_norm(x, L.dwconv.weight, L.dwconv.bias, L.norm.weight, L.norm.bias, 1e-6, causal,
+                                      st.caches[li] if st is not None else None, idx)
+            h = ops.linear_gelu(h, L.pwconv1.weight, L.pwconv1.bias)
+            x = ops.linear_residual(h, L.pwconv2.weight, L.pwconv2.bias, x, L.gamma)
         return ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, 1e-6)
 
 
@@ -428,8 +382,8 @@ class WaveNeXt(nn.Module):
         h = self.backbone(x, self.cfg.causal, st, idx)
         if st is not None:
             st.pos.index_copy_(0, idx, _gather(st.pos, idx) + x.shape[1])
-        y = ops.linear(h, self.head.proj.weight, self.head.proj.bias)
-        return y.clamp(-1.0, 1.0).reshape(x.shape[0], -1)
+        # (B, T, hop) is already the waveform's layout: frame t's samples are contiguous
+        return ops.linear_clamp(h, self.head.proj.weight, self.head.proj.bias, -1.0, 1.0).reshape(x.shape[0], -1)
 
 
 class Vocos(nn.Module):

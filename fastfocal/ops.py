@@ -1,10 +1,18 @@
-"""The single place that picks an implementation for each fused op.
+"""The single place that picks an implementation for each op.
 
-Model modules call only these functions. Today every op runs its pure-PyTorch reference;
-Triton kernels from `fastfocal.kernels` plug in here (CUDA tensors, or FASTFOCAL_BACKEND=triton).
+Model modules call only these functions. Each fused op has a Triton kernel and a pure-PyTorch
+reference in `fastfocal.kernels.<op>`; the kernel runs on CUDA tensors, or everywhere with
+FASTFOCAL_BACKEND=triton (on CPU that needs TRITON_INTERPRET=1 set before triton is imported);
+FASTFOCAL_BACKEND=torch forces the reference. The reference path is the exact float32 path
+that matches the upstream golden vectors.
+
+Ops that end in a matmul epilogue (`linear_*`) keep the matmul on cuBLAS: the Triton path runs
+it without bias and applies bias, scale, residual, activation or norm in one pass.
+Kernel modules are imported on first use, so TRITON_INTERPRET is read when they load.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -23,26 +31,101 @@ def backend() -> str:
     return b
 
 
+def use_triton(x: Tensor) -> bool:
+    b = backend()
+    return b == "triton" or (b == "auto" and x.is_cuda)
+
+
+def _k(name: str):
+    return importlib.import_module(f"fastfocal.kernels.{name}")
+
+
+# --------------------------------------------------------------------------- elementwise / norms
 def gelu(x: Tensor) -> Tensor:
+    if use_triton(x):
+        return _k("epilogue").epilogue(x.contiguous(), act="gelu")
     return F.gelu(x)  # exact erf form
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    if use_triton(x) and x.shape[-1] <= 8192:
+        return _k("norm").norm(x.contiguous(), weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def layer_norm_gelu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    if use_triton(x) and x.shape[-1] <= 8192:
+        return _k("norm").norm(x.contiguous(), weight, bias, eps, act_gelu=True)
+    return F.gelu(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
 
 
 def dyt(x: Tensor, alpha: Tensor) -> Tensor:
     """DynamicTanh without affine: tanh(alpha * x), alpha a 1-element tensor."""
+    if use_triton(x):
+        return _k("norm").norm(x.contiguous(), alpha=alpha)
     return torch.tanh(alpha * x)
 
 
 def snake(x: Tensor, alpha: Tensor) -> Tensor:
     """x (B, T, C), alpha (C,): x + sin^2(alpha x) / (alpha + 1e-9)."""
+    if use_triton(x):
+        return _k("epilogue").epilogue(x.contiguous(), act="snake", alpha=alpha.contiguous())
     return x + torch.sin(alpha * x).pow(2) / (alpha + 1e-9)
 
 
+# --------------------------------------------------------------------------- matmul + epilogue
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
+
+
+def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, **kw) -> Tensor:
+    h = F.linear(x, weight)
+    return _k("epilogue").epilogue(h, bias, out=h, **kw)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """GELU(x W^T + b): FFN / refiner / ConvNeXt hidden layer."""
+    if use_triton(x):
+        return _epi(x, weight, bias, act="gelu")
+    return F.gelu(F.linear(x, weight, bias))
+
+
+def linear_snake(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor) -> Tensor:
+    if use_triton(x):
+        return _epi(x, weight, bias, act="snake", alpha=alpha.contiguous())
+    return snake(F.linear(x, weight, bias), alpha)
+
+
+def linear_residual(x: Tensor, weight: Tensor, bias: Tensor | None, res: Tensor, gamma: Tensor | None = None) -> Tensor:
+    """res + (x W^T + b) [* gamma]."""
+    if use_triton(x):
+        return _epi(x, weight, bias, res=res, gamma=gamma)
+    h = F.linear(x, weight, bias)
+    return res + (h if gamma is None else h * gamma)
+
+
+def linear_clamp(x: Tensor, weight: Tensor, bias: Tensor | None, lo: float, hi: float) -> Tensor:
+    if use_triton(x):
+        return _epi(x, weight, bias, act="clamp", lo=lo, hi=hi)
+    return F.linear(x, weight, bias).clamp(lo, hi)
+
+
+def linear_residual_layer_norm(x, weight, bias, res, ln_weight, ln_bias, eps) -> tuple[Tensor, Tensor]:
+    """x' = res + (x W^T + b); returns (x', LayerNorm(x'))."""
+    if use_triton(x) and weight.shape[0] <= 8192:
+        h = F.linear(x, weight)
+        return _k("norm").norm(h, ln_weight, ln_bias, eps, res=res, h_bias=bias, x_out=h)
+    x = res + F.linear(x, weight, bias)
+    return x, F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def linear_residual_dyt(x, weight, bias, res, alpha) -> tuple[Tensor, Tensor]:
+    """x' = res + (x W^T + b); returns (x', tanh(alpha x'))."""
+    if use_triton(x):
+        h = F.linear(x, weight)
+        return _k("norm").norm(h, alpha=alpha, res=res, h_bias=bias, x_out=h)
+    x = res + F.linear(x, weight, bias)
+    return x, torch.tanh(alpha * x)
 
 
 # --------------------------------------------------------------------------- causal padding
@@ -91,7 +174,7 @@ def conv1d_causal(
     return y, new_cache
 
 
-# --------------------------------------------------------------------------- focal context
+# --------------------------------------------------------------------------- focal modulation
 def focal_context(
     ctx: Tensor,
     gates: Tensor,
@@ -99,107 +182,115 @@ def focal_context(
     biases: list[Tensor],
     causal: bool,
     caches: list[Tensor] | None = None,
+    idx: Tensor | None = None,
     fresh: Tensor | None = None,
-) -> tuple[Tensor, list[Tensor] | None]:
-    """All focal levels of one modulation layer.
+) -> Tensor:
+    """All focal levels of one modulation layer -> acc (B, T, C).
 
-    ctx (B, T, C), gates (B, T, L+1). Causal: len(weights) == L+1 (the last one is the window
-    conv). Non-causal: len(weights) == L and the last level is the global mean.
-    Returns acc (B, T, C) and the updated caches (streaming).
+    ctx (B, T, C), gates (B, T, L+1). Causal: L+1 convs, the last the window conv; streaming
+    passes the layer's full cache tensors (S, C, K-1), rows idx updated in place, fresh (B,).
+    Non-causal: L convs and the global-mean level. The kernel covers L = 2 (every preset).
     """
-    c = ctx.transpose(1, 2)
-    acc = None
-    new_caches = [] if caches is not None else None
-    n_levels = gates.shape[-1]
-    for lvl, (w, b) in enumerate(zip(weights, biases)):
-        if causal:
-            cache = caches[lvl] if caches is not None else None
-            c, nc = conv1d_causal(c, w, b, groups=c.shape[1], cache=cache, fresh=fresh)
-            if new_caches is not None:
-                new_caches.append(nc)
-        else:
-            k = w.shape[-1]
-            c = F.conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, groups=c.shape[1])
-        c = gelu(c)
-        term = c * gates[:, :, lvl].unsqueeze(1)
-        acc = term if acc is None else acc + term
-    if not causal:
-        glob = gelu(c.mean(dim=2, keepdim=True))
-        acc = acc + glob * gates[:, :, n_levels - 1].unsqueeze(1)
-    return acc.transpose(1, 2), new_caches
+    fc = _k("focal_context")
+    if use_triton(ctx) and len(weights) == (3 if causal else 2):
+        return fc.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, fresh)
+    return fc.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, fresh)
+
+
+def modulate(q: Tensor, acc: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """q * context_proj(acc), weight (C, C)."""
+    if use_triton(q):
+        m = F.linear(acc, weight)
+        return _k("modulate").modulate(q, m, bias, out=m)
+    return q * F.linear(acc, weight, bias)
 
 
 # --------------------------------------------------------------------------- attention
 def relative_bucket(rel: Tensor, num_buckets: int, max_distance: int) -> Tensor:
-    """WavLM bidirectional relative position bucket of integer offsets rel = key - query."""
-    n = num_buckets // 2
-    out = (rel > 0).long() * n
-    r = rel.abs()
-    max_exact = n // 2
-    large = max_exact + (
-        torch.log(r.float() / max_exact) / math.log(max_distance / max_exact) * (n - max_exact)
-    ).long()
-    large = torch.clamp(large, max=n - 1)
-    return out + torch.where(r < max_exact, r, large)
+    return _k("attention").relative_bucket_ref(rel, num_buckets, max_distance)
 
 
 def attention_gate(y: Tensor, gru_w: Tensor, gru_b: Tensor, gru_const: Tensor, num_heads: int) -> Tensor:
-    """Per-head gate of the gated relative position bias. y (B, T, C) -> (B, H, T)."""
-    B, T, C = y.shape
-    yh = y.view(B, T, num_heads, C // num_heads).transpose(1, 2)  # B H T d
-    g = F.linear(yh, gru_w, gru_b).view(B, num_heads, T, 2, -1).sum(-1)
-    g = torch.sigmoid(g.float())
-    a, b = g[..., 0], g[..., 1]
-    return a * (b * gru_const.view(1, num_heads, 1).float() - 1.0) + 2.0
+    return _k("attention").attention_gate_ref(y, gru_w, gru_b, gru_const, num_heads)
 
 
-def gated_rel_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate: Tensor,
+def rel_attention(
+    qkv: Tensor,
+    y: Tensor,
+    gru_w: Tensor,
+    gru_b: Tensor,
+    gru_const: Tensor,
     rel_emb: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    k_valid: Tensor | None,
+    num_heads: int,
+    start: Tensor,
     chunk: int,
     window: int | None,
     num_buckets: int,
     max_distance: int,
+    k_ring: Tensor | None = None,
+    v_ring: Tensor | None = None,
+    idx: Tensor | None = None,
 ) -> Tensor:
-    """Attention with a gated relative position bias, for one block of queries.
-
-    q (B, H, Tq, d); k, v (B, H, Tk, d); gate (B, H, Tq) float32; rel_emb (num_buckets, H);
-    q_pos (B, Tq) and k_pos (B, Tk) absolute frame positions; k_valid (B, Tk) bool or None.
-    Causal (window not None): query p sees keys j with e - window <= j < e,
-    e = chunk * (p // chunk + 1) (the caller bounds e by the sequence end through k_valid).
-    """
-    rel = k_pos[:, None, :] - q_pos[:, :, None]  # B Tq Tk
-    bias = F.embedding(relative_bucket(rel, num_buckets, max_distance), rel_emb.float())  # B Tq Tk H
-    bias = bias.permute(0, 3, 1, 2) * gate.unsqueeze(-1)  # B H Tq Tk
-    allowed = torch.ones_like(rel, dtype=torch.bool)
-    if window is not None:
-        e = (q_pos // chunk + 1) * chunk
-        allowed = (k_pos[:, None, :] < e[:, :, None]) & (k_pos[:, None, :] >= e[:, :, None] - window)
-    if k_valid is not None:
-        allowed = allowed & k_valid[:, None, :]
-    bias = bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    """WavLM attention core (B, T, C) from qkv = qkv_proj(y), y = LN(x): gated relative
+    position bias, causal sliding window over chunks (window given) or full; streaming reads
+    and updates the K/V rings (S, H, R, d) at rows idx; start (B,) = position of frame 0."""
+    a = _k("attention")
+    fn = a.rel_attention if use_triton(qkv) else a.rel_attention_ref
+    return fn(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window, num_buckets, max_distance,
+              k_ring, v_ring, idx)
 
 
 # --------------------------------------------------------------------------- quantizer
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    if use_triton(x) and x.shape[-1] <= 62:
+        return _k("bsq").bsq(x, normalize=True, quantize=False, eps=eps)[0]
+    return F.normalize(x, dim=-1, eps=eps)
+
+
 def bsq_quantize(lats: Tensor) -> tuple[Tensor, Tensor]:
     """lats (..., D) -> tokens (...) int64 (first feature = MSB) and codes (..., D) = ±1/sqrt(D)."""
-    D = lats.shape[-1]
-    bits = lats > 0
-    weights = 2 ** torch.arange(D - 1, -1, -1, device=lats.device, dtype=torch.int64)
-    toks = (bits.long() * weights).sum(-1)
-    codes = torch.where(bits, 1.0, -1.0).to(lats.dtype) / math.sqrt(D)
-    return toks, codes
+    q = _k("bsq")
+    if use_triton(lats) and lats.shape[-1] <= 62:
+        _, toks, codes = q.bsq(lats, normalize=False)
+        return toks, codes
+    return q.bsq_quantize_ref(lats)
+
+
+def bsq_encode(x: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """Unnormalised latents -> (normalised lats, tokens, codes) in one pass."""
+    q = _k("bsq")
+    if use_triton(x) and x.shape[-1] <= 62:
+        return q.bsq(x, eps=eps)
+    return q.bsq_ref(x, eps)
 
 
 def bsq_codes(toks: Tensor, D: int, dtype: torch.dtype) -> Tensor:
-    """tokens (...) -> codes (..., D)."""
-    shifts = torch.arange(D - 1, -1, -1, device=toks.device, dtype=torch.int64)
-    bits = (toks.long().unsqueeze(-1) >> shifts) & 1
-    return (bits.to(dtype) * 2 - 1) / math.sqrt(D)
+    """tokens (...) -> codes (..., D). A few tiny ops; `token_proj` skips codes altogether."""
+    return _k("bsq").bsq_codes_ref(toks, D, dtype)
+
+
+def code_proj(codes: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Decompressor in_proj of codes (..., D): a skinny matmul (D <= 16) as one pass."""
+    q = _k("bsq")
+    if use_triton(codes) and codes.shape[-1] <= 64:
+        return q.code_proj(codes, weight.contiguous(), bias)
+    return q.code_proj_ref(codes, weight, bias)
+
+
+def token_proj(toks: Tensor, D: int, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """in_proj(bsq_codes(toks)) without materialising codes: a signed sum of weight columns."""
+    q = _k("bsq")
+    if use_triton(toks) and D <= 64:
+        return q.code_proj(toks, weight.contiguous(), bias, D, dtype)
+    return q.code_proj_ref(toks, weight, bias, D, dtype)
+
+
+# --------------------------------------------------------------------------- ConvNeXt front
+def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+                      causal: bool, cache: Tensor | None = None, idx: Tensor | None = None) -> Tensor:
+    """LayerNorm(depthwise conv(x)) for x (B, T, C); causal zero left pad or cache rows idx of
+    (S, C, K-1), updated in place; non-causal 'same' zero padding."""
+    cx = _k("convnext")
+    if use_triton(x) and x.shape[-1] <= 8192:
+        return cx.dwconv_layer_norm(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)
+    return cx.dwconv_layer_norm_ref(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)

@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, out_or_new, pow2
 
-_TILE = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +88,7 @@ def bsq(x: Tensor, normalize: bool = True, quantize: bool = True, codes: bool = 
     toks = torch.empty(lead, dtype=torch.int64, device=x.device) if quantize else None
     cds = torch.empty_like(x) if (quantize and codes) else None
     bd = pow2(D)
-    br = max(1, min(_TILE // bd, pow2(N), 256))
+    br = max(1, min(TILE // bd, pow2(N), 256))
     _bsq_kernel[(triton.cdiv(N, br),)](
         x, lats if normalize else x, toks if quantize else x, cds if cds is not None else x, N, D, float(eps),
         code_value(D, x.dtype), NORMALIZE=normalize, QUANTIZE=quantize, WRITE_CODES=cds is not None,
@@ -115,7 +114,7 @@ def code_proj(src: Tensor, weight: Tensor, bias: Tensor, D: int | None = None, d
     check_device(src, weight, bias)
     out = out_or_new(out, (*lead, O), dtype, src.device)
     bo = min(pow2(O), 256)
-    br = max(1, min(_TILE // bo, pow2(N)))
+    br = max(1, min(TILE // bo, pow2(N)))
     _code_proj_kernel[(triton.cdiv(N, br), triton.cdiv(O, bo))](
         src, weight, bias, out, N, O, code_value(D, dtype), D=D, FROM_TOKENS=from_tokens,
         BLOCK_R=br, BLOCK_O=bo, num_warps=4,

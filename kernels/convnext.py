@@ -15,9 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, out_or_new, pow2
 
-_TILE = 8192
 
 
 @triton.jit
@@ -83,7 +82,7 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
         check_device(x, weight)
     out = out_or_new(out, (B, T, C), x.dtype, x.device)
     bc = pow2(C)
-    bt = min(pow2(T), max(pow2(K - 1), _TILE // bc))
+    bt = min(pow2(T), max(pow2(K - 1), 2 * TILE // bc))
     n_t = triton.cdiv(T, bt)
     write = has_cache and n_t == 1
     _dwconv_ln_kernel[(B, n_t)](

@@ -15,10 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, gelu, out_or_new, pow2, sin
+from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2, sin
 
 ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3}
-_TILE = 4096
 
 
 @triton.jit
@@ -66,7 +65,7 @@ def epilogue(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tens
     check_device(h, *[v for v in (bias, res, gamma, alpha) if v is not None])
     out = h if out is h else out_or_new(out, h.shape, h.dtype, h.device)
     bc = min(pow2(C), 1024)
-    br = max(1, min(_TILE // bc, pow2(N)))
+    br = max(1, min(TILE // bc, pow2(N)))
     _epilogue_kernel[(triton.cdiv(N, br), triton.cdiv(C, bc))](
         h, bias if bias is not None else h, res if res is not None else h, gamma if gamma is not None else h,
         alpha if alpha is not None else h, out, N, C, float(lo), float(hi),

@@ -20,10 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, gelu, out_or_new, pow2
+from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2
 
-# elements of the per-iteration (channels x frames x taps) product
-_TILE = 4096
 
 
 @triton.jit
@@ -179,8 +177,9 @@ def _focal_same_kernel(
 
 def _blocks(T: int, C: int, ks: list[int]):
     block_t = min(pow2(T), 32)
-    block_c = min(pow2(C), 16)
-    budget = max(1, _TILE // (block_c * block_t))
+    block_c = min(pow2(C), 128 if INTERPRET else 16)
+    # TILE bounds the per-iteration (channels x frames x taps) product
+    budget = max(1, TILE // (block_c * block_t))
     return block_c, block_t, [min(pow2(k), budget) for k in ks]
 
 
@@ -228,7 +227,7 @@ def focal_context(
             c0, c1, c2, idx if has_cache else ctx, fresh if has_cache else ctx,
             scratch[0], scratch[1], out, T, C,
             K0=ks[0], K1=ks[1], K2=ks[2], HAS_CACHE=has_cache, BLOCK_C=bc, BLOCK_T=bt,
-            BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_U=min(pow2(max(ks) - 1), 128), INTERP=INTERPRET,
+            BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_U=min(pow2(max(ks) - 1), TILE // bc), INTERP=INTERPRET,
             num_warps=4,
         )
     else:

@@ -12,9 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, out_or_new, pow2
 
-_TILE = 4096
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def modulate(q: Tensor, m: Tensor, bias: Tensor, out: Tensor | None = None) -> T
     check_device(q, m, bias)
     out = m if out is m else out_or_new(out, m.shape, m.dtype, m.device)
     bc = min(pow2(C), 1024)
-    br = max(1, min(_TILE // bc, pow2(N)))
+    br = max(1, min(TILE // bc, pow2(N)))
     _modulate_kernel[(triton.cdiv(N, br), triton.cdiv(C, bc))](q, q.stride(-2), m, bias, out, N, C, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
     return out
 

@@ -15,9 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, gelu, out_or_new, pow2, tanh
+from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2, tanh
 
-_TILE = 4096
 
 
 @triton.jit
@@ -74,7 +73,7 @@ def norm(h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, ep
     check_device(h, *[v for v in (weight, bias, alpha, res, h_bias) if v is not None])
     y = out_or_new(out, h.shape, h.dtype, h.device)
     bc = pow2(C)
-    br = max(1, min(_TILE // bc, pow2(N), 16))
+    br = max(1, min(TILE // bc, pow2(N)))
     _norm_kernel[(triton.cdiv(N, br),)](
         h, h_bias if h_bias is not None else h, res if res is not None else h, x_out if res is not None else h,
         weight if weight is not None else h, bias if bias is not None else h, alpha if dyt else h, y, N, C, float(eps),

@@ -1,0 +1,114 @@
+"""Focal context kernel vs the float64 reference: offline, long, and streaming steps with
+caches read and shifted in place for rows picked by a slot index."""
+import pytest
+import torch
+from conftest import DEVICE
+from kernel_checks import DTYPES, assert_close, assert_equal, f64
+
+from fastfocal.kernels.focal_context import focal_context, focal_context_ref
+
+
+def make(B, T, C, ks, causal, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_g = len(ks) + (0 if causal else 1)
+    # q | ctx | gates as one in_proj output: ctx and gates are strided views, as in the model
+    h = torch.randn(B, T, 2 * C + n_g, generator=g).to(DEVICE, dtype)
+    ws = [(torch.randn(C, 1, k, generator=g) / k ** 0.5).to(DEVICE, dtype) for k in ks]
+    bs = [(torch.randn(C, generator=g) * 0.1).to(DEVICE, dtype) for _ in ks]
+    return h[..., C:2 * C], h[..., 2 * C:], ws, bs
+
+
+def ref64(ctx, gates, ws, bs, causal, caches=None, idx=None, fresh=None):
+    return focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), causal, caches, idx, fresh)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C,W", [(2, 1, 12, 32), (3, 4, 96, 32), (2, 37, 12, 24), (1, 4, 145, 512)])
+def test_causal_stream_steps(dtype, B, T, C, W):
+    ks = [14, 18, W]
+    S = B + 3
+    g = torch.Generator().manual_seed(1)
+    caches = [torch.randn(S, C, k - 1, generator=g).to(DEVICE, dtype) for k in ks]
+    idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
+    untouched = [i for i in range(S) if i not in idx.tolist()]
+    before = [c[untouched].clone() for c in caches]
+    fresh = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+    fresh[0] = True  # first chunk of row 0's stream: replicate, ignore its cache
+    for step in range(3):
+        ctx, gates, ws, bs = make(B, T, C, ks, True, dtype, seed=step)
+        prev = [c.clone() for c in caches]
+        out = focal_context(ctx, gates, ws, bs, True, caches, idx, fresh)
+        assert_close(f"acc step {step}", out, ref64(ctx, gates, ws, bs, True, [c.to(torch.float64) for c in prev], idx, fresh), dtype)
+        same = [c.clone() for c in prev]
+        focal_context_ref(ctx, gates, ws, bs, True, same, idx, fresh)
+        # level 0 caches ctx frames: a pure copy, bit for bit; deeper levels cache computed values
+        assert_equal(f"level-0 cache step {step}", caches[0], same[0])
+        for lvl in (1, 2):
+            assert_close(f"level-{lvl} cache step {step}", caches[lvl], same[lvl], dtype)
+        fresh = torch.zeros_like(fresh)
+    for lvl in range(3):
+        assert_equal(f"untouched slots, level {lvl}", caches[lvl][untouched], before[lvl])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C", [(2, 1, 12), (2, 37, 96), (1, 70, 12)])
+def test_causal_offline(dtype, B, T, C):
+    ctx, gates, ws, bs = make(B, T, C, [14, 18, 32], True, dtype)
+    assert_close("acc", focal_context(ctx, gates, ws, bs, True), ref64(ctx, gates, ws, bs, True), dtype)
+
+
+def test_offline_equals_fresh_stream():
+    """Offline (no cache) is a fresh stream: the replicate rule at every level."""
+    ctx, gates, ws, bs = make(2, 37, 12, [14, 18, 32], True, torch.float32)
+    caches = [torch.randn(2, 12, k - 1, device=DEVICE) for k in (14, 18, 32)]
+    idx = torch.tensor([1, 0], device=DEVICE)
+    a = focal_context(ctx, gates, ws, bs, True)
+    b = focal_context(ctx, gates, ws, bs, True, caches, idx, torch.ones(2, dtype=torch.bool, device=DEVICE))
+    assert_close("offline vs fresh", a, b, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C", [(2, 1, 12), (2, 4, 96), (2, 37, 12), (1, 70, 1024)])
+def test_noncausal(dtype, B, T, C):
+    if C == 1024 and dtype != torch.float32:
+        pytest.skip("one dtype at full width is enough for the interpreter")
+    ctx, gates, ws, bs = make(B, T, C, [14, 18], False, dtype)
+    assert_close("acc", focal_context(ctx, gates, ws, bs, False), ref64(ctx, gates, ws, bs, False), dtype)
+
+
+def test_writes_every_output():
+    """A preallocated out full of NaN: every element must be overwritten."""
+    ctx, gates, ws, bs = make(3, 37, 96, [14, 18, 32], True, torch.float32)
+    out = torch.full((3, 37, 96), float("nan"), device=DEVICE)
+    focal_context(ctx, gates, ws, bs, True, out=out)
+    assert_close("acc", out, ref64(ctx, gates, ws, bs, True))
+
+
+def test_rejects_bad_input():
+    ctx, gates, ws, bs = make(1, 4, 12, [14, 18, 32], True, torch.float32)
+    with pytest.raises(ValueError, match="conv levels"):
+        focal_context(ctx, gates, ws[:2], bs[:2], True)
+    with pytest.raises(ValueError, match="cache must be"):
+        focal_context(ctx, gates, ws, bs, True, [torch.zeros(2, 12, 5, device=DEVICE)] * 3,
+                      torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [256, 512, 1024])
+def test_gpu_full_size_stream(dtype, C):
+    B, S, ks = 64, 80, [14, 18, 512]
+    caches = [torch.randn(S, C, k - 1, device="cuda", dtype=dtype) for k in ks]
+    ref = [c.clone() for c in caches]
+    idx = torch.randperm(S, device="cuda")[:B]
+    fresh = torch.rand(B, device="cuda") < 0.2
+    for step in range(3):
+        ctx, gates, ws, bs = make(B, 4, C, ks, True, dtype, seed=step)
+        r64 = [c.to(torch.float64) for c in ref]
+        want = ref64(ctx, gates, ws, bs, True, r64, idx, fresh)
+        assert_close("acc", focal_context(ctx, gates, ws, bs, True, caches, idx, fresh), want, dtype)
+        for lvl in range(3):
+            assert_close(f"cache {lvl}", caches[lvl], r64[lvl], dtype)
+        ref = [c.clone() for c in caches]
+    ctx, gates, ws, bs = make(8, 2048, C, ks, True, dtype)
+    assert_close("offline 2048", focal_context(ctx, gates, ws, bs, True), ref64(ctx, gates, ws, bs, True), dtype)
