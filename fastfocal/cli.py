@@ -44,6 +44,10 @@ def load_codec(model: str | None, random_init: str | None, device: str | None, d
         raise CliError(str(e)) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"device {device!r} requested but CUDA is not available")
+    # local paths absolute: sidecars and corpus info.json then name the model the same way
+    # whatever the working directory
+    model = os.path.abspath(model) if model and os.path.exists(model) else model
+    random_init = os.path.abspath(random_init) if random_init and os.path.exists(random_init) else random_init
     try:
         if random_init:
             return fastfocal.random_init(random_init, device=dev, dtype=dt)
@@ -263,5 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # call the imported module's main: corpus raises fastfocal.cli.CliError, not __main__'s
+    from fastfocal.cli import main as _main
+
+    sys.exit(_main())
