@@ -114,6 +114,7 @@ def test_resume_and_atomic_outputs(src, tmp_path, causal, capsys, monkeypatch):
     monkeypatch.setattr(corpus.np, "save", save_then_crash)
     assert encode(src, out) == 2  # the crash stops the run ...
     assert not (out / "ls/cut/c.npy").exists()  # ... and leaves no truncated c.npy
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     monkeypatch.setattr(corpus.np, "save", real_save)
 
     assert main(["encode-corpus", str(src), "--out", str(out), "--model", TINY, "--workers", "0"]) == 0
