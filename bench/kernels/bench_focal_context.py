@@ -1,0 +1,54 @@
+"""Focal context (all levels of one modulation layer): streaming steps of 4 frames with the
+ring caches (14, 18 and 512 taps) read and shifted in place, and offline passes.
+
+    python bench/kernels/bench_focal_context.py [--quick] [--dtypes bfloat16 float32] [--no-compile]
+"""
+import sys
+
+import torch
+from common import fits, main
+
+from fastfocal.kernels import focal_context as fc
+
+KS = [14, 18, 512]
+
+
+def cases(gpu, quick):
+    if not gpu:
+        return [dict(mode="stream", B=1, T=4, C=256), dict(mode="stream", B=8, T=4, C=256),
+                dict(mode="causal", B=2, T=500, C=256), dict(mode="same", B=2, T=500, C=256)]
+    streams = [1, 64, 4096] if quick else [1, 64, 512, 4096]
+    out = [dict(mode="stream", B=b, T=4, C=c) for c in (1024, 256) for b in streams]
+    out += [dict(mode="causal", B=8, T=t, C=1024) for t in ([2048] if quick else [500, 2048, 30000])]
+    out += [dict(mode="same", B=8, T=t, C=1024) for t in ([2048] if quick else [500, 30000])]
+    return out
+
+
+def make(case, dtype, device):
+    B, T, C, mode = case["B"], case["T"], case["C"], case["mode"]
+    e = torch.finfo(dtype).bits // 8
+    causal = mode != "same"
+    ks = KS if causal else KS[:2]
+    if not fits(B * T * C * 4 * 6, device, 1.0):
+        return None
+    h = torch.randn(B, T, 2 * C + len(ks) + (0 if causal else 1), device=device, dtype=dtype)
+    ctx, gates = h[..., C:2 * C], h[..., 2 * C:]
+    ws = [torch.randn(C, 1, k, device=device, dtype=dtype) / k ** 0.5 for k in ks]
+    bs = [torch.randn(C, device=device, dtype=dtype) * 0.1 for _ in ks]
+    out = torch.empty(B, T, C, device=device, dtype=dtype)
+    nbytes = (B * T * (2 * C + gates.shape[-1]) + sum(C * (k + 1) for k in ks)) * e
+    if mode == "stream":
+        caches = [torch.randn(B, C, k - 1, device=device, dtype=dtype) for k in ks]
+        idx = torch.arange(B, device=device)
+        fresh = torch.zeros(B, dtype=torch.bool, device=device)
+        nbytes += 2 * B * C * sum(k - 1 for k in ks) * e
+        impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, True, caches, idx, fresh, out=out),
+                 "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, True, caches, idx, fresh)}
+    else:
+        impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, causal, out=out),
+                 "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, causal)}
+    return impls, nbytes, f"{mode} B={B} T={T} C={C}"
+
+
+if __name__ == "__main__":
+    main("focal_context", cases, make, sys.argv[1:])
