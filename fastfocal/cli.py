@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     _model_args(p, device=False)
     p.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 (one process each) or cpu")
-    p.add_argument("--batch-seconds", type=float, default=600.0, help="audio seconds per batch, padded to its longest file (default 600)")
+    p.add_argument("--batch-seconds", type=float, default=600.0, help="batch budget: files x longest file <= this many audio seconds (default 600)")
     p.add_argument("--max-batch", type=int, default=64, help="files per batch at most (default 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes per device (0: decode inline)")
     p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead of the device (default 2)")
