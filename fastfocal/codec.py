@@ -272,9 +272,22 @@ class Codec:
             rec = torch.cat([rec, rec[:, -1:].expand(-1, n_out - rec.shape[1])], 1)
         return self._out(rec, sq)
 
-    def encode(self, sig) -> Tensor:
-        """Waveform at 16 kHz -> tokens (int64)."""
+    def encode(self, sig, sample_rate: int = SAMPLE_RATE_INPUT) -> Tensor:
+        """Waveform -> tokens (int64). Audio at another rate is resampled to 16 kHz (soxr HQ)."""
+        if sample_rate != self.sample_rate_input:
+            sig = self._resample(sig, sample_rate)
         return self.sig_to_toks(sig)
+
+    def _resample(self, sig, sample_rate) -> Tensor:
+        if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 1000 <= sample_rate <= 384000:
+            raise InputError(f"sample_rate must be a number of Hz in [1000, 384000], got {sample_rate!r}")
+        sig, squeeze = self._check_sig(sig)
+        import soxr
+
+        x = sig.float().cpu().numpy().T  # soxr takes (frames, channels): rows become channels
+        y = soxr.resample(x, sample_rate, self.sample_rate_input, quality="HQ")
+        out = torch.from_numpy(np.ascontiguousarray(y.T))
+        return out[0] if squeeze else out
 
     def decode(self, toks) -> Tensor:
         """Tokens -> waveform at `sample_rate_output`."""

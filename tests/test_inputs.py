@@ -97,3 +97,16 @@ def test_bad_session_args(causal):
 def test_numpy_rejects_object_arrays(causal):
     with pytest.raises(InputError, match="numeric array"):
         causal.sig_to_toks(np.array(["a", "b"]))
+
+
+def test_encode_resamples_other_rates(causal, golden_causal):
+    import soxr
+
+    sig16 = golden_causal["sig"][0, :16000]
+    sig48 = soxr.resample(sig16, 16000, 48000, quality="HQ").astype(np.float32)
+    ref = causal.sig_to_toks(soxr.resample(sig48, 48000, 16000, quality="HQ"))
+    got = causal.encode(sig48, sample_rate=48000)
+    assert torch.equal(got, ref)
+    assert (got == causal.encode(sig16)).float().mean() > 0.5  # same speech, close tokens
+    with pytest.raises(InputError, match="sample_rate"):
+        causal.encode(sig16, sample_rate=0)
