@@ -85,10 +85,12 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
     bt = min(pow2(T), max(pow2(K - 1), 2 * TILE // bc))
     n_t = triton.cdiv(T, bt)
     write = has_cache and n_t == 1
+    if write:
+        bt = max(bt, pow2(K - 1))  # the cache shift uses BLOCK_T lanes for its K-1 slots
     _dwconv_ln_kernel[(B, n_t)](
         x, weight, bias, ln_weight, ln_bias, cache if has_cache else x, idx if has_cache else x, out, T, C, float(eps),
         K=K, PADL=K - 1 if causal else (K - 1) // 2, HAS_CACHE=has_cache, WRITE_CACHE=write,
-        BLOCK_T=max(bt, pow2(K - 1)) if write else bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 else 8,
+        BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 else 8,
     )
     if has_cache and not write:  # here T > K-1: the new cache is x's last K-1 frames
         cache.index_copy_(0, idx, x[:, T - (K - 1):].transpose(1, 2).to(cache.dtype))
