@@ -295,11 +295,15 @@ class FocalDecoder(nn.Module):
             self.refiner = _container(in_proj=nn.Linear(v, v), out_proj=nn.Linear(v, v))
 
     def forward(self, codes: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
-        """codes (B, T, D) -> qfeats (B, T', output_dim). Streaming steps must be whole groups
-        except the last one of a stream."""
+        """codes (B, T, D), or tokens (B, T) int, -> qfeats (B, T', output_dim). Streaming steps
+        must be whole groups except the last one of a stream."""
         fresh = (_gather(st.pos, idx) == 0) if st is not None else None
         T_in = codes.shape[1]
-        x = ops.code_proj(codes, self.in_proj.weight, self.in_proj.bias)
+        w, b = self.in_proj.weight, self.in_proj.bias
+        if codes.is_floating_point():
+            x = ops.code_proj(codes, w, b)
+        else:  # in_proj of ±1/sqrt(D) codes is a signed sum of weight columns: no codes needed
+            x = ops.token_proj(codes, self.cfg.input_dim, w, b, w.dtype)
         for li, layer in enumerate(self.layers):
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
             x = ops.snake(x, layer.upscale.activation.alpha[:, 0])

@@ -8,8 +8,8 @@ or offline, with its first input frame repeated. Non-causal: "same" zero padding
 levels, then GELU(mean over time of y_1) as the last level.
 
 One program owns (row, channel block) and walks time in tiles: level l of a tile reads level
-l-1's output of this and earlier tiles, so it goes through a float32 scratch (B, C, T) that
-stays in L2. The window level dominates (512 taps); levels 0/1 and the cache shift are small.
+l-1's output of this and earlier tiles, so it goes through a float32 scratch (B, C, T),
+re-read within a few tiles of being written (L2 hits). The window level dominates (512 taps); levels 0/1 and the cache shift are small.
 At the end the program shifts its own cache rows in place (all reads of them are done).
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2
-
 
 
 @triton.jit

@@ -115,3 +115,16 @@ def test_gpu_step_under_cuda_graph():
             graph.replay()
             want = step(enc2, comp2)
             assert (out == want).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decompressor_from_tokens(causal, golden_causal, monkeypatch, backend):
+    """Tokens go straight into in_proj (signed sums of weight columns) and give what codes give."""
+    monkeypatch.setenv("FASTFOCAL_BACKEND", backend)
+    toks = T(golden_causal["toks"][:, :40])
+    with torch.inference_mode():
+        a = causal.model.decompressor(ops.bsq_codes(toks, causal.code_dim, torch.float32))
+        b = causal.model.decompressor(toks)
+    assert_close("qfeats from tokens", b, a, rel=1e-6)
+    if backend == "torch":
+        assert torch.equal(a, b)
