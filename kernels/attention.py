@@ -45,17 +45,18 @@ def bucket_lut(num_buckets: int, max_distance: int, device) -> Tensor:
 
 
 @triton.jit
-def _scores(q, k, kpos, kvalid, qpos, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_pos, hi_pos,
+def _scores(q, k, koff, kvalid, qoff, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off,
             MD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """log2-scaled scores of one key block with bias and mask (-inf where not allowed)."""
+    """log2-scaled scores of one key block with bias and mask (-inf where not allowed).
+    Positions are int32 offsets from the row's start (a [BLOCK_M, BLOCK_N] int64 tile spills)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2e
-    rel = tl.minimum(tl.maximum(kpos[None, :] - qpos[:, None], -MD), MD)
-    bucket = tl.load(lut_ptr + (rel + MD).to(tl.int32))
+    rel = tl.minimum(tl.maximum(koff[None, :] - qoff[:, None], -MD), MD)
+    bucket = tl.load(lut_ptr + rel + MD)
     bias = tl.load(emb_ptr + bucket * H + h).to(tl.float32)
     s += gate[:, None] * bias * 1.4426950408889634
     ok = kvalid[None, :]
     if CAUSAL:
-        ok = ok & (kpos[None, :] < hi_pos[:, None]) & (kpos[None, :] >= lo_pos[:, None])
+        ok = ok & (koff[None, :] < hi_off[:, None]) & (koff[None, :] >= lo_off[:, None])
     return tl.where(ok, s, float("-inf"))
 
 
@@ -119,9 +120,9 @@ def _attn_kernel(
         start = b * 0
         slot = b * 0
     qpos = start + offs_m
-    # query p sees keys in [e - WINDOW, e), e = end of p's chunk
-    hi_pos = (qpos // CHUNK + 1) * CHUNK
-    lo_pos = hi_pos - WINDOW
+    # query p sees keys in [e - WINDOW, e), e = end of p's chunk; as offsets from start
+    hi_off = ((qpos // CHUNK + 1) * CHUNK - start).to(tl.int32)
+    lo_off = hi_off - WINDOW
 
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -132,25 +133,26 @@ def _attn_kernel(
     if HAS_RING:
         if e_first - WINDOW < start:
             ring = slot * H * R * D + h * R * D
-            sm = start % R
+            sm = (start % R).to(tl.int32)
+            before = tl.minimum(start, 1 << 30).to(tl.int32)  # frames that exist before start
             for n0 in range(0, R, BLOCK_N):
                 r = n0 + tl.arange(0, BLOCK_N)
                 rmask = r < R
-                kpos = start - R + (r - sm + R) % R
-                kvalid = rmask & (kpos >= 0)
+                koff = (r - sm + R) % R - R  # slot r holds position start + koff
+                kvalid = rmask & (koff >= -before)
                 kp = ring + r[:, None] * D + offs_d[None, :]
                 km = rmask[:, None] & dmask[None, :]
                 k = tl.load(kr_ptr + kp, mask=km, other=0.0)
                 v = tl.load(vr_ptr + kp, mask=km, other=0.0)
                 if DOT_F32:
                     k = k.to(tl.float32)
-                s = _scores(q, k, kpos, kvalid, qpos, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_pos, hi_pos, MD, CAUSAL, PREC)
+                s = _scores(q, k, koff, kvalid, offs_m, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, DOT_F32)
 
     if CAUSAL:
         last = tl.minimum(first + BLOCK_M, start + T) - 1
-        lo = tl.maximum(e_first - WINDOW - start, 0)
-        hi = tl.minimum((last // CHUNK + 1) * CHUNK - start, T)
+        lo = tl.maximum(e_first - WINDOW - start, 0).to(tl.int32)
+        hi = tl.minimum((last // CHUNK + 1) * CHUNK - start, T).to(tl.int32)
     else:
         lo = 0
         hi = T
@@ -163,7 +165,7 @@ def _attn_kernel(
         v = tl.load(kp + 2 * C, mask=km, other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        s = _scores(q, k, start + j, jmask, qpos, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_pos, hi_pos, MD, CAUSAL, PREC)
+        s = _scores(q, k, j, jmask, offs_m, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, DOT_F32)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -221,8 +223,10 @@ def rel_attention(
         check_device(qkv, y, rel_emb)
     lut = bucket_lut(num_buckets, max_distance, qkv.device)
     out = out_or_new(out, (B, T, C), qkv.dtype, qkv.device)
+    # from ptxas on sm_90 (tests/kernels/sm90_compile.py): 64-key blocks need 229-255 registers
+    # and spill at 64 queries; 32-key blocks with 8 warps take 106 (16 queries) to 202 (64)
     block_m = 16 if T <= 16 else 64
-    block_n = 64 if D <= 64 else 32
+    block_n = 32
     n_m = triton.cdiv(T, block_m)
     write_ring = has_ring and n_m == 1
     # fp32 stays IEEE (the exact path); bf16/fp16 use tensor cores. The interpreter's bf16 dot
@@ -235,7 +239,7 @@ def rel_attention(
         start if has_ring else qkv, out, T, R, H, LOG2E / math.sqrt(D),
         D=D, MD=max_distance, CHUNK=chunk, WINDOW=window or 0, CAUSAL=window is not None,
         HAS_RING=has_ring, WRITE_RING=write_ring, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(D),
-        PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=4,
+        PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=8,
     )
     if has_ring and not write_ring:
         _write_ring(qkv, start, k_ring, v_ring, idx, H)

@@ -1,0 +1,156 @@
+"""Compile every kernel configuration the launchers pick at real sizes to a CUDA binary, with no
+GPU: triton ships ptxas, so a CPU machine can run the whole compiler down to SASS and read its
+resource use (registers, spills to local memory, shared memory).
+
+Each launcher is called on CPU tensors with its kernel swapped for a recorder, so the recorded
+constexprs and launch options are exactly what it would launch; then each distinct
+configuration is compiled for the target. Exit status 1 if any fails to compile.
+
+    python tests/kernels/sm90_compile.py [--arch 90] [--quick]     (TRITON_INTERPRET must be unset)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+INT_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+             torch.int32: "i32", torch.bool: "i1"}
+
+
+def _ty(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + INT_TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {type(v)}")
+
+
+class Recorder:
+    """Stands in for a JITFunction: `rec[grid](*args, **kw)` records instead of launching."""
+
+    def __init__(self, fn, log: dict):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=None, **kw):
+            vals = dict(zip(self.fn.arg_names, args), **kw)
+            sig, consts = {}, {}
+            for p in self.fn.params:
+                v = vals[p.name]
+                if p.is_constexpr:
+                    sig[p.name], consts[p.name] = "constexpr", v
+                else:
+                    sig[p.name] = _ty(v)
+            key = (self.fn.__name__, tuple(sig.items()), tuple(consts.items()), num_warps)
+            self.log.setdefault(key, (self.fn, sig, consts, num_warps))
+        return launch
+
+
+def record(quick: bool) -> dict:
+    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, modulate, norm
+
+    mods = [attention, bsq, convnext, epilogue, focal_context, modulate, norm]
+    log: dict = {}
+    for m in mods:
+        m.check_device = lambda *a: None  # CPU tensors stand in for CUDA ones
+        for name in dir(m):
+            if name.endswith("_kernel"):
+                setattr(m, name, Recorder(getattr(m, name), log))
+    dtypes = [torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
+    r = torch.randn
+    for dt in dtypes:
+        # focal context: streaming steps (C = 1024 and 256), an offline segment, non-causal
+        for B, T, C, cache in ((4, 4, 1024, True), (4, 4, 256, True), (2, 2048, 1024, False)):
+            h = r(B, T, 2 * C + 3, dtype=dt)
+            ks = [14, 18, 512]
+            ws, bs = [r(C, 1, k, dtype=dt) for k in ks], [r(C, dtype=dt) for _ in ks]
+            caches = [r(B, C, k - 1, dtype=dt) for k in ks] if cache else None
+            idx, fresh = torch.arange(B), torch.zeros(B, dtype=torch.bool)
+            focal_context.focal_context(h[..., C:2 * C], h[..., 2 * C:], ws, bs, True, caches, idx if cache else None, fresh if cache else None)
+        h = r(2, 500, 2 * 256 + 3, dtype=dt)
+        focal_context.focal_context(h[..., 256:512], h[..., 512:], [r(256, 1, k, dtype=dt) for k in (14, 18)], [r(256, dtype=dt)] * 2, False)
+        # attention: streaming step on the ring, long causal input, full attention
+        H, d, R = 16, 64, 508
+        p = [r(8, d, dtype=dt), r(8, dtype=dt), r(1, H, 1, 1, dtype=dt), r(320, H, dtype=dt)]
+        kr, vr = r(4, H, R, d, dtype=dt), r(4, H, R, d, dtype=dt)
+        for T, window, ring in ((4, 512, True), (2048, 512, True), (500, None, False)):
+            qkv, y = r(2, T, 3 * H * d, dtype=dt), r(2, T, H * d, dtype=dt)
+            start = torch.full((2,), 1000)
+            attention.rel_attention(qkv, y, *p, H, start, 4, window, 320, 800, kr if ring else None, vr if ring else None, torch.arange(2) if ring else None)
+        # epilogues, norms, modulate, BSQ, ConvNeXt front
+        for shape in ((4, 4), (8, 2048)):
+            for C, kw in ((4096, dict(act="gelu")), (1024, dict(res=r(*shape, 1024, dtype=dt), gamma=r(1024, dtype=dt))),
+                          (480, dict(act="clamp")), (1024, dict(act="snake", alpha=r(1024, dtype=dt)))):
+                epilogue.epilogue(r(*shape, C, dtype=dt), r(C, dtype=dt), **kw)
+            for C in (1024, 256):
+                x = r(*shape, C, dtype=dt)
+                norm.norm(x, r(C, dtype=dt), r(C, dtype=dt), 1e-5, res=r(*shape, C, dtype=dt), h_bias=r(C, dtype=dt))
+                norm.norm(x, alpha=r(1, dtype=dt), res=r(*shape, C, dtype=dt), h_bias=r(C, dtype=dt))
+            norm.norm(r(*shape, 512, dtype=dt), r(512, dtype=dt), r(512, dtype=dt), 1e-5, act_gelu=True)
+            modulate.modulate(r(*shape, 2 * 1024 + 3, dtype=dt)[..., :1024], r(*shape, 1024, dtype=dt), r(1024, dtype=dt))
+            lat = r(*shape, 12, dtype=dt)
+            bsq.bsq(lat)
+            bsq.bsq(lat, quantize=False)
+            bsq.bsq(lat, normalize=False)
+            bsq.code_proj(torch.randint(0, 4096, shape), r(256, 12, dtype=dt), r(256, dtype=dt), 12, dt)
+            bsq.code_proj(lat, r(256, 12, dtype=dt), r(256, dtype=dt))
+            x = r(*shape, 1024, dtype=dt)
+            cp = [r(1024, 1, 7, dtype=dt), r(1024, dtype=dt), r(1024, dtype=dt), r(1024, dtype=dt)]
+            convnext.dwconv_layer_norm(x, *cp, 1e-6, True, r(shape[0], 1024, 6, dtype=dt), torch.arange(shape[0]))
+            convnext.dwconv_layer_norm(x, *cp, 1e-6, False)
+    return log
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="bf16 only")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the compiler needs real JIT functions")
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    target = GPUTarget("cuda", args.arch, 32)
+    configs = record(args.quick)
+    failed = 0
+    print(f"{len(configs)} kernel configurations for sm_{args.arch}")
+    for (name, _, consts, warps), (fn, sig, c, nw) in sorted(configs.items(), key=lambda kv: kv[0][0]):
+        t = time.time()
+        short = " ".join(f"{k}={v}" for k, v in c.items() if k != "INTERP")
+        dtypes = sorted({v for v in sig.values() if v.startswith("*") and v[1:] in ("fp32", "bf16", "fp16")})
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c), target=target, options={"num_warps": nw})
+        except Exception as e:  # report every failure, not just the first
+            failed += 1
+            print(f"FAIL {name} {dtypes} {short}: {type(e).__name__}: {str(e)[:400]}")
+            continue
+        use = "?"
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            use = " ".join(w for w in out.split() if w.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+        print(f"ok   {name:22s} {','.join(dtypes):10s} warps={nw} {use:40s} {time.time() - t:4.1f}s  {short}")
+    print(f"{len(configs) - failed}/{len(configs)} compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.exit(main())
