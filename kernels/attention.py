@@ -84,9 +84,10 @@ def _attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    # (batch row, head) on grid axis 0: 4096 streams x 16 heads overflow axis 1 (max 65535)
+    pid_m = tl.program_id(1)
+    b = (tl.program_id(0) // H).to(tl.int64)
+    h = tl.program_id(0) % H
     C = H * D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -232,7 +233,7 @@ def rel_attention(
     # fp32 stays IEEE (the exact path); bf16/fp16 use tensor cores. The interpreter's bf16 dot
     # is broken, so there everything goes through fp32.
     prec = "ieee" if (qkv.dtype == torch.float32 or INTERPRET) else "tf32"
-    _attn_kernel[(n_m, B * H)](
+    _attn_kernel[(B * H, n_m)](
         qkv, qkv.stride(0), qkv.stride(1), y, y.stride(0), y.stride(1),
         gru_w, gru_b, gru_const.reshape(-1), rel_emb, lut,
         k_ring if has_ring else qkv, v_ring if has_ring else qkv, idx if has_ring else qkv,

@@ -24,7 +24,7 @@ def _dwconv_ln_kernel(x_ptr, w_ptr, b_ptr, lw_ptr, lb_ptr, cache_ptr, idx_ptr, o
                       K: tl.constexpr, PADL: tl.constexpr, HAS_CACHE: tl.constexpr, WRITE_CACHE: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # axis 1 < 65536: T < 500k frames
     c = tl.arange(0, BLOCK_C)
     cm = c < C
     tm = t < T
@@ -84,6 +84,7 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
     bc = pow2(C)
     bt = min(pow2(T), max(pow2(K - 1), 2 * TILE // bc))
     n_t = triton.cdiv(T, bt)
+    check(n_t < 65536, f"at most {65535 * bt} frames per call, got {T}")
     write = has_cache and n_t == 1
     if write:
         bt = max(bt, pow2(K - 1))  # the cache shift uses BLOCK_T lanes for its K-1 slots
