@@ -107,3 +107,21 @@ def test_gpu_full_size(dtype):
         qkv, y = inputs(2, T, H, d, dtype, 7)
         zero = torch.zeros(2, dtype=torch.long, device="cuda")
         assert_close(f"offline {T}", rel_attention(qkv, y, *p, H, zero, CHUNK, window, NB, MD), ref64(qkv, y, p, H, zero, window), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_4096_streams():
+    """The largest streaming batch: 4096 x 16 (row, head) programs; rows checked at both ends."""
+    H, d, R, B = 16, 64, 508, 4096
+    dtype = torch.bfloat16
+    p = params(H, d, dtype)
+    kr = torch.randn(B, H, R, d, device="cuda", dtype=dtype)
+    vr = torch.randn_like(kr)
+    idx = torch.arange(B, device="cuda").flip(0)
+    start = torch.randint(0, 5000, (B,), device="cuda") * 4
+    qkv, y = inputs(B, 4, H, d, dtype, 0)
+    rows = torch.tensor([0, 1, B - 1], device="cuda")
+    sub = idx[rows]
+    want = ref64(qkv[rows], y[rows], p, H, start[rows], 512, kr[sub].double(), vr[sub].double(), torch.arange(3, device="cuda"))
+    got = rel_attention(qkv, y, *p, H, start, CHUNK, 512, NB, MD, kr, vr, idx)
+    assert_close("rows", got[rows], want, dtype)
