@@ -246,8 +246,9 @@ class FocalEncoder(nn.Module):
         )
         self.out_proj = nn.Linear(c.hidden_dims[-1], c.output_dim)
 
-    def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
-        """feats (B, T, C) -> normalised latents (B, T', D)."""
+    def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None, quantize: bool = False):
+        """feats (B, T, C) -> normalised latents (B, T', D); with quantize, (lats, toks, codes)
+        from one pass over the latents (what ops.bsq_quantize(lats) would give)."""
         fresh = (_gather(st.pos, idx) == 0) if st is not None else None
         T_in = x.shape[1]
         for li, layer in enumerate(self.layers):
@@ -267,7 +268,7 @@ class FocalEncoder(nn.Module):
         if st is not None:
             st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
-        return ops.l2_normalize(lats, 1e-12)
+        return ops.bsq_encode(lats, 1e-12) if quantize else ops.l2_normalize(lats, 1e-12)
 
 
 class FocalDecoder(nn.Module):

@@ -128,3 +128,15 @@ def test_decompressor_from_tokens(causal, golden_causal, monkeypatch, backend):
     assert_close("qfeats from tokens", b, a, rel=1e-6)
     if backend == "torch":
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compressor_quantize_in_one_pass(causal, golden_causal, monkeypatch, backend):
+    """compressor(..., quantize=True) gives what bsq_quantize(compressor(...)) gives."""
+    monkeypatch.setenv("FASTFOCAL_BACKEND", backend)
+    feats = T(golden_causal["feats"][:, :40])
+    with torch.inference_mode():
+        lats = causal.model.compressor(feats)
+        toks, codes = ops.bsq_quantize(lats)
+        l2, t2, c2 = causal.model.compressor(feats, quantize=True)
+    assert torch.equal(l2, lats) and torch.equal(t2, toks) and torch.equal(c2, codes)
