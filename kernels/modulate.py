@@ -6,7 +6,6 @@ write, and no allocation.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
