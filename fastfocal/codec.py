@@ -1,6 +1,8 @@
 """The user-facing Codec: offline API with the upstream method names, and streaming sessions."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -9,6 +11,9 @@ from . import ops
 from .config import CodecConfig
 from .model import FocalCodecModel, num_params
 from .state import FocalState, decoder_side, encoder_side
+
+if TYPE_CHECKING:
+    from .streaming import Stream, StreamDecoder, StreamEncoder
 
 SAMPLE_RATE_INPUT = 16000
 
@@ -215,7 +220,7 @@ class Codec:
     def toks_to_qfeats(self, toks) -> Tensor:
         toks, sq = self._check_toks(toks)
         with self._ctx():
-            return self._out(self._decompress(ops.bsq_codes(toks, self.code_dim, self.dtype)), sq)
+            return self._out(self._decompress(toks), sq)
 
     def feats_to_sig(self, feats) -> Tensor:
         """Decoder alone: (quantized) features -> waveform at `sample_rate_output`."""
@@ -251,8 +256,7 @@ class Codec:
     def toks_to_sig(self, toks) -> Tensor:
         toks, sq = self._check_toks(toks)
         with self._ctx():
-            codes = ops.bsq_codes(toks, self.code_dim, self.dtype)
-            return self._out(self._decode(self._decompress(codes)), sq)
+            return self._out(self._decode(self._decompress(toks)), sq)
 
     def codes_to_sig(self, codes) -> Tensor:
         codes, sq = self._check_frames(codes, self.code_dim, "codes")

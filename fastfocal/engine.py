@@ -63,21 +63,18 @@ def make_step(codec: Codec, mode: str, enc=None, comp=None, dec=None, wav=None):
     decode: (toks (B, 4), idx) -> (audio, bad)
     bad[:, 0]: non-finite input, bad[:, 1]: non-finite latents or audio. No host sync inside.
     """
-    m, D, dtype = codec.model, codec.code_dim, codec.dtype
+    m = codec.model
 
     def step(x: Tensor, idx: Tensor):
         if mode == "decode":
             bad_in = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             bad_out = bad_in
-            with nvtx_range("quantizer"):
-                codes = ops.bsq_codes(x, D, dtype)
+            codes = x  # the decompressor takes tokens directly (signed sum of in_proj columns)
         else:
             with nvtx_range("encoder"):
                 feats = m.encoder(x, enc, idx)
-            with nvtx_range("compressor"):
-                lats = m.compressor(feats, comp, idx)
-            with nvtx_range("quantizer"):
-                toks, codes = ops.bsq_quantize(lats)
+            with nvtx_range("compressor+quantizer"):
+                lats, toks, codes = m.compressor(feats, comp, idx, quantize=True)
             bad_in = ~torch.isfinite(x).all(1)
             bad_out = ~torch.isfinite(lats).flatten(1).all(1)
             if mode == "encode":
@@ -298,7 +295,7 @@ class StreamEngine:
                 x = s.buf.to(self.device)[None]
                 bad_in = bad_out = torch.zeros((), dtype=torch.bool, device=self.device)
                 if self.mode == "decode":
-                    codes = ops.bsq_codes(x, self.codec.code_dim, self.dtype)
+                    codes = x
                 else:
                     sig = torch.zeros(1, -(-n // self.chunk) * self.chunk, dtype=self.dtype, device=self.device)
                     sig[:, :n] = x

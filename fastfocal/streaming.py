@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
 from .codec import Codec, InputError
 from .engine import make_step
 from .graphs import GraphRunner, graphs_enabled
@@ -93,8 +92,8 @@ class StreamEncoder(_Session):
             return tuple(_replay(self._graph, sig, self.chunk)[:2])
         m = self.codec.model
         feats = m.encoder(sig, self.enc_state, self.idx)
-        lats = m.compressor(feats, self.comp_state, self.idx)
-        return ops.bsq_quantize(lats)
+        _, toks, codes = m.compressor(feats, self.comp_state, self.idx, quantize=True)
+        return toks, codes
 
     def _take(self, x: Tensor) -> Tensor | None:
         """Buffer x; return the whole chunks it completes (batch, 1280k), or None."""
@@ -193,6 +192,7 @@ class StreamDecoder(_Session):
         return self.dec_state.nbytes + self.wav_state.nbytes + self._buf.numel() * self._buf.element_size()
 
     def _step_codes(self, codes: Tensor) -> Tensor:
+        """codes (batch, T, D) or tokens (batch, T) -> audio."""
         m = self.codec.model
         q = m.decompressor(codes, self.dec_state, self.idx)
         return m.decoder(q, self.wav_state, self.idx)
@@ -222,7 +222,7 @@ class StreamDecoder(_Session):
             self._fill = tail.shape[1]
             if self._graph is not None:
                 return _replay(self._graph, t, self.group)[0]
-            return self._step_codes(ops.bsq_codes(t, self.codec.code_dim, self.codec.dtype))
+            return self._step_codes(t)
 
     def push_codes(self, codes: Tensor) -> Tensor:
         """Whole groups of codes (batch, 4k, D) straight in (used by the full Stream)."""
@@ -236,7 +236,7 @@ class StreamDecoder(_Session):
         if self._fill:
             with torch.inference_mode():
                 t = self._buf[:, :self._fill]
-                out = self._step_codes(ops.bsq_codes(t, self.codec.code_dim, self.codec.dtype))
+                out = self._step_codes(t)
         self.reset()
         return out
 

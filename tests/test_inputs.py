@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import fastfocal
 from fastfocal import InputError
 
 
