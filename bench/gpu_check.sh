@@ -30,6 +30,8 @@ step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl
 step e2e            python bench/e2e.py $Q
 step stream-latency python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q
+step bf16-agreement python bench/bf16_agreement.py --random-init 50hz_4k_causal --audio tests/data/audio
+step readme-perf    python bench/readme_perf.py
 
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "gpu_check: FAILED: ${FAILED[*]} (see $LOG)"
