@@ -62,6 +62,23 @@ class _Session:
             raise InputError(f"expected shape ({self.batch_size}, n), got {tuple(x.shape)}")
         return x
 
+    def _buffer(self, x: Tensor, unit: int) -> Tensor | None:
+        """Append validated x (batch, n) to the partial-unit buffer; return the buffered unit and
+        every whole unit after it, joined for one step (None while the unit is incomplete)."""
+        with torch.inference_mode():
+            take = min(unit - self._fill, x.shape[1])
+            self._buf[:, self._fill:self._fill + take] = x[:, :take]
+            self._fill += take
+            rest = x[:, take:]
+            if self._fill < unit:
+                return None
+            n_whole = (rest.shape[1] // unit) * unit
+            out = torch.cat([self._buf, rest[:, :n_whole]], 1) if n_whole else self._buf.clone()
+            tail = rest[:, n_whole:]
+            self._buf[:, :tail.shape[1]] = tail
+            self._fill = tail.shape[1]
+            return out
+
 
 class StreamEncoder(_Session):
     """16 kHz audio in, tokens out (4 per 1280-sample chunk)."""
@@ -100,21 +117,7 @@ class StreamEncoder(_Session):
         x = self._batch(x)
         if x.shape[1] == 0:
             return None
-        x, _ = self.codec._check_sig(x)
-        with torch.inference_mode():
-            take = min(self.chunk - self._fill, x.shape[1])
-            self._buf[:, self._fill:self._fill + take] = x[:, :take]
-            self._fill += take
-            rest = x[:, take:]
-            if self._fill < self.chunk:
-                return None
-            n_whole = (rest.shape[1] // self.chunk) * self.chunk
-            # the buffered chunk and every whole chunk after it go in one step
-            sig = torch.cat([self._buf, rest[:, :n_whole]], 1) if n_whole else self._buf.clone()
-            tail = rest[:, n_whole:]
-            self._buf[:, :tail.shape[1]] = tail
-            self._fill = tail.shape[1]
-            return sig
+        return self._buffer(self.codec._check_sig(x)[0], self.chunk)
 
     def _push(self, x: Tensor) -> tuple[Tensor, Tensor]:
         sig = self._take(x)
@@ -207,19 +210,10 @@ class StreamDecoder(_Session):
         toks = self._batch(_as_tensor(toks, "tokens"))
         if toks.shape[1] == 0:
             return self._empty()
-        toks, _ = self.codec._check_toks(toks)
+        t = self._buffer(self.codec._check_toks(toks)[0], self.group)
+        if t is None:
+            return self._empty()
         with torch.inference_mode():
-            take = min(self.group - self._fill, toks.shape[1])
-            self._buf[:, self._fill:self._fill + take] = toks[:, :take]
-            self._fill += take
-            rest = toks[:, take:]
-            if self._fill < self.group:
-                return self._empty()
-            n_whole = (rest.shape[1] // self.group) * self.group
-            t = torch.cat([self._buf, rest[:, :n_whole]], 1)
-            tail = rest[:, n_whole:]
-            self._buf[:, :tail.shape[1]] = tail
-            self._fill = tail.shape[1]
             if self._graph is not None:
                 return _replay(self._graph, t, self.group)[0]
             return self._step_codes(t)
