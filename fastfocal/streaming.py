@@ -62,6 +62,18 @@ class _Session:
             raise InputError(f"expected shape ({self.batch_size}, n), got {tuple(x.shape)}")
         return x
 
+    def _states(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        """Samples (encoder) or tokens (decoder) buffered towards the next step."""
+        return self._fill
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(st.nbytes for st in self._states()) + self._buf.numel() * self._buf.element_size()
+
     def _buffer(self, x: Tensor, unit: int) -> Tensor | None:
         """Append validated x (batch, n) to the partial-unit buffer; return the buffered unit and
         every whole unit after it, joined for one step (None while the unit is incomplete)."""
@@ -95,14 +107,8 @@ class StreamEncoder(_Session):
         if self._graph is not None:
             self.reset()
 
-    @property
-    def pending(self) -> int:
-        """Samples buffered towards the next chunk."""
-        return self._fill
-
-    @property
-    def state_bytes(self) -> int:
-        return self.enc_state.nbytes + self.comp_state.nbytes + self._buf.numel() * self._buf.element_size()
+    def _states(self) -> tuple:
+        return self.enc_state, self.comp_state
 
     def _step(self, sig: Tensor) -> tuple[Tensor, Tensor]:
         if self._graph is not None:
@@ -186,13 +192,8 @@ class StreamDecoder(_Session):
         if self._graph is not None:
             self.reset()
 
-    @property
-    def pending(self) -> int:
-        return self._fill
-
-    @property
-    def state_bytes(self) -> int:
-        return self.dec_state.nbytes + self.wav_state.nbytes + self._buf.numel() * self._buf.element_size()
+    def _states(self) -> tuple:
+        return self.dec_state, self.wav_state
 
     def _step_codes(self, codes: Tensor) -> Tensor:
         """codes (batch, T, D) or tokens (batch, T) -> audio."""
