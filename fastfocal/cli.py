@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fastfocal
-
 from .audio import AudioError, read_audio, write_audio
-from .codec import Codec, InputError
+from .codec import Codec
 from .config import ConfigError
-from .loading import DEFAULT_MODEL, CheckpointError
+from .corpus import CorpusError
+from .inputs import InputError, token_dtype
+from .loading import DEFAULT_MODEL, CheckpointError, open_codec
+from .version import __version__
 
-USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, OSError)
+USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, CorpusError, OSError)
 
 
 class CliError(ValueError):
@@ -33,27 +34,8 @@ def _error(msg) -> None:
     print(f"fastfocal: error: {text}", file=sys.stderr)
 
 
-def token_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if codebook_size <= 65536 else np.int32)
-
-
 def load_codec(model: str | None, random_init: str | None, device: str | None, dtype: str) -> Codec:
-    try:
-        dev, dt = fastfocal._resolve_device_dtype(device, dtype)
-    except (RuntimeError, ValueError) as e:  # bad device string, fp16 on CPU
-        raise CliError(str(e)) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"device {device!r} requested but CUDA is not available")
-    # local paths absolute: sidecars and corpus info.json then name the model the same way
-    # whatever the working directory
-    model = os.path.abspath(model) if model and os.path.exists(model) else model
-    random_init = os.path.abspath(random_init) if random_init and os.path.exists(random_init) else random_init
-    try:
-        if random_init:
-            return fastfocal.random_init(random_init, device=dev, dtype=dt)
-        return fastfocal.load(model or DEFAULT_MODEL, device=dev, dtype=dt)
-    except ConfigError as e:  # config messages do not always name the file
-        raise ConfigError(f"{random_init or model or DEFAULT_MODEL}: {e}") from None
+    return open_codec(model, random_init, device, dtype)
 
 
 def _codec(args) -> Codec:
@@ -210,7 +192,7 @@ def _model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastfocal", description="FocalCodec-Stream: 16 kHz speech <-> 50 Hz tokens <-> 24 kHz speech")
-    ap.add_argument("--version", action="version", version=f"fastfocal {fastfocal.__version__}")
+    ap.add_argument("--version", action="version", version=f"fastfocal {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("encode", help="audio files -> <stem>.npy tokens + <stem>.json sidecar")
@@ -267,7 +249,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # call the imported module's main: corpus raises fastfocal.cli.CliError, not __main__'s
-    from fastfocal.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":
+    sys.exit(main())

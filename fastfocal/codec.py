@@ -18,18 +18,7 @@ if TYPE_CHECKING:
 SAMPLE_RATE_INPUT = 16000
 
 
-class InputError(ValueError):
-    """Bad user input: wrong shape, dtype, rate, empty, NaN/Inf, token out of range."""
-
-
-def _as_tensor(x, what: str) -> Tensor:
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind not in "biuf":
-            raise InputError(f"{what} must be a numeric array, got numpy dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor):
-        raise InputError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    return x
+from .inputs import InputError, as_tensor as _as_tensor  # noqa: E402  (interim: pipeline refactor)
 
 
 class Codec:

@@ -25,12 +25,17 @@ import torch
 
 from . import ops
 from .audio import AudioError, audio_info, read_audio
-from .cli import CliError, load_codec, token_dtype
 from .codec import Codec
+from .inputs import token_dtype
+from .loading import open_codec
 from .state import encoder_side
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 SR = 16000
+
+
+class CorpusError(ValueError):
+    """Inputs, outputs or options that stop a corpus run (reported as one line by the CLI)."""
 
 
 # =========================================================================== exact batched encoding
@@ -92,7 +97,7 @@ def _read_list(p: Path) -> list[Path]:
     try:
         text = p.read_text()
     except OSError as e:
-        raise CliError(f"{p}: cannot read manifest ({e.strerror})") from None
+        raise CorpusError(f"{p}: cannot read manifest ({e.strerror})") from None
     paths = []
     if p.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -101,14 +106,14 @@ def _read_list(p: Path) -> list[Path]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise CliError(f"{p}:{n}: not valid JSON") from None
+                raise CorpusError(f"{p}:{n}: not valid JSON") from None
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-                raise CliError(f"{p}:{n}: no \"path\" string")
+                raise CorpusError(f"{p}:{n}: no \"path\" string")
             paths.append(row["path"])
     else:
         rows = csv.DictReader(text.splitlines())
         if "path" not in (rows.fieldnames or []):
-            raise CliError(f"{p}: CSV has no 'path' column (columns: {rows.fieldnames})")
+            raise CorpusError(f"{p}: CSV has no 'path' column (columns: {rows.fieldnames})")
         paths = [r["path"] for r in rows if r.get("path")]
     return [Path(q) if os.path.isabs(q) else p.parent / q for q in paths]
 
@@ -131,12 +136,12 @@ def find_inputs(inputs: list[str]) -> list[Item]:
         elif glob.has_magic(s):
             files = sorted(f for f in glob.glob(s, recursive=True) if os.path.isfile(f))
             if not files:
-                raise CliError(f"{s}: glob matches no files")
+                raise CorpusError(f"{s}: glob matches no files")
             found += [(os.path.abspath(f), os.path.dirname(os.path.abspath(f))) for f in files]
         else:
-            raise CliError(f"{s}: no such file, directory or glob")
+            raise CorpusError(f"{s}: no such file, directory or glob")
     if not found:
-        raise CliError("no audio files found in the inputs")
+        raise CorpusError("no audio files found in the inputs")
     root = os.path.commonpath([r for _, r in found])
     items = {}
     for f, _ in found:
@@ -195,7 +200,7 @@ def _check_info(out: Path, codec: Codec, fmt: str) -> None:
             old = {}
         diff = [k for k in ("model", "codebook_size", "format") if old.get(k) != info[k]]
         if diff:
-            raise CliError(f"{out} holds output of {', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
+            raise CorpusError(f"{out} holds output of {', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
                            f"this run has {', '.join(f'{k}={info[k]!r}' for k in diff)}: use another --out")
         return
     _atomic_write(p, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
@@ -337,7 +342,7 @@ def _progress(total_s: float, n_files: int, quiet: bool, position: int):
 
 def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "", position: int = 0) -> dict:
     """Encode `items` on one device. Writes <out>/manifest<shard>.jsonl and errors<shard>.jsonl."""
-    codec = load_codec(opts["model"], opts["random_init"], device, opts["dtype"])
+    codec = open_codec(opts["model"], opts["random_init"], device, opts["dtype"])
     out.mkdir(parents=True, exist_ok=True)
     _check_info(out, codec, opts["fmt"])
     dtype = token_dtype(codec.codebook_size)
@@ -438,9 +443,9 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise CliError("--format parquet needs pyarrow: pip install pyarrow") from None
+            raise CorpusError("--format parquet needs pyarrow: pip install pyarrow") from None
     if batch_seconds <= 0 or max_batch < 1 or prefetch < 0:
-        raise CliError("--batch-seconds must be > 0, --max-batch >= 1, --prefetch >= 0")
+        raise CorpusError("--batch-seconds must be > 0, --max-batch >= 1, --prefetch >= 0")
     items = find_inputs(inputs)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     items = items[rank::world]
@@ -474,7 +479,7 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         if len(results) < n:
             bad.append(f"a device process died (exit codes {[p.exitcode for p in procs]})")
         if bad:
-            raise CliError("; ".join(bad))
+            raise CorpusError("; ".join(bad))
     total = {k: sum(r[k] for r in results) for k in ("files", "seconds", "skipped", "errors")}
     total["wall_s"] = time.perf_counter() - t0
     total["encode_s"] = max(r["wall_s"] for r in results)  # after model load, slowest device

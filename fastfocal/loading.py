@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .codec import Codec
 from .config import CodecConfig, ConfigError, load_config, preset
+from .inputs import resolve_device_dtype
 from .model import FocalCodecModel
 
 DEFAULT_MODEL = "lucadellalib/focalcodec_50hz_4k_causal"
@@ -167,3 +169,45 @@ def config_from(source) -> CodecConfig:
         return preset(s)
     except ConfigError:
         raise ConfigError(f"{s!r} is neither a preset, a config path nor a model directory") from None
+
+
+# =========================================================================== codecs
+def load(source: str = DEFAULT_MODEL, device=None, dtype=None) -> Codec:
+    """Load an official checkpoint: a local directory, a config.json path, or a hub id.
+
+    device defaults to CUDA when available; dtype to float32 (the exact path).
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    cfg_path, weights = resolve(source)
+    cfg = load_config(cfg_path)
+    if weights is None:
+        raise CheckpointError(f"no model.safetensors or model.pt next to {cfg_path}")
+    model = build(cfg, read_state_dict(weights), device, dtype)
+    return Codec(model, name=str(source))
+
+
+def random_init(preset_or_config="50hz_4k_causal", seed: int = 0, device=None, dtype=None) -> Codec:
+    """A model with deterministic random weights, for benchmarks without a checkpoint.
+
+    Accepts a preset name ('50hz_4k_causal', '50hz_2k_causal', '50hz_65k_causal'), a hub id of
+    one, a config.json path, a model directory, a dict or a CodecConfig.
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    cfg = config_from(preset_or_config)
+    model = build(cfg, random_state_dict(cfg, seed), device, dtype)
+    name = preset_or_config if isinstance(preset_or_config, str) else "custom"
+    return Codec(model, name=f"random:{name}")
+
+
+def open_codec(model: str | None = None, random_init_from: str | None = None, device=None, dtype="fp32") -> Codec:
+    """The codec a command line or a worker names: a model (default DEFAULT_MODEL) or random
+    weights for a preset/config. Local paths are made absolute, so sidecars and corpus
+    info.json name the model the same way from any working directory. Errors name the model."""
+    model = os.path.abspath(model) if model and os.path.exists(model) else model
+    src = os.path.abspath(random_init_from) if random_init_from and os.path.exists(random_init_from) else random_init_from
+    try:
+        if src:
+            return random_init(src, device=device, dtype=dtype)
+        return load(model or DEFAULT_MODEL, device=device, dtype=dtype)
+    except ConfigError as e:  # config messages do not always name the file
+        raise ConfigError(f"{src or model or DEFAULT_MODEL}: {e}") from None

@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from .audio import AudioError, read_audio
-from .cli import load_codec, token_dtype
 from .corpus import SR, encode_batch
+from .inputs import token_dtype
+from .loading import open_codec
 
 
 def load_row(row: dict) -> dict:
@@ -33,7 +34,7 @@ class TokenEncoder:
 
     def __init__(self, model: str | None = None, random_init: str | None = None, device: str | None = None,
                  dtype: str = "fp32"):
-        self.codec = load_codec(model, random_init, device, dtype)
+        self.codec = open_codec(model, random_init, device, dtype)
         self.dtype = token_dtype(self.codec.codebook_size)
 
     def __call__(self, batch: dict) -> dict:

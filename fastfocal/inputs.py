@@ -1,0 +1,207 @@
+"""Input checking on plain arguments: every front end (Codec, sessions, engine, corpus, server,
+CLI) validates what arrives here, before any state is touched or any batch is allocated.
+
+Nothing here needs a model: checks take the sizes they compare against as arguments.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class InputError(ValueError):
+    """Bad user input: wrong shape, dtype, rate, empty, NaN/Inf, out of range, too large."""
+
+
+# Float PCM is nominally [-1, 1]. Clipped or lightly over-driven audio (peaks a little above
+# full scale) is normal and accepted; anything beyond +18 dBFS is not audio in that convention
+# (wrong scaling, integer PCM cast to float, corrupt data) and would silently give garbage.
+MAX_AMPLITUDE = 8.0
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) from user values: device defaults to CUDA when available, dtype to float32."""
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"bad device {device!r}: {e}") from None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise InputError("float16 is supported on GPU only; use bfloat16 or float32 on CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} requested but CUDA is not available")
+    return device, dtype
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    """The smallest numpy dtype token files use for a codebook."""
+    return np.dtype(np.uint16 if codebook_size <= 65536 else np.int32)
+
+
+def positive_int(v, what: str, limit: int | None = None) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
+        raise InputError(f"{what} must be a positive integer, got {v!r}")
+    if limit is not None and v > limit:
+        raise InputError(f"{what} {v} is larger than the limit {limit}")
+    return int(v)
+
+
+def as_tensor(x, what: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{what} must be a numeric array, got numpy dtype {x.dtype}")
+        if x.dtype.kind == "u" and x.dtype.itemsize > 1:  # torch lacks most ops on uint16/32/64
+            x = _widen_unsigned(x, what)
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise InputError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        x = torch.from_numpy(_widen_unsigned(x.cpu().numpy(), what)).to(x.device)
+    return x
+
+
+def _widen_unsigned(x: np.ndarray, what: str) -> np.ndarray:
+    if x.dtype == np.uint64 and x.size and x.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{what}: value {int(x.max())} out of range")
+    return x.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- audio
+def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True) -> tuple[Tensor, bool]:
+    """(batch, samples) float tensor and whether the input was 1-D.
+
+    frame: the shortest meaningful row (one 20 ms frame); a 2-D input with shorter rows is
+    almost always a (samples, channels) array, and is refused with that hint. finite=False
+    leaves NaN/Inf and range to the caller (the engine flags them per stream on the device).
+    """
+    sig = as_tensor(sig, name)
+    if not sig.is_floating_point():
+        raise InputError(f"{name} must be floating point in [-1, 1], got {sig.dtype} "
+                         "(convert integer PCM with x / 32768)")
+    squeeze = sig.dim() == 1
+    if squeeze:
+        sig = sig.unsqueeze(0)
+    if sig.dim() != 2:
+        raise InputError(f"{name} must be (samples,) or (batch, samples), got shape {tuple(sig.shape)}")
+    if sig.shape[0] == 0 or sig.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {tuple(sig.shape)})")
+    if not squeeze and sig.shape[1] < frame:
+        hint = (f": it looks like (samples, channels); mix down with x.mean(1) or pass x.T"
+                if sig.shape[1] <= 8 and sig.shape[0] > sig.shape[1] else "")
+        raise InputError(f"{name} rows of {sig.shape[1]} samples are shorter than one {frame}-sample frame "
+                         f"(shape {tuple(sig.shape)}){hint}")
+    if finite:
+        check_amplitude(sig, name)
+    return sig, squeeze
+
+
+def check_amplitude(sig: Tensor, name: str = "audio") -> None:
+    """NaN/Inf or samples beyond ±MAX_AMPLITUDE are an InputError naming the rows."""
+    bad = ~torch.isfinite(sig).all(-1)
+    if bool(bad.any()):
+        raise InputError(f"{name} contains NaN or Inf{_rows(bad)}")
+    peak = sig.abs().amax(-1)
+    loud = peak > MAX_AMPLITUDE
+    if bool(loud.any()):
+        raise InputError(f"{name} has samples of magnitude {float(peak.max()):.3g}{_rows(loud)}: float PCM must be "
+                         f"within ±{MAX_AMPLITUDE:g} (nominally [-1, 1]); rescale it (integer PCM: x / 32768)")
+
+
+def _rows(mask: Tensor) -> str:
+    if mask.numel() <= 1:
+        return ""
+    r = mask.nonzero().flatten().tolist()
+    return f" (row{'s' if len(r) > 1 else ''} {r[:8]}{'...' if len(r) > 8 else ''})"
+
+
+# --------------------------------------------------------------------------- tokens / frames
+def check_tokens(toks, codebook_size: int, name: str = "tokens") -> tuple[Tensor, bool]:
+    """(batch, T) int64 tensor of codebook indices, any integer input dtype."""
+    toks = as_tensor(toks, name)
+    if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
+        raise InputError(f"{name} must be an integer tensor, got {toks.dtype}")
+    squeeze = toks.dim() == 1
+    if squeeze:
+        toks = toks.unsqueeze(0)
+    if toks.dim() != 2:
+        raise InputError(f"{name} must be (T,) or (batch, T), got shape {tuple(toks.shape)}")
+    if toks.numel() == 0:
+        raise InputError(f"{name} are empty (shape {tuple(toks.shape)})")
+    toks = toks.long()
+    lo, hi = torch.aminmax(toks)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= codebook_size:
+        raise InputError(f"token out of range [0, {codebook_size}): found values in [{lo}, {hi}]")
+    return toks, squeeze
+
+
+def check_frames(x, dim: int, name: str) -> tuple[Tensor, bool]:
+    """(batch, T, dim) float tensor of features, latents or codes."""
+    x = as_tensor(x, name)
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be floating point, got {x.dtype}")
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise InputError(f"{name} must be (T, {dim}) or (batch, T, {dim}), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise InputError(f"{name} are empty (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{name} contain NaN or Inf")
+    return x, squeeze
+
+
+def one_stream(x: Tensor, name: str) -> Tensor:
+    """A single stream's data: (n,) or (1, n) -> (n,)."""
+    if x.dim() == 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 1:
+        raise InputError(f"{name} for one stream must be (n,) or (1, n), got shape {tuple(x.shape)}")
+    return x
+
+
+# --------------------------------------------------------------------------- memory
+def available_bytes(device) -> int:
+    """Memory a new allocation can take on `device` (free GPU memory; available host RAM)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "meta":
+        return 1 << 62
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_fits(nbytes: int, device, what: str) -> None:
+    """Refuse an allocation that cannot fit, before making it."""
+    avail = available_bytes(device)
+    if nbytes > avail:
+        raise InputError(f"{what} needs {_gib(nbytes)} but only {_gib(avail)} is available on "
+                         f"{torch.device(device)}: use a smaller batch, fewer streams or a shorter window")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**27 else f"{n / 2**20:.3g} MiB"
