@@ -1,0 +1,162 @@
+"""Client for `fastfocal serve`: stream a file (or an array) over the WebSocket protocol.
+
+    res = asyncio.run(stream("ws://127.0.0.1:8080", samples, mode="full"))   # res.tokens, res.audio
+    run_client("speech.wav", "ws://127.0.0.1:8080", out="rec/")             # writes rec/speech.npy + .wav
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from yarl import URL
+
+from .audio import read_audio, write_audio
+from .inputs import InputError, token_dtype
+
+MODES = ("full", "encode", "decode")
+
+
+class ServerError(RuntimeError):
+    """The server refused the connection or closed the stream with an error."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: np.ndarray | None  # int64 (T,), modes full/encode
+    audio: np.ndarray | None  # float32 (N,) at ready["sample_rate_out"], modes full/decode
+    ready: dict
+
+
+def stream_url(url: str, mode: str = "full", fmt: str = "f32le") -> URL:
+    """ws://host:port (or http://...) -> ws://host:port/v1/stream?mode=...&format=..."""
+    u = URL(url)
+    if u.scheme in ("http", "https"):
+        u = u.with_scheme("ws" if u.scheme == "http" else "wss")
+    if u.path in ("", "/"):
+        u = u.with_path("/v1/stream")
+    return u.update_query(mode=mode, format=fmt)
+
+
+def encode_pcm(x: np.ndarray, fmt: str) -> bytes:
+    if fmt == "s16le":
+        return np.clip(np.round(np.asarray(x, np.float64) * 32768), -32768, 32767).astype("<i2").tobytes()
+    return np.asarray(x, "<f4").tobytes()
+
+
+async def stream(url: str, data: np.ndarray, mode: str = "full", fmt: str = "f32le", api_key: str | None = None,
+                 realtime: bool = False, message: int = 1280, session: aiohttp.ClientSession | None = None) -> Result:
+    """Send data (16 kHz float samples, or tokens in decode mode) in messages of `message` samples
+    (tokens), then flush; collect the tokens and audio until the server's end."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if message < 1:
+        raise InputError(f"message size must be positive, got {message}")
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:
+        try:
+            ws = await session.ws_connect(stream_url(url, mode, fmt), headers=headers, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as e:
+            raise ServerError(f"server refused the stream: HTTP {e.status} {e.message}") from None
+        async with ws:
+            first = await ws.receive()
+            if first.type != aiohttp.WSMsgType.TEXT:
+                raise ServerError(f"expected the ready message, got {first.type.name}", ws.close_code)
+            ready = json.loads(first.data)
+            if ready.get("type") == "error":
+                raise ServerError(ready.get("message", "error"), ws.close_code)
+            rate = ready["token_rate"] if mode == "decode" else ready["sample_rate_in"]
+            if mode == "decode":
+                data = np.asarray(data)
+                if data.size and (data.min() < 0 or data.max() >= ready["codebook_size"]):
+                    raise InputError(f"token out of range [0, {ready['codebook_size']})")
+            sender = asyncio.create_task(_send(ws, data, mode, fmt, message, rate if realtime else None))
+            try:
+                toks, audio = await _receive(ws)
+            finally:
+                sender.cancel()
+                try:
+                    await sender
+                except (asyncio.CancelledError, ConnectionError, aiohttp.ClientError, RuntimeError):
+                    pass
+    finally:
+        if own:
+            await session.close()
+    return Result(np.array(toks, np.int64) if mode != "decode" else None,
+                  np.concatenate(audio) if mode != "encode" else None, ready)
+
+
+async def _send(ws, data, mode, fmt, message, rate) -> None:
+    t0 = time.perf_counter()
+    for a in range(0, len(data), message):
+        piece = data[a:a + message]
+        if rate:  # real time: a piece goes out when its last sample would have been captured
+            await asyncio.sleep(max(0.0, t0 + (a + len(piece)) / rate - time.perf_counter()))
+        await ws.send_bytes(np.asarray(piece, "<u2").tobytes() if mode == "decode" else encode_pcm(piece, fmt))
+    await ws.send_str(json.dumps({"type": "flush"}))
+
+
+async def _receive(ws):
+    toks: list[int] = []
+    audio = [np.zeros(0, np.float32)]
+    async for msg in ws:
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            audio.append(np.frombuffer(msg.data, "<f4"))
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            obj = json.loads(msg.data)
+            kind = obj.get("type")
+            if kind == "tokens":
+                if obj["index"] != len(toks):
+                    raise ServerError(f"tokens out of order: index {obj['index']}, expected {len(toks)}")
+                toks.extend(obj["tokens"])
+            elif kind == "end":
+                return toks, audio
+            elif kind == "error":
+                try:  # the close frame follows: read it for the code
+                    await asyncio.wait_for(ws.receive(), 10)
+                except asyncio.TimeoutError:
+                    pass
+                raise ServerError(obj.get("message", "error"), ws.close_code)
+    raise ServerError(f"connection closed before the end of the stream (code {ws.close_code})", ws.close_code)
+
+
+def read_tokens(path) -> np.ndarray:
+    try:
+        toks = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy token file ({e})") from None
+    if toks.dtype.kind not in "iu" or toks.ndim != 1:
+        raise InputError(f"{path}: tokens must be a 1-D integer array, got {toks.dtype} {toks.shape}")
+    return toks.astype(np.int64)
+
+
+def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", api_key: str | None = None,
+               realtime: bool = False, message_ms: float = 80.0, float_wav: bool = False) -> list[Path]:
+    """Stream one file (audio; a .npy of tokens in decode mode); write <stem>.npy and/or <stem>.wav."""
+    if mode == "decode":
+        data, msg = read_tokens(path), max(1, round(message_ms / 20))
+    else:
+        data, msg = read_audio(path, 16000), max(1, round(message_ms * 16))
+    res = asyncio.run(stream(url, data, mode, fmt, api_key, realtime, msg))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if res.tokens is not None:
+        p = out / (Path(path).stem + ".npy")
+        np.save(p, res.tokens.astype(token_dtype(res.ready["codebook_size"])))
+        written.append(p)
+    if res.audio is not None:
+        p = out / (Path(path).stem + ".wav")
+        write_audio(p, res.audio, res.ready["sample_rate_out"], "FLOAT" if float_wav else "PCM_16")
+        written.append(p)
+    return written
