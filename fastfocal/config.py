@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,35 @@ def _coerce(part: str, key: str, value: Any, ftype: Any) -> Any:
     return value
 
 
+# Size fields that may be 0; every other integer field must be >= 1.
+_MAY_BE_ZERO = {"lookahead_size", "focal_factor"}
+# Window and kernel sizes (frames or samples): official models use <= 512. Larger ones are
+# refused up front because streaming state grows with them (a ring per layer per stream).
+_WINDOW_FIELDS = {"window_size", "last_window_size", "lookahead_size", "focal_window", "conv_pos",
+                  "kernel_sizes", "kernel_size", "max_distance", "max_cached_steps"}
+MAX_WINDOW = 1 << 16
+# Any other size: far above any real model, low enough that products of sizes stay sane.
+# (Parameter memory is checked against the device in loading.build.)
+MAX_SIZE = 1 << 24
+
+
+def _check_sizes(part: str, obj) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{part}_config.{f.name}"
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, tuple)):
+            continue
+        lo = 0 if f.name in _MAY_BE_ZERO else 1
+        hi = MAX_WINDOW if f.name in _WINDOW_FIELDS else MAX_SIZE
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if x < lo:
+                raise ConfigError(f"{key} must be >= {lo}, got {v!r}")
+            if x > hi:
+                raise ConfigError(f"{key} is {x}, larger than the limit {hi}")
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     encoder: WavLMConfig = field(default_factory=WavLMConfig)
@@ -216,13 +246,18 @@ class CodecConfig:
 
     def validate(self) -> None:
         e, c, q, dc, dec = self.encoder, self.compressor, self.quantizer, self.decompressor, self.decoder
+        for part in _PARTS:  # first: the checks below divide by these sizes
+            _check_sizes(part, getattr(self, part))
+        if e.num_buckets < 4 or e.max_distance <= e.num_buckets // 4:
+            raise ConfigError(f"encoder_config.num_buckets must be >= 4 and max_distance > num_buckets / 4 "
+                              f"(got {e.num_buckets}, {e.max_distance})")
         n = len(e.hidden_dims)
         if not (n == len(e.kernel_sizes) == len(e.strides)) or n == 0:
             raise ConfigError("encoder hidden_dims, kernel_sizes and strides must have equal, non-zero length")
         if e.dim % e.num_heads:
             raise ConfigError(f"encoder dim {e.dim} is not divisible by num_heads {e.num_heads}")
         if e.dim % e.conv_pos_groups:
-            raise ConfigError("encoder dim must be divisible by conv_pos_groups")
+            raise ConfigError(f"encoder dim {e.dim} is not divisible by conv_pos_groups {e.conv_pos_groups}")
         cs = q.codebook_size
         if cs < 2 or cs & (cs - 1):
             raise ConfigError(f"quantizer codebook_size must be a power of two >= 2, got {cs}")
@@ -290,13 +325,17 @@ class CodecConfig:
 def load_config(path: str | Path) -> CodecConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"config {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} is nested too deeply to be a config") from None
     return CodecConfig.from_dict(d)
 
 

@@ -1,6 +1,7 @@
 """Loading official FocalCodec checkpoints (local directory, config.json path or hub id)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -10,11 +11,13 @@ from torch import Tensor
 
 from .codec import Codec
 from .config import CodecConfig, ConfigError, load_config, preset
-from .inputs import resolve_device_dtype
+from .inputs import check_fits, resolve_device_dtype
 from .model import FocalCodecModel
+from .version import __version__
 
 DEFAULT_MODEL = "lucadellalib/focalcodec_50hz_4k_causal"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_TIMEOUT = 3.0  # seconds for the one metadata request made when a model is not cached
 
 
 class CheckpointError(ValueError):
@@ -47,21 +50,40 @@ def _find_weights(d: Path) -> Path | None:
 
 
 def _from_hub(repo_id: str) -> tuple[Path, Path | None]:
+    """Local cache first (no network); otherwise one metadata request with a short timeout
+    and no retries, so an offline machine fails in seconds, then the normal download."""
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub as hub
     except ImportError:
         raise CheckpointError(
             f"{repo_id!r} looks like a hub id but huggingface_hub is not installed: "
             "pip install huggingface_hub, or pass a local directory with config.json + model.safetensors"
         ) from None
     try:
-        cfg = Path(hf_hub_download(repo_id, "config.json"))
+        return _hub_files(hub, repo_id, local_files_only=True)
+    except Exception:  # not (fully) cached
+        pass
+    try:
+        hub.get_hf_file_metadata(hub.hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT)
+        return _hub_files(hub, repo_id, local_files_only=False)
+    except CheckpointError:
+        raise
     except Exception as e:  # network, auth, missing repo: one clear line
-        raise CheckpointError(f"cannot download {repo_id!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot download {repo_id!r} from the hub and it is not in the local cache "
+                              f"({type(e).__name__}: {msg}); pass --model DIR or --random-init PRESET") from None
+
+
+def _hub_files(hub, repo_id: str, local_files_only: bool) -> tuple[Path, Path]:
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError
+    cfg = Path(hub.hf_hub_download(repo_id, "config.json", local_files_only=local_files_only))
     for name in ("model.safetensors", "model.pt"):
         try:
-            return cfg, Path(hf_hub_download(repo_id, name))
-        except Exception:
+            return cfg, Path(hub.hf_hub_download(repo_id, name, local_files_only=local_files_only))
+        except EntryNotFoundError:
             continue
     raise CheckpointError(f"hub repo {repo_id!r} has no model.safetensors or model.pt")
 
@@ -95,8 +117,37 @@ def remap_legacy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def weights_hash(sd: dict[str, Tensor]) -> str:
+    """sha256 over sorted names, dtypes, shapes and raw bytes, as stored (before any dtype or
+    device conversion, so fp32 and bf16 loads of one checkpoint share it). One pass, no copies
+    of CPU tensors: each is hashed through a byte view of its memory."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach()
+        h.update(f"{k}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        t = t.cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().data)  # numpy lacks bf16; bytes of any dtype
+    return h.hexdigest()
+
+
+def param_bytes(cfg: CodecConfig, dtype=torch.float32) -> int:
+    """Bytes the model's parameters take in `dtype`, from the config alone (built on meta)."""
+    with torch.device("meta"):
+        model = FocalCodecModel(cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() for t in model.state_dict().values()) * size
+
+
+def provenance(codec: Codec) -> dict:
+    """What made a token file: sidecars, corpus manifests and info.json record it."""
+    h = getattr(codec, "weights_hash", None) or getattr(codec.model, "weights_hash", None)
+    return {"fastfocal_version": __version__, "dtype": str(codec.dtype).removeprefix("torch."),
+            "device": codec.device.type, "weights_hash": h}
+
+
 def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> FocalCodecModel:
-    """Build on the meta device and assign the checkpoint tensors (checked by name and shape)."""
+    """Build on the meta device and assign the checkpoint tensors (checked by name and shape).
+    The result carries `weights_hash` (see weights_hash)."""
     with torch.device("meta"):
         model = FocalCodecModel(cfg)
     expected = model.state_dict()
@@ -122,7 +173,11 @@ def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> Foca
     for k, v in sd.items():
         if not v.is_floating_point():
             raise CheckpointError(f"tensor {k} has non-float dtype {v.dtype}")
+    esize = torch.empty((), dtype=dtype).element_size()
+    check_fits(sum(v.numel() for v in expected.values()) * esize, device, "the model's parameters")
+    digest = weights_hash(sd)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+    model.weights_hash = digest
     return model.eval().requires_grad_(False)
 
 
@@ -194,6 +249,8 @@ def random_init(preset_or_config="50hz_4k_causal", seed: int = 0, device=None, d
     """
     device, dtype = resolve_device_dtype(device, dtype)
     cfg = config_from(preset_or_config)
+    # the float32 weights are made on the host first: refuse absurd configs before that
+    check_fits(param_bytes(cfg), "cpu", "random weights for this config (float32, host)")
     model = build(cfg, random_state_dict(cfg, seed), device, dtype)
     name = preset_or_config if isinstance(preset_or_config, str) else "custom"
     return Codec(model, name=f"random:{name}")

@@ -1,5 +1,6 @@
 """Loading official checkpoints: formats, legacy names, and clear errors."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,140 @@ def test_config_round_trip(data_dir):
         raw = json.loads((data_dir / name / "config.json").read_text())
         cfg = CodecConfig.from_dict(raw)
         assert CodecConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ----------------------------------------------------------------------------- config validation (issue 9.3)
+@pytest.mark.parametrize(
+    "part, key, value, match",
+    [
+        ("encoder", "num_heads", 0, r"encoder_config.num_heads must be >= 1, got 0"),
+        ("encoder", "conv_pos_groups", 0, r"encoder_config.conv_pos_groups must be >= 1"),
+        ("encoder", "strides", [5, 2, 2, 0, 2, 2, 2], r"encoder_config.strides must be >= 1"),
+        ("encoder", "kernel_sizes", [10, 3, 3, -3, 3, 2, 2], r"encoder_config.kernel_sizes must be >= 1"),
+        ("encoder", "dim", -128, r"encoder_config.dim must be >= 1"),
+        ("encoder", "window_size", 0, r"encoder_config.window_size must be >= 1"),
+        ("encoder", "window_size", 10**7, r"encoder_config.window_size is 10000000, larger than the limit 65536"),
+        ("encoder", "ffn_dim", 10**12, r"encoder_config.ffn_dim is 1000000000000, larger than the limit"),
+        ("encoder", "num_buckets", 2, r"num_buckets must be >= 4"),
+        ("compressor", "focal_window", -14, r"compressor_config.focal_window must be >= 1"),
+        ("compressor", "hidden_dims", [128, 0, 32], r"compressor_config.hidden_dims must be >= 1"),
+        ("decompressor", "last_window_size", 0, r"decompressor_config.last_window_size must be >= 1"),
+        ("decompressor", "lookahead_size", -1, r"decompressor_config.lookahead_size must be >= 0"),
+        ("decoder", "hop_length", 0, r"decoder_config.hop_length must be >= 1"),
+        ("decoder", "kernel_size", -7, r"decoder_config.kernel_size must be >= 1"),
+        ("compressor", "tanhscale_init", float("nan"), r"compressor_config.tanhscale_init must be a finite number"),
+    ],
+)
+def test_config_sizes_are_validated(tmp_path, data_dir, capsys, part, key, value, match):
+    d = copy_model(data_dir / "tiny_causal", tmp_path / "m")
+    edit_config(d, lambda c: c[f"{part}_config"].__setitem__(key, value))
+    with pytest.raises(ConfigError, match=match):
+        fastfocal.load(d, device="cpu")
+    from fastfocal.cli import main
+
+    assert main(["info", "--model", str(d), "--device", "cpu"]) == 2  # one line, exit 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and "Traceback" not in err
+
+
+def test_config_not_utf8_or_too_deep(tmp_path, data_dir):
+    d = copy_model(data_dir / "tiny_causal", tmp_path / "m")
+    (d / "config.json").write_bytes(b'{"encoder_name": "WavLM\xff\xfe"}')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        fastfocal.load(d, device="cpu")
+    (d / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        fastfocal.load(d, device="cpu")
+
+
+def test_absurd_model_size_refused_before_allocating(data_dir, monkeypatch):
+    from fastfocal.inputs import InputError
+    from fastfocal.loading import param_bytes
+
+    raw = preset("50hz_4k_causal").to_dict()
+    raw["encoder_config"]["ffn_dim"] = 1 << 24  # within the per-field limit: ~800 GB of weights
+    cfg = CodecConfig.from_dict(raw)
+    assert param_bytes(cfg) > 700e9
+    with pytest.raises(InputError, match=r"random weights for this config .* needs [\d.]+ GiB but only"):
+        fastfocal.random_init(cfg, device="cpu")
+    # a checkpoint that matches its config but not the device: refused before conversion
+    from fastfocal import inputs
+
+    monkeypatch.setattr(inputs, "available_bytes", lambda device: 1 << 20)
+    with pytest.raises(InputError, match=r"the model's parameters needs 6.59 MiB but only 1 MiB is available on cpu"):
+        fastfocal.load(data_dir / "tiny_causal", device="cpu")
+
+
+# ----------------------------------------------------------------------------- weights hash (issue 8.7)
+def test_weights_hash(tmp_path, data_dir):
+    import hashlib
+
+    a = fastfocal.load(data_dir / "tiny_causal", device="cpu")
+    b = fastfocal.load(data_dir / "tiny_causal", device="cpu", dtype="bf16")
+    assert a.model.weights_hash == b.model.weights_hash  # before the dtype conversion
+    sd = load_file(str(data_dir / "tiny_causal" / "model.safetensors"))
+    h = hashlib.sha256()  # the documented recipe, spelled with numpy copies
+    for k in sorted(sd):
+        h.update(f"{k}\0{str(sd[k].dtype).removeprefix('torch.')}\0{tuple(sd[k].shape)}\0".encode())
+        h.update(sd[k].numpy().tobytes())
+    assert a.model.weights_hash == h.hexdigest()
+    # one changed weight changes it; a bf16 checkpoint of the same weights is other weights
+    d = copy_model(data_dir / "tiny_causal", tmp_path / "m")
+    sd2 = dict(sd)
+    sd2["compressor.out_proj.bias"] = sd["compressor.out_proj.bias"].clone()
+    sd2["compressor.out_proj.bias"][3] += 1e-3
+    save_file(sd2, str(d / "model.safetensors"))
+    assert fastfocal.load(d, device="cpu").model.weights_hash != a.model.weights_hash
+    save_file({k: v.bfloat16() for k, v in sd.items()}, str(d / "model.safetensors"))
+    assert fastfocal.load(d, device="cpu").model.weights_hash not in (a.model.weights_hash, None)
+    r0, r1 = (fastfocal.random_init(data_dir / "tiny_causal", seed=s, device="cpu").model.weights_hash for s in (0, 1))
+    assert r0 != r1 and r0 == fastfocal.random_init(data_dir / "tiny_causal", device="cpu", dtype="bf16").model.weights_hash
+
+
+# ----------------------------------------------------------------------------- hub offline (issue 8.8)
+def test_hub_cache_first_then_one_request_without_retries(monkeypatch, tmp_path, data_dir):
+    import huggingface_hub as hub
+
+    calls = []
+
+    def download(repo_id, filename, local_files_only=False, **kw):
+        calls.append(("download", filename, local_files_only))
+        if cached.get(filename) and local_files_only:
+            return str(cached[filename])
+        raise hub.errors.LocalEntryNotFoundError("not cached") if local_files_only else AssertionError("network")
+
+    def metadata(url, timeout=None, **kw):
+        calls.append(("metadata", timeout, kw.get("retry_on_errors", False)))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "get_hf_file_metadata", metadata)
+    cached = {}
+    with pytest.raises(CheckpointError, match=r"cannot download 'owner/model' from the hub and it is not in the local "
+                                              r"cache \(ConnectionError: \[Errno -2\] Name or service not known\)"):
+        fastfocal.load("owner/model", device="cpu")
+    from fastfocal.loading import HUB_TIMEOUT
+
+    assert calls == [("download", "config.json", True), ("metadata", HUB_TIMEOUT, False)]  # one try, no retry loop
+    assert HUB_TIMEOUT <= 5
+    # cached: no network call at all
+    calls.clear()
+    cached.update({"config.json": data_dir / "tiny_causal" / "config.json",
+                   "model.safetensors": data_dir / "tiny_causal" / "model.safetensors"})
+    codec = fastfocal.load("owner/model", device="cpu")
+    assert calls == [("download", "config.json", True), ("download", "model.safetensors", True)]
+    assert codec.codebook_size == 4096 and codec.name == "owner/model"
+
+
+def test_hub_unreachable_subprocess_has_no_retries(tmp_path):
+    import subprocess
+    import sys
+
+    # a refused connection stands in for no network, deterministically
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    r = subprocess.run([sys.executable, "-m", "fastfocal", "info", "--device", "cpu"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Retrying" not in r.stderr, r.stderr
+    assert lines[0].startswith("fastfocal: error: cannot download 'lucadellalib/focalcodec_50hz_4k_causal' from the hub")
