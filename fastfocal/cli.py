@@ -231,7 +231,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="npy", choices=["npy", "parquet"], help="npy per utterance (default) or parquet shards")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_encode_corpus)
+    _serve_commands(sub)
     return ap
+
+
+def _serve_commands(sub) -> None:
+    """`serve` and `client` (fastfocal/server.py, client.py; need the `serve` extra)."""
+    p = sub.add_parser("serve", help="WebSocket streaming service on a StreamEngine (see README)")
+    _model_args(p)
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 with an API key)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--max-streams", type=int, default=64, help="stream slots per mode (default 64); beyond: HTTP 503")
+    p.add_argument("--modes", default="full,encode,decode", help="modes served, comma-separated (default all)")
+    p.add_argument("--api-key", default=os.environ.get("FASTFOCAL_API_KEY"), help="require Authorization: Bearer KEY (default $FASTFOCAL_API_KEY)")
+    p.add_argument("--max-pending", type=int, default=8, help="chunks buffered per stream before its socket is not read (default 8)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for open streams (default 30)")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="stream a file to `fastfocal serve`; writes <stem>.npy tokens and/or <stem>.wav")
+    p.add_argument("input", metavar="FILE", help="audio file (a .npy of tokens with --mode decode)")
+    p.add_argument("--url", default="ws://127.0.0.1:8080", help="server (default ws://127.0.0.1:8080)")
+    p.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
+    p.add_argument("--format", default="f32le", choices=["f32le", "s16le"], help="PCM sent (default f32le)")
+    p.add_argument("--realtime", action="store_true", help="pace at real time (default: as fast as the server takes it)")
+    p.add_argument("--message-ms", type=float, default=80.0, help="audio per message (default 80)")
+    p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
+    p.add_argument("--api-key", default=os.environ.get("FASTFOCAL_API_KEY"), help="API key (default $FASTFOCAL_API_KEY)")
+    p.set_defaults(func=cmd_client)
+
+
+def _need_serve_extra(e: ImportError):
+    return CliError(f"this command needs the serve extra: pip install 'fastfocal[serve]' ({e})")
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise _need_serve_extra(e) from None
+    codec = _codec(args)
+    return serve(codec, host=args.host, port=args.port, api_key=args.api_key, drain_timeout=args.drain_timeout,
+                 max_streams=args.max_streams, modes=args.modes.split(","), max_pending_chunks=args.max_pending,
+                 cuda_graphs=not args.no_graphs)
+
+
+def cmd_client(args) -> int:
+    try:
+        from .client import ServerError, run_client
+    except ImportError as e:
+        raise _need_serve_extra(e) from None
+    try:
+        paths = run_client(args.input, args.url, args.mode, args.out, args.format, args.api_key, args.realtime,
+                           args.message_ms, args.float)
+    except (ServerError, OSError) as e:
+        raise CliError(f"{args.url}: {e}") from None
+    for p in paths:
+        print(p)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,8 @@ async def stream(url: str, data: np.ndarray, mode: str = "full", fmt: str = "f32
             ws = await session.ws_connect(stream_url(url, mode, fmt), headers=headers, max_msg_size=0)
         except aiohttp.WSServerHandshakeError as e:
             raise ServerError(f"server refused the stream: HTTP {e.status} {e.message}") from None
+        except aiohttp.ClientError as e:
+            raise ServerError(f"cannot connect: {e}") from None
         async with ws:
             first = await ws.receive()
             if first.type != aiohttp.WSMsgType.TEXT:
