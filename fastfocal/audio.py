@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+from .inputs import MAX_AMPLITUDE
+
+# libsndfile's header report flags a data chunk larger than the file as "data : N (should be M)"
+# (WAV, AIFF, CAF, AU; W64 and RF64 through their container size). A WAV's RIFF size alone is
+# often wrong in files written by streaming tools and is not checked.
+_SHORT_CHUNK = re.compile(r"^\s*(data|SSND|Data Size|riff|Riff size)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 BLOCK = 1 << 20  # frames per read block: long multichannel files never sit in memory at full rate
 
 
 class AudioError(ValueError):
-    """An audio file that is missing, unreadable, empty or holds NaN/Inf samples."""
+    """An audio file that is missing, unreadable, truncated, empty or holds NaN/Inf samples."""
 
 
 def _open(source, name: str) -> sf.SoundFile:
@@ -24,11 +31,30 @@ def _open(source, name: str) -> sf.SoundFile:
         if p.is_dir():
             raise AudioError(f"{name}: is a directory, not an audio file")
     try:
-        return sf.SoundFile(source)
+        f = sf.SoundFile(source)
     except sf.LibsndfileError as e:
         raise AudioError(f"{name}: cannot read audio ({e.error_string})") from None
     except (OSError, RuntimeError, TypeError) as e:
         raise AudioError(f"{name}: cannot read audio ({e})") from None
+    # libsndfile reads a truncated file (or one whose header claims more data) from the part
+    # present, silently: its header report is the one place that says so.
+    m = _SHORT_CHUNK.search(f.extra_info or "")
+    if m:
+        f.close()
+        raise AudioError(f"{name}: corrupt or truncated audio file: the header says {m[1]}: {int(m[2]):,} bytes, "
+                         f"the file holds {int(m[3]):,}")
+    return f
+
+
+def check_peak(sig: np.ndarray, name: str) -> None:
+    """NaN/Inf or samples beyond ±MAX_AMPLITUDE: an AudioError naming the file (the rule of
+    fastfocal.inputs.check_amplitude, on a numpy signal)."""
+    peak = float(np.abs(sig).max()) if sig.size else 0.0
+    if not np.isfinite(peak):
+        raise AudioError(f"{name}: contains NaN or Inf samples")
+    if peak > MAX_AMPLITUDE:
+        raise AudioError(f"{name}: audio has samples of magnitude {peak:.3g}: float PCM must be within "
+                         f"±{MAX_AMPLITUDE:g} (nominally [-1, 1]); rescale it (integer PCM: x / 32768)")
 
 
 def read_audio(source, target_sr: int = 16000, name: str | None = None) -> np.ndarray:

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, read_audio, write_audio
+from .audio import AudioError, check_peak, read_audio, write_audio
 from .codec import Codec
 from .config import ConfigError
 from .corpus import CorpusError
 from .inputs import InputError, token_dtype
-from .loading import DEFAULT_MODEL, CheckpointError, open_codec
+from .loading import DEFAULT_MODEL, CheckpointError, open_codec, provenance
 from .version import __version__
+
+PIECE_SECONDS = 30  # encode pushes this much audio per progress step (tokens as in one call)
 
 USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, CorpusError, OSError)
 
@@ -53,21 +55,55 @@ def _out_path(args, src: str, suffix: str, seen: dict[Path, str]) -> Path:
 
 
 def _each(args, fn) -> int:
-    """Run fn(path) for every input; report failures one line each and go on."""
+    """Run fn(path) for every input; report failures one line each, naming the file, and go on."""
     Path(args.out).mkdir(parents=True, exist_ok=True)
     failed = 0
     for src in args.inputs:
         try:
             fn(src)
         except USER_ERRORS + (CliError,) as e:
-            _error(e)
+            _error(e if str(src) in str(e) else f"{src}: {e}")
             failed += 1
     return 2 if failed else 0
+
+
+def _read(src: str, codec: Codec) -> np.ndarray:
+    sig = read_audio(src, codec.sample_rate_input)
+    check_peak(sig, src)  # NaN/Inf or out-of-range samples: an error naming the file
+    return sig
+
+
+def _progress(seconds: float, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=round(seconds), unit="audio-s", desc=desc, dynamic_ncols=True, leave=False,
+                disable=quiet or seconds <= PIECE_SECONDS or not sys.stderr.isatty(),
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} audio-s [{elapsed}<{remaining}]")
+
+
+def encode_tokens(codec: Codec, sig: np.ndarray, bar=None) -> np.ndarray:
+    """Tokens of a 16 kHz signal, equal to codec.sig_to_toks(sig). A causal model takes a long
+    signal as stream pushes of PIECE_SECONDS (streaming equals offline exactly), so a progress
+    bar can follow; a non-causal one attends over the whole file in one call."""
+    piece = PIECE_SECONDS * codec.sample_rate_input
+    if not codec.causal or len(sig) <= piece:
+        toks = codec.sig_to_toks(sig).reshape(-1)
+        parts = [toks]
+    else:
+        enc = codec.stream_encoder()
+        parts = []
+        for a in range(0, len(sig), piece):
+            parts.append(enc.push(torch.from_numpy(sig[a:a + piece])).reshape(-1))
+            if bar is not None:
+                bar.update(round((a + len(sig[a:a + piece])) / codec.sample_rate_input) - bar.n)
+        parts.append(enc.flush().reshape(-1))
+    return torch.cat(parts).cpu().numpy()
 
 
 def _sidecar(codec: Codec, src: str, n_samples: int, n_tokens: int) -> dict:
     return {
         "model": codec.name,
+        **provenance(codec),
         "sample_rate_input": codec.sample_rate_input,
         "sample_rate_output": codec.sample_rate_output,
         "token_rate": codec.token_rate,
@@ -84,8 +120,9 @@ def cmd_encode(args) -> int:
 
     def one(src):
         out = _out_path(args, src, ".npy", seen)
-        sig = read_audio(src, codec.sample_rate_input)
-        toks = codec.sig_to_toks(sig).cpu().numpy().astype(token_dtype(codec.codebook_size))
+        sig = _read(src, codec)
+        with _progress(len(sig) / codec.sample_rate_input, Path(src).name, args.quiet) as bar:
+            toks = encode_tokens(codec, sig, bar).astype(token_dtype(codec.codebook_size))
         np.save(out, toks)
         out.with_suffix(".json").write_text(json.dumps(_sidecar(codec, src, len(sig), len(toks)), indent=1) + "\n")
         print(out)
@@ -93,29 +130,72 @@ def cmd_encode(args) -> int:
     return _each(args, one)
 
 
-def read_tokens(path: str, codec: Codec) -> np.ndarray:
-    """A 1-D integer token array from a .npy file, checked against its sidecar if present."""
+def _npy_header(path: str) -> tuple[np.dtype, tuple]:
+    """(dtype, shape) from a .npy header, checked against the file size before anything loads."""
     try:
-        toks = np.load(path, allow_pickle=False)
+        f = open(path, "rb")
     except FileNotFoundError:
         raise CliError(f"{path}: no such file") from None
+    with f:
+        try:
+            version = np.lib.format.read_magic(f)
+            # version 3.0 has 2.0's layout (its header text may be UTF-8)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, EOFError) as e:
+            raise CliError(f"{path}: not a token file: no valid .npy header ({e}); token files are the "
+                           ".npy files `fastfocal encode` writes") from None
+        offset = f.tell()
+    if dtype.hasobject or dtype.kind not in "iu":
+        raise CliError(f"{path}: tokens must be an integer array, got {dtype}")
+    if len(shape) != 1:
+        raise CliError(f"{path}: tokens must have shape (T,), got {shape}")
+    need, have = shape[0] * dtype.itemsize, os.path.getsize(path) - offset
+    if need > have:
+        raise CliError(f"{path}: corrupt or truncated token file: its header declares shape {shape} ({need:,} bytes), "
+                       f"the file holds {have:,}")
+    return dtype, shape
+
+
+def read_sidecar(path: str) -> dict:
+    """The <stem>.json that `fastfocal encode` wrote beside a token file ({} if none), checked."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except (ValueError, OSError, RecursionError) as e:
+        raise CliError(f"{side}: sidecar is not readable JSON ({type(e).__name__}); fix or remove it") from None
+    if not isinstance(meta, dict):
+        raise CliError(f"{side}: sidecar must be a JSON object; fix or remove it")
+    for key, kind in (("codebook_size", int), ("model", str), ("weights_hash", str)):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            raise CliError(f"{side}: sidecar {key} must be {'an integer' if kind is int else 'a string'}, got {v!r}")
+    return meta
+
+
+def read_tokens(path: str) -> np.ndarray:
+    """A 1-D integer token array from a .npy file; the header is checked before loading."""
+    _npy_header(path)
+    try:
+        toks = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CliError(f"{path}: not a readable .npy token file ({e})") from None
-    if not isinstance(toks, np.ndarray) or toks.dtype.kind not in "iu":
-        raise CliError(f"{path}: tokens must be an integer array, got {getattr(toks, 'dtype', type(toks))}")
-    if toks.ndim != 1:
-        raise CliError(f"{path}: tokens must have shape (T,), got {toks.shape}")
     if toks.size == 0:
         raise CliError(f"{path}: token array is empty")
-    side = Path(path).with_suffix(".json")
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (ValueError, OSError):
-            meta = {}
-        cb = meta.get("codebook_size") if isinstance(meta, dict) else None
-        if cb is not None and cb != codec.codebook_size:
-            raise CliError(f"{path}: encoded with a {cb}-token codebook ({meta.get('model')}), model has {codec.codebook_size}")
+    return toks
+
+
+def check_tokens_for(path: str, toks: np.ndarray, meta: dict, codec: Codec, force: bool = False) -> np.ndarray:
+    """Tokens (int64) checked against the model: codebook, the weights that made them, range."""
+    cb = meta.get("codebook_size")
+    if cb is not None and cb != codec.codebook_size:
+        raise CliError(f"{path}: encoded with a {cb}-token codebook ({meta.get('model')}), model has {codec.codebook_size}")
+    made_by, ours = meta.get("weights_hash"), provenance(codec)["weights_hash"]
+    if made_by and ours and made_by != ours and not force:
+        raise CliError(f"{path}: made by other weights ({meta.get('model')!r}, weights {made_by[:12]}) than "
+                       f"{codec.name!r} (weights {ours[:12]}): decode with that model, or pass --force")
     lo, hi = int(toks.min()), int(toks.max())
     if lo < 0 or hi >= codec.codebook_size:
         raise InputError(f"{path}: token out of range [0, {codec.codebook_size}): found values in [{lo}, {hi}]")
@@ -123,12 +203,30 @@ def read_tokens(path: str, codec: Codec) -> np.ndarray:
 
 
 def cmd_decode(args) -> int:
-    codec = _codec(args)
+    """Without --model/--random-init each file is decoded by the model its sidecar names."""
+    codecs: dict[str | None, Codec] = {}
+
+    def codec_for(meta: dict) -> Codec:
+        key = None if (args.model or args.random_init) else meta.get("model", DEFAULT_MODEL)
+        if key not in codecs:
+            if key is None or key == DEFAULT_MODEL:
+                codecs[key] = _codec(args)
+            elif key.startswith("random:"):
+                codecs[key] = load_codec(None, key.removeprefix("random:"), args.device, args.dtype)
+            else:
+                codecs[key] = load_codec(key, None, args.device, args.dtype)
+        return codecs[key]
+
     seen: dict[Path, str] = {}
 
     def one(src):
         out = _out_path(args, src, ".wav", seen)
-        sig = codec.toks_to_sig(read_tokens(src, codec))
+        toks, meta = read_tokens(src), read_sidecar(src)
+        try:
+            codec = codec_for(meta)
+        except (CheckpointError, ConfigError) as e:
+            raise CliError(f"{src}: the model its sidecar names cannot be loaded ({e}); pass --model") from None
+        sig = codec.toks_to_sig(check_tokens_for(src, toks, meta, codec, args.force))
         write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
         print(out)
 
@@ -141,7 +239,7 @@ def cmd_roundtrip(args) -> int:
 
     def one(src):
         out = _out_path(args, src, ".wav", seen)
-        sig = codec.sig_to_sig(read_audio(src, codec.sample_rate_input))
+        sig = codec.sig_to_sig(_read(src, codec))
         write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
         print(out)
 
@@ -199,13 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", default=".", help="output directory (default: current)")
     _model_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal for inputs over 30 s)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="<stem>.npy tokens -> <stem>.wav")
+    p = sub.add_parser("decode", help="<stem>.npy tokens -> <stem>.wav (model: --model, else the one the sidecar names)")
     p.add_argument("inputs", nargs="+", metavar="TOKENS.npy")
     p.add_argument("--out", default=".", help="output directory (default: current)")
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     _model_args(p)
+    p.add_argument("--force", action="store_true", help="decode tokens whose sidecar names other weights than the model's")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("roundtrip", help="audio -> tokens -> audio, written as <stem>.wav")

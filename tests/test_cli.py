@@ -11,7 +11,9 @@ import soundfile as sf
 import soxr
 
 from fastfocal.audio import AudioError, read_audio, write_audio
+from fastfocal import cli
 from fastfocal.cli import main
+from fastfocal.version import __version__
 
 DATA = Path(__file__).parent / "data"
 TINY = str(DATA / "tiny_causal")
@@ -87,7 +89,8 @@ def test_encode_decode_real_audio(tmp_path, causal, capsys):
         np.testing.assert_array_equal(toks, causal.sig_to_toks(sig).numpy())
         meta = json.loads((tmp_path / "tok" / f"{stem}.json").read_text())
         assert meta == {
-            "model": TINY, "sample_rate_input": 16000, "sample_rate_output": 24000, "token_rate": 50.0,
+            "model": TINY, "fastfocal_version": __version__, "dtype": "float32", "device": "cpu",
+            "weights_hash": causal.model.weights_hash, "sample_rate_input": 16000, "sample_rate_output": 24000, "token_rate": 50.0,
             "codebook_size": 4096, "n_tokens": len(toks), "duration_s": len(sig) / 16000,
             "source": os.path.abspath(src),
         }
@@ -141,7 +144,7 @@ def _bad_inputs(d: Path) -> dict:
         "range": (["decode", str(d / "range.npy")], "token out of range [0, 4096): found values in [1, 4096]"),
         "shape": (["decode", str(d / "shape.npy")], "tokens must have shape (T,), got (2, 5)"),
         "float": (["decode", str(d / "float.npy")], "must be an integer array"),
-        "text": (["decode", str(d / "text.npy")], "not a readable .npy token file"),
+        "text": (["decode", str(d / "text.npy")], "text.npy: not a token file: no valid .npy header"),
         "codebook": (["decode", str(d / "cb.npy")], "encoded with a 65536-token codebook"),
         "nomodel": (["info", "--model", str(d / "no_such_model")], "neither a directory, a config.json nor a hub id"),
         "config": (["info", "--model", str(d / "cb.json")], "cb.json"),
@@ -180,3 +183,167 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         f"fastfocal: error: {tmp_path / 'bad.npy'}: token out of range [0, 4096): found values in [1, 5000]"
     ]
     assert not (tmp_path / "bad.wav").exists()
+
+
+# ----------------------------------------------------------------------------- token files (issues 8.6, 9.4)
+def test_not_a_token_file(tmp_path, capsys):
+    (tmp_path / "notes.txt.npy").write_text("shopping list: eggs\n")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name, match in [("notes.txt.npy", "notes.txt.npy: not a token file: no valid .npy header"),
+                        ("obj.npy", "obj.npy: tokens must be an integer array, got object")]:
+        assert main(["decode", str(tmp_path / name), "--out", str(tmp_path / "o"), *MODEL]) == 2
+        line = one_error_line(capsys, match)
+        assert "pickle" not in line
+
+
+def test_npy_header_checked_before_loading(tmp_path, capsys):
+    p = tmp_path / "huge.npy"
+    with open(p, "wb") as f:  # a header declaring 1e13 uint16 tokens, then a few bytes
+        np.lib.format.write_array_header_1_0(f, {"descr": "<u2", "fortran_order": False, "shape": (10**13,)})
+        f.write(b"\0" * 64)
+    assert main(["decode", str(p), "--out", str(tmp_path / "o"), *MODEL]) == 2
+    one_error_line(capsys, "huge.npy: corrupt or truncated token file: its header declares shape (10000000000000,) "
+                           "(20,000,000,000,000 bytes), the file holds 64")
+    np.save(tmp_path / "cut.npy", np.arange(1000, dtype=np.uint16))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-10])
+    assert main(["decode", str(tmp_path / "cut.npy"), "--out", str(tmp_path / "o"), *MODEL]) == 2
+    one_error_line(capsys, "(2,000 bytes), the file holds 1,990")
+
+
+@pytest.mark.parametrize("side, match", [
+    ({"codebook_size": "4096"}, "cb.json: sidecar codebook_size must be an integer, got '4096'"),
+    ({"model": 7}, "cb.json: sidecar model must be a string, got 7"),
+    ([1, 2], "cb.json: sidecar must be a JSON object"),
+])
+def test_bad_sidecar(tmp_path, capsys, side, match):
+    np.save(tmp_path / "cb.npy", np.array([1, 2, 3], np.uint16))
+    (tmp_path / "cb.json").write_text(json.dumps(side))
+    assert main(["decode", str(tmp_path / "cb.npy"), "--out", str(tmp_path / "o"), *MODEL]) == 2
+    line = one_error_line(capsys, match)
+    assert "4096-token codebook" not in line
+
+
+# ----------------------------------------------------------------------------- audio files (issues 9.1, 9.4)
+def _truncated_wavs(d: Path) -> dict:
+    x = read_audio(WAV16)
+    sf.write(d / "full.wav", x, 16000, subtype="PCM_16")
+    raw = (d / "full.wav").read_bytes()
+    (d / "cut.wav").write_bytes(raw[:len(raw) // 2])  # header says 66,880 data bytes, ~half present
+    i = raw.index(b"data")
+    (d / "huge.wav").write_bytes(raw[:i + 4] + (0xFFFFFFF0).to_bytes(4, "little") + raw[i + 8:])  # header: 4 GB
+    return {"cut.wav": "corrupt or truncated audio file: the header says data: 66,880 bytes, the file holds 33,418",
+            "huge.wav": "corrupt or truncated audio file: the header says data: 4,294,967,280 bytes"}
+
+
+@pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
+def test_truncated_wav_is_corrupt(tmp_path, capsys, cmd):
+    for name, match in _truncated_wavs(tmp_path).items():
+        assert main([cmd, str(tmp_path / name), "--out", str(tmp_path / "o"), *MODEL]) == 2
+        one_error_line(capsys, f"{tmp_path / name}: {match}")
+    assert main([cmd, str(tmp_path / "full.wav"), "--out", str(tmp_path / "o"), *MODEL]) == 0
+
+
+@pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
+def test_out_of_range_audio_names_the_file(tmp_path, capsys, causal, cmd):
+    x = read_audio(WAV16)
+    loud = x.copy()
+    loud[5000] = 1e30
+    sf.write(tmp_path / "loud.wav", loud, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "clipped.wav", np.clip(x * 40, -1.5, 1.5), 16000, subtype="FLOAT")  # over-driven: fine
+    argv = [cmd, str(tmp_path / "loud.wav"), str(tmp_path / "clipped.wav"), "--out", str(tmp_path / "o"), *MODEL]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{tmp_path / 'loud.wav'}: audio has samples of magnitude 1e+30: float PCM must be within ±8")
+    assert not (tmp_path / "o" / ("loud.npy" if cmd == "encode" else "loud.wav")).exists()
+    assert (tmp_path / "o" / ("clipped.npy" if cmd == "encode" else "clipped.wav")).exists()
+
+
+# ----------------------------------------------------------------------------- provenance (issue 8.7)
+def test_decode_uses_the_sidecar_model_and_checks_weights(tmp_path, capsys, causal):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert main(["encode", WAV16, "--out", str(tmp_path / "t"), *MODEL]) == 0
+    npy = tmp_path / "t" / "84-121123-0000.npy"
+    want = causal.toks_to_sig(np.load(npy).astype(np.int64)).numpy()
+    # no --model: the sidecar's model (the tiny checkpoint), not the hub default
+    assert main(["decode", str(npy), "--out", str(tmp_path / "w"), "--device", "cpu", "--float"]) == 0
+    np.testing.assert_array_equal(sf.read(tmp_path / "w" / "84-121123-0000.wav", dtype="float32")[0], want)
+    # another checkpoint with the same codebook: refused, unless --force
+    other = tmp_path / "other"
+    shutil.copytree(TINY, other)
+    sd = load_file(str(other / "model.safetensors"))
+    sd["decoder.head.proj.bias"] = sd["decoder.head.proj.bias"] + 0.01
+    save_file(sd, str(other / "model.safetensors"))
+    capsys.readouterr()
+    argv = ["decode", str(npy), "--out", str(tmp_path / "w2"), "--model", str(other), "--device", "cpu"]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{npy}: made by other weights ({TINY!r}, weights {causal.model.weights_hash[:12]}) than "
+                           f"{str(other)!r}")
+    assert not (tmp_path / "w2" / "84-121123-0000.wav").exists()
+    assert main(argv + ["--force"]) == 0
+    assert (tmp_path / "w2" / "84-121123-0000.wav").exists()
+    # random weights are named and rebuilt the same way
+    assert main(["encode", WAV16, "--out", str(tmp_path / "r"), "--random-init", TINY, "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "r" / "84-121123-0000.json").read_text())
+    assert meta["model"] == f"random:{TINY}" and meta["weights_hash"] != causal.model.weights_hash
+    assert main(["decode", str(tmp_path / "r" / "84-121123-0000.npy"), "--out", str(tmp_path / "rw"), "--device", "cpu"]) == 0
+    assert main(["decode", str(tmp_path / "r" / "84-121123-0000.npy"), "--out", str(tmp_path / "rw"), *MODEL]) == 2
+    one_error_line(capsys, "made by other weights")
+
+
+# ----------------------------------------------------------------------------- progress (issue 8.9)
+def test_long_encode_streams_in_pieces_with_exact_tokens(tmp_path, monkeypatch, causal):
+    x = np.concatenate([read_audio(WAV16), read_audio(WAV48), read_audio(WAV16)[::-1].copy()])
+    sf.write(tmp_path / "long.wav", x, 16000, subtype="FLOAT")
+    monkeypatch.setattr(cli, "PIECE_SECONDS", 1)
+    pushes = []
+    real = cli.Codec.stream_encoder
+
+    def counting(self, *a, **k):
+        enc = real(self, *a, **k)
+        push = enc.push
+        enc.push = lambda s: (pushes.append(len(s)), push(s))[1]
+        return enc
+
+    monkeypatch.setattr(cli.Codec, "stream_encoder", counting)
+    assert main(["encode", str(tmp_path / "long.wav"), "--out", str(tmp_path / "o"), *MODEL]) == 0
+    assert pushes == [16000] * (len(x) // 16000) + [len(x) % 16000]
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "long.npy"), causal.sig_to_toks(x).numpy())
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    x = np.concatenate([read_audio(WAV16), read_audio(WAV48)] * 6)  # 33 s: over one 30 s piece
+    sf.write(tmp_path / "long.wav", x, 16000, subtype="FLOAT")
+
+    def stderr_on_tty(*extra) -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal's size
+        p = subprocess.Popen([sys.executable, "-m", "fastfocal", "encode", str(tmp_path / "long.wav"), "--out",
+                              str(tmp_path / "o"), *MODEL, *extra], stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        out = b""
+        while True:
+            r, _, _ = select.select([master], [], [], 120)
+            if not r:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        assert p.wait(timeout=120) == 0
+        return out.decode(errors="replace")
+
+    bar = stderr_on_tty()
+    assert "audio-s" in bar and "long.wav" in bar, bar
+    assert stderr_on_tty("--quiet") == ""
