@@ -1,6 +1,12 @@
-"""The user-facing Codec: offline API with the upstream method names, and streaming sessions."""
+"""The user-facing Codec: offline API with the upstream method names, and streaming sessions.
+
+Every method checks its input (fastfocal.inputs) and runs stages of the one pipeline
+(fastfocal.pipeline); audio returned to users is float32 whatever the compute dtype, while
+features, latents and codes keep the compute dtype.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,16 +15,14 @@ from torch import Tensor
 
 from . import ops
 from .config import CodecConfig
+from .inputs import InputError, check_audio, check_fits, check_frames, check_tokens
 from .model import FocalCodecModel, num_params
-from .state import FocalState, decoder_side, encoder_side
+from .pipeline import SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
 if TYPE_CHECKING:
     from .streaming import Stream, StreamDecoder, StreamEncoder
 
 SAMPLE_RATE_INPUT = 16000
-
-
-from .inputs import InputError, as_tensor as _as_tensor  # noqa: E402  (interim: pipeline refactor)
 
 
 class Codec:
@@ -28,7 +32,7 @@ class Codec:
     O(segment · window) whatever the input length, and offline equals streaming exactly.
     """
 
-    segment_frames = 2048  # frames per offline segment (~41 s): bounds activation memory
+    segment_frames = SEGMENT_FRAMES  # frames per offline segment (~41 s): bounds activation memory
 
     def __init__(self, model: FocalCodecModel, name: str = "custom"):
         self.model = model
@@ -82,188 +86,117 @@ class Codec:
             f"params={self.num_params / 1e6:.1f}M, device={self.device}, dtype={self.dtype})"
         )
 
+    @property
+    def weights_hash(self) -> str | None:
+        """sha256 of the checkpoint's tensors as loaded (same for every compute dtype)."""
+        return getattr(self.model, "weights_hash", None)
+
     # ------------------------------------------------------------------ input checks
-    def _check_sig(self, sig) -> tuple[Tensor, bool]:
-        sig = _as_tensor(sig, "audio")
-        if not sig.is_floating_point():
-            raise InputError(
-                f"audio must be floating point in [-1, 1], got {sig.dtype} "
-                "(convert integer PCM with x / 32768)"
-            )
-        squeeze = sig.dim() == 1
-        if squeeze:
-            sig = sig.unsqueeze(0)
-        if sig.dim() != 2:
-            raise InputError(f"audio must be (samples,) or (batch, samples), got shape {tuple(sig.shape)}")
-        if sig.shape[0] == 0 or sig.shape[1] == 0:
-            raise InputError(f"audio is empty (shape {tuple(sig.shape)})")
-        if not bool(torch.isfinite(sig).all()):
-            raise InputError("audio contains NaN or Inf")
+    def _sig(self, sig) -> tuple[Tensor, bool]:
+        sig, squeeze = check_audio(sig, frame=self.config.hop_samples)
         return sig.to(self.device, self.dtype), squeeze
 
-    def _check_toks(self, toks) -> tuple[Tensor, bool]:
-        toks = _as_tensor(toks, "tokens")
-        if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
-            raise InputError(f"tokens must be an integer tensor, got {toks.dtype}")
-        squeeze = toks.dim() == 1
-        if squeeze:
-            toks = toks.unsqueeze(0)
-        if toks.dim() != 2:
-            raise InputError(f"tokens must be (T,) or (batch, T), got shape {tuple(toks.shape)}")
-        if toks.numel() == 0:
-            raise InputError(f"tokens are empty (shape {tuple(toks.shape)})")
-        lo, hi = int(toks.min()), int(toks.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise InputError(f"token out of range [0, {self.codebook_size}): found values in [{lo}, {hi}]")
-        return toks.to(self.device, torch.long), squeeze
+    def _toks(self, toks) -> tuple[Tensor, bool]:
+        toks, squeeze = check_tokens(toks, self.codebook_size)
+        return toks.to(self.device), squeeze
 
-    def _check_frames(self, x, dim: int, what: str) -> tuple[Tensor, bool]:
-        x = _as_tensor(x, what)
-        if not x.is_floating_point():
-            raise InputError(f"{what} must be floating point, got {x.dtype}")
-        squeeze = x.dim() == 2
-        if squeeze:
-            x = x.unsqueeze(0)
-        if x.dim() != 3 or x.shape[-1] != dim:
-            raise InputError(f"{what} must be (T, {dim}) or (batch, T, {dim}), got shape {tuple(x.shape)}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise InputError(f"{what} are empty (shape {tuple(x.shape)})")
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(f"{what} contain NaN or Inf")
+    def _frames(self, x, dim: int, what: str) -> tuple[Tensor, bool]:
+        x, squeeze = check_frames(x, dim, what)
         return x.to(self.device, self.dtype), squeeze
 
-    # ------------------------------------------------------------------ stage runners
-    def _ctx(self):
-        return torch.inference_mode()
-
-    def _segmented(self, fn, x: Tensor, states, step: int) -> Tensor:
-        """Run a causal stage over time segments of `step` units along dim 1 (after batch)."""
-        idx = torch.arange(x.shape[0], device=self.device)
-        outs = [fn(x[:, a:a + step], *states, idx) for a in range(0, x.shape[1], step)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-
-    def _encode_feats(self, sig: Tensor) -> Tensor:
-        m = self.model
-        if not self.causal:
-            return m.encoder(sig)
-        st = encoder_side(self.config, sig.shape[0], self.device, self.dtype)[0]
-        return self._segmented(lambda s, st_, idx: m.encoder(s, st_, idx), sig, (st,), self.segment_frames * self.config.hop_samples)
-
-    def _compress(self, feats: Tensor) -> Tensor:
-        m = self.model
-        if not self.causal:
-            return m.compressor(feats)
-        st = FocalState.allocate(self.config.compressor, feats.shape[0], self.device, self.dtype)
-        return self._segmented(lambda f, s, idx: m.compressor(f, s, idx), feats, (st,), self.segment_frames)
-
-    def _decompress(self, codes: Tensor) -> Tensor:
-        m = self.model
-        if not self.causal:
-            return m.decompressor(codes)
-        st = decoder_side(self.config, codes.shape[0], self.device, self.dtype)[0]
-        return self._segmented(lambda c, s, idx: m.decompressor(c, s, idx), codes, (st,), self.segment_frames)
-
-    def _decode(self, qfeats: Tensor) -> Tensor:
-        m = self.model
-        if not self.causal:
-            return m.decoder(qfeats)
-        st = decoder_side(self.config, qfeats.shape[0], self.device, self.dtype)[1]
-        return self._segmented(lambda q, s, idx: m.decoder(q, s, idx), qfeats, (st,), self.segment_frames)
-
-    @staticmethod
-    def _out(x: Tensor, squeeze: bool) -> Tensor:
-        return x[0] if squeeze else x
+    # ------------------------------------------------------------------ running
+    def _run(self, stages: Sequence[str], x: Tensor, squeeze: bool, keep: str, name: str) -> Tensor:
+        """The pipeline's stages over a whole checked input; one output, float32 if audio."""
+        frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
+        pipe_bytes = Pipeline.bytes_per_slot(self.model, stages, self.dtype) if self.causal else 0
+        check_fits(x.shape[0] * pipe_bytes + Pipeline.activation_bytes_for(self.config, self.dtype, x.shape[0], frames),
+                   self.device, f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
+        with torch.inference_mode():
+            out = run_offline(self.model, stages, x, [keep], self.segment_frames)
+        check_err(out["err"], name)
+        y = out[keep].float() if keep == "audio" else out[keep]
+        return y[0] if squeeze else y
 
     # ------------------------------------------------------------------ offline API
     def sig_to_feats(self, sig) -> Tensor:
-        sig, sq = self._check_sig(sig)
-        with self._ctx():
-            return self._out(self._encode_feats(sig), sq)
+        return self._run(("encoder",), *self._sig(sig), keep="feats", name="audio")
 
     def feats_to_lats(self, feats) -> Tensor:
-        feats, sq = self._check_frames(feats, self.config.encoder.dim, "features")
-        with self._ctx():
-            return self._out(self._compress(feats), sq)
+        x, sq = self._frames(feats, self.config.encoder.dim, "features")
+        return self._run(("compressor",), x, sq, "lats", "features")
 
     def lats_to_toks(self, lats) -> Tensor:
-        lats, sq = self._check_frames(lats, self.code_dim, "latents")
-        return self._out(ops.bsq_quantize(lats)[0], sq)
+        lats, sq = self._frames(lats, self.code_dim, "latents")
+        toks = ops.bsq_quantize(lats)[0]
+        return toks[0] if sq else toks
 
     def lats_to_codes(self, lats) -> Tensor:
-        lats, sq = self._check_frames(lats, self.code_dim, "latents")
-        return self._out(ops.bsq_quantize(lats)[1], sq)
+        lats, sq = self._frames(lats, self.code_dim, "latents")
+        codes = ops.bsq_quantize(lats)[1]
+        return codes[0] if sq else codes
 
     def toks_to_codes(self, toks) -> Tensor:
-        toks, sq = self._check_toks(toks)
-        return self._out(ops.bsq_codes(toks, self.code_dim, self.dtype), sq)
+        toks, sq = self._toks(toks)
+        codes = ops.bsq_codes(toks, self.code_dim, self.dtype)
+        return codes[0] if sq else codes
 
     def codes_to_toks(self, codes) -> Tensor:
-        codes, sq = self._check_frames(codes, self.code_dim, "codes")
-        return self._out(ops.bsq_quantize(codes)[0], sq)
+        return self.lats_to_toks(codes)
 
     def codes_to_qfeats(self, codes) -> Tensor:
-        codes, sq = self._check_frames(codes, self.code_dim, "codes")
-        with self._ctx():
-            return self._out(self._decompress(codes), sq)
+        x, sq = self._frames(codes, self.code_dim, "codes")
+        return self._run(("decompressor",), x, sq, "qfeats", "codes")
 
     def toks_to_qfeats(self, toks) -> Tensor:
-        toks, sq = self._check_toks(toks)
-        with self._ctx():
-            return self._out(self._decompress(toks), sq)
+        return self._run(("decompressor",), *self._toks(toks), keep="qfeats", name="tokens")
 
     def feats_to_sig(self, feats) -> Tensor:
         """Decoder alone: (quantized) features -> waveform at `sample_rate_output`."""
-        feats, sq = self._check_frames(feats, self.config.decoder.input_dim, "features")
-        with self._ctx():
-            return self._out(self._decode(feats), sq)
+        x, sq = self._frames(feats, self.config.decoder.input_dim, "features")
+        return self._run(("decoder",), x, sq, "audio", "features")
 
     qfeats_to_sig = feats_to_sig
 
     def feats_to_toks(self, feats) -> Tensor:
-        return self.lats_to_toks(self.feats_to_lats(feats))
+        x, sq = self._frames(feats, self.config.encoder.dim, "features")
+        return self._run(("compressor",), x, sq, "toks", "features")
 
     def feats_to_codes(self, feats) -> Tensor:
-        return self.lats_to_codes(self.feats_to_lats(feats))
+        return self.toks_to_codes(self.feats_to_toks(feats))
 
     def feats_to_qfeats(self, feats) -> Tensor:
-        return self.codes_to_qfeats(self.feats_to_codes(feats))
+        x, sq = self._frames(feats, self.config.encoder.dim, "features")
+        return self._run(("compressor", "decompressor"), x, sq, "qfeats", "features")
 
     def sig_to_lats(self, sig) -> Tensor:
-        sig, sq = self._check_sig(sig)
-        with self._ctx():
-            return self._out(self._compress(self._encode_feats(sig)), sq)
+        return self._run(("encoder", "compressor"), *self._sig(sig), keep="lats", name="audio")
 
     def sig_to_toks(self, sig) -> Tensor:
-        return self.lats_to_toks(self.sig_to_lats(sig))
+        return self._run(("encoder", "compressor"), *self._sig(sig), keep="toks", name="audio")
 
     def sig_to_codes(self, sig) -> Tensor:
-        return self.lats_to_codes(self.sig_to_lats(sig))
+        return self.toks_to_codes(self.sig_to_toks(sig))
 
     def sig_to_qfeats(self, sig) -> Tensor:
-        return self.codes_to_qfeats(self.sig_to_codes(sig))
+        return self._run(("encoder", "compressor", "decompressor"), *self._sig(sig), keep="qfeats", name="audio")
 
     def toks_to_sig(self, toks) -> Tensor:
-        toks, sq = self._check_toks(toks)
-        with self._ctx():
-            return self._out(self._decode(self._decompress(toks)), sq)
+        return self._run(("decompressor", "decoder"), *self._toks(toks), keep="audio", name="tokens")
 
     def codes_to_sig(self, codes) -> Tensor:
-        codes, sq = self._check_frames(codes, self.code_dim, "codes")
-        with self._ctx():
-            return self._out(self._decode(self._decompress(codes)), sq)
+        x, sq = self._frames(codes, self.code_dim, "codes")
+        return self._run(("decompressor", "decoder"), x, sq, "audio", "codes")
 
     def sig_to_sig(self, sig) -> Tensor:
         """Round trip; output cut or right-padded (last sample repeated) to N * sr_out / sr_in."""
-        sig, sq = self._check_sig(sig)
-        n_out = int(sig.shape[1] * self.sample_rate_output / self.sample_rate_input)
-        with self._ctx():
-            _, codes = ops.bsq_quantize(self._compress(self._encode_feats(sig)))
-            rec = self._decode(self._decompress(codes))
+        x, sq = self._sig(sig)
+        n_out = int(x.shape[1] * self.sample_rate_output / self.sample_rate_input)
+        rec = self._run(("encoder", "compressor", "decompressor", "decoder"), x, False, "audio", "audio")
         if rec.shape[1] >= n_out:
             rec = rec[:, :n_out]
         else:
             rec = torch.cat([rec, rec[:, -1:].expand(-1, n_out - rec.shape[1])], 1)
-        return self._out(rec, sq)
+        return rec[0] if sq else rec
 
     def encode(self, sig, sample_rate: int = SAMPLE_RATE_INPUT) -> Tensor:
         """Waveform -> tokens (int64). Audio at another rate is resampled to 16 kHz (soxr HQ)."""
@@ -274,7 +207,7 @@ class Codec:
     def _resample(self, sig, sample_rate) -> Tensor:
         if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 1000 <= sample_rate <= 384000:
             raise InputError(f"sample_rate must be a number of Hz in [1000, 384000], got {sample_rate!r}")
-        sig, squeeze = self._check_sig(sig)
+        sig, squeeze = check_audio(sig, frame=max(1, round(self.config.hop_samples * sample_rate / self.sample_rate_input)))
         import soxr
 
         x = sig.float().cpu().numpy().T  # soxr takes (frames, channels): rows become channels
@@ -283,29 +216,21 @@ class Codec:
         return out[0] if squeeze else out
 
     def decode(self, toks) -> Tensor:
-        """Tokens -> waveform at `sample_rate_output`."""
+        """Tokens -> waveform (float32) at `sample_rate_output`."""
         return self.toks_to_sig(toks)
 
     # ------------------------------------------------------------------ streaming
-    def _need_causal(self):
-        if not self.causal:
-            raise InputError(f"streaming needs a causal model; {self.name} is non-causal")
-
-    def stream_encoder(self, batch_size: int = 1) -> "StreamEncoder":
+    def stream_encoder(self, batch_size: int = 1, cuda_graphs: bool | None = None) -> "StreamEncoder":
         from .streaming import StreamEncoder
 
-        self._need_causal()
-        return StreamEncoder(self, batch_size)
+        return StreamEncoder(self, batch_size, cuda_graphs)
 
-    def stream_decoder(self, batch_size: int = 1) -> "StreamDecoder":
+    def stream_decoder(self, batch_size: int = 1, cuda_graphs: bool | None = None) -> "StreamDecoder":
         from .streaming import StreamDecoder
 
-        self._need_causal()
-        return StreamDecoder(self, batch_size)
+        return StreamDecoder(self, batch_size, cuda_graphs)
 
-    def stream(self, batch_size: int = 1) -> "Stream":
+    def stream(self, batch_size: int = 1, cuda_graphs: bool | None = None) -> "Stream":
         from .streaming import Stream
 
-        self._need_causal()
-        return Stream(self, batch_size)
-
+        return Stream(self, batch_size, cuda_graphs)

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ops
 from .audio import AudioError, audio_info, read_audio
 from .codec import Codec
-from .inputs import token_dtype
+from .inputs import check_audio, token_dtype
 from .loading import open_codec
-from .state import encoder_side
+from .pipeline import Pipeline, check_err
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 SR = 16000
@@ -51,22 +50,24 @@ def encode_batch(codec: Codec, sigs: list[np.ndarray]) -> list[np.ndarray]:
     """
     if not codec.causal:  # whole-file attention: any padding changes tokens
         return [codec.sig_to_toks(s).cpu().numpy() for s in sigs]
-    cfg, m, dev = codec.config, codec.model, codec.device
+    cfg, dev = codec.config, codec.device
     hop, cf, seg = cfg.hop_samples, cfg.chunk_frames, codec.segment_frames
+    for i, s in enumerate(sigs):  # what sig_to_toks refuses, refused here before any work
+        check_audio(torch.from_numpy(np.asarray(s, np.float32)), frame=hop, name=f"signal {i}")
     frames = [-(-len(s) // hop) for s in sigs]
     x = torch.zeros(len(sigs), max(frames) * hop, dtype=torch.float32)
     for i, s in enumerate(sigs):
         x[i, :len(s)] = torch.from_numpy(s)
     x = x.to(dev, codec.dtype)
-    enc, comp = encoder_side(cfg, len(sigs), dev, codec.dtype)
+    pipe = Pipeline(codec.model, "encode", len(sigs))
     parts: list[list[torch.Tensor]] = [[] for _ in sigs]
 
     def run(rows, a, b):
         idx = torch.tensor(rows, device=dev)
-        lats = m.compressor(m.encoder(x[idx, a * hop:b * hop], enc, idx), comp, idx)
-        toks = ops.bsq_quantize(lats)[0]
+        out = pipe.run_segmented(x[idx, a * hop:b * hop], idx, ["toks"], seg)
+        check_err(out["err"], "audio")
         for j, i in enumerate(rows):
-            parts[i].append(toks[j])
+            parts[i].append(out["toks"][j])
 
     t = 0  # frames done by every unfinished row (a multiple of the chunk)
     rows = list(range(len(sigs)))

@@ -15,18 +15,21 @@ On CUDA the step is a CUDA-graph replay per batch bucket (see graphs.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import ops
-from .codec import Codec, InputError, _as_tensor
 from .config import CodecConfig
 from .graphs import GraphRunner, buckets_for, graphs_enabled
+from .inputs import DTYPES, InputError, as_tensor, check_fits, check_tokens, one_stream, positive_int
+from .model import FocalCodecModel
+from .pipeline import ERRORS, MODE_OUTPUTS, MODES, Pipeline
 from .profiling import nvtx_range
-from .state import decoder_side, encoder_side
+from .streaming import check_codec
 
-MODES = ("full", "encode", "decode")
+if TYPE_CHECKING:
+    from .codec import Codec
 
 
 class EngineFull(RuntimeError):
@@ -35,9 +38,9 @@ class EngineFull(RuntimeError):
 
 @dataclasses.dataclass
 class StreamOutput:
-    """What one stream produced: tokens (int64) and/or audio at the output rate, on the
-    engine's device. error is None, 'non-finite input' or 'non-finite output' (sticky: once
-    set, the stream's outputs are garbage until it is closed)."""
+    """What one stream produced: tokens (int64) and/or float32 audio at the output rate, on
+    the engine's device. error is None, 'non-finite input', 'input out of range' or
+    'non-finite output' (sticky: once set, the stream's outputs are garbage until it is closed)."""
 
     tokens: Tensor | None = None
     audio: Tensor | None = None
@@ -55,49 +58,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def make_step(codec: Codec, mode: str, enc=None, comp=None, dec=None, wav=None):
-    """The batched chunk step over the given states, as a function of static tensors only.
-
-    full:   (sig (B, 1280), idx) -> (toks (B, 4), audio (B, 1920), bad (B, 2))
-    encode: (sig, idx) -> (toks, codes (B, 4, D), bad)
-    decode: (toks (B, 4), idx) -> (audio, bad)
-    bad[:, 0]: non-finite input, bad[:, 1]: non-finite latents or audio. No host sync inside.
-    """
-    m = codec.model
-
-    def step(x: Tensor, idx: Tensor):
-        if mode == "decode":
-            bad_in = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            bad_out = bad_in
-            codes = x  # the decompressor takes tokens directly (signed sum of in_proj columns)
-        else:
-            with nvtx_range("encoder"):
-                feats = m.encoder(x, enc, idx)
-            with nvtx_range("compressor+quantizer"):
-                lats, toks, codes = m.compressor(feats, comp, idx, quantize=True)
-            bad_in = ~torch.isfinite(x).all(1)
-            bad_out = ~torch.isfinite(lats).flatten(1).all(1)
-            if mode == "encode":
-                return toks, codes, torch.stack([bad_in, bad_out], 1)
-        with nvtx_range("decompressor"):
-            q = m.decompressor(codes, dec, idx)
-        with nvtx_range("decoder"):
-            audio = m.decoder(q, wav, idx)
-        bad = torch.stack([bad_in, bad_out | ~torch.isfinite(audio).all(1)], 1)
-        return (audio, bad) if mode == "decode" else (toks, audio, bad)
-
-    return step
-
-
-def _states(cfg, mode: str, slots: int, device, dtype) -> dict:
-    st = {}
-    if mode != "decode":
-        st["enc"], st["comp"] = encoder_side(cfg, slots, device, dtype)
-    if mode != "encode":
-        st["dec"], st["wav"] = decoder_side(cfg, slots, device, dtype)
-    return st
-
-
 class StreamEngine:
     """A fixed pool of `max_streams` stream slots stepped together, one chunk per step.
 
@@ -112,19 +72,14 @@ class StreamEngine:
 
     def __init__(self, codec: Codec, max_streams: int, mode: str = "full", device=None, dtype=None,
                  cuda_graphs: bool = True):
-        if not isinstance(codec, Codec):
-            raise InputError(f"codec must be a fastfocal.Codec, got {type(codec).__name__}")
-        codec._need_causal()
+        check_codec(codec)
         if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
-            raise InputError(f"max_streams must be a positive integer, got {max_streams!r}")
+            raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+        max_streams = positive_int(max_streams, "max_streams")
         if device is not None and not _same_device(torch.device(device), codec.device):
             raise InputError(f"device {device} differs from the codec's ({codec.device}): load the codec there")
         if isinstance(dtype, str):
-            from . import _DTYPES  # late: the package imports this module
-
-            dtype = _DTYPES.get(dtype, dtype)
+            dtype = DTYPES.get(dtype, dtype)
         if dtype is not None and dtype != codec.dtype:
             raise InputError(f"dtype {dtype} differs from the codec's ({codec.dtype}): load the codec with it")
         self.codec, self.mode, self.max_streams = codec, mode, max_streams
@@ -133,13 +88,15 @@ class StreamEngine:
         self.chunk = codec.chunk_size if mode != "decode" else cfg.chunk_frames  # samples or tokens in
         self.hop = cfg.token_hop
         self.scratch = max_streams  # padding rows (and graph warm-up) run on this slot
-        self.states = _states(cfg, mode, max_streams + 1, self.device, self.dtype)
-        self._slot_ids = torch.arange(max_streams + 1, device=self.device)
         in_dtype = torch.long if mode == "decode" else self.dtype
-        step = make_step(codec, mode, self.states.get("enc"), self.states.get("comp"),
-                         self.states.get("dec"), self.states.get("wav"))
-        self.runner = GraphRunner(step, [((self.chunk,), in_dtype)], buckets_for(max_streams), self.device,
-                                  self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs))
+        per_slot = Pipeline.bytes_per_slot(codec.model, mode, self.dtype)
+        check_fits((max_streams + 1) * per_slot + 3 * max_streams * self.chunk * torch.finfo(self.dtype).bits // 8,
+                   self.device, f"a {mode} engine of {max_streams} streams ({per_slot / 2**20:.3g} MiB of state each)")
+        self.pipeline = Pipeline(codec.model, mode, max_streams + 1)
+        self.states = self.pipeline.states
+        self._slot_ids = torch.arange(max_streams + 1, device=self.device)
+        self.runner = GraphRunner(self.pipeline.step, [((self.chunk,), in_dtype)], buckets_for(max_streams),
+                                  self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs))
         on_gpu = self.device.type == "cuda"
         # host staging: pinned on CUDA (async copy in); on CPU it is the static buffer itself
         self._host_in = (torch.zeros(max_streams, self.chunk, dtype=in_dtype, pin_memory=True) if on_gpu
@@ -152,26 +109,28 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ memory
     @staticmethod
-    def bytes_per_stream(codec: Codec | CodecConfig, mode: str = "full", dtype=None) -> int:
+    def bytes_per_stream(codec: "Codec | CodecConfig", mode: str = "full", dtype=None) -> int:
         """State bytes of one slot (ring buffers and positions), computed without allocating.
         dtype defaults to the codec's (float32 for a bare config)."""
-        cfg = codec if isinstance(codec, CodecConfig) else codec.config
-        dtype = dtype or (torch.float32 if isinstance(codec, CodecConfig) else codec.dtype)
-        return sum(s.nbytes for s in _states(cfg, mode, 1, "meta", dtype).values())
+        if isinstance(codec, CodecConfig):
+            with torch.device("meta"):
+                model = FocalCodecModel(codec)
+            return Pipeline.bytes_per_slot(model, mode, dtype or torch.float32)
+        return Pipeline.bytes_per_slot(codec.model, mode, dtype or codec.dtype)
 
     @staticmethod
-    def max_streams_for(codec: Codec | CodecConfig, memory_bytes: int, mode: str = "full", dtype=None) -> int:
+    def max_streams_for(codec: "Codec | CodecConfig", memory_bytes: int, mode: str = "full", dtype=None) -> int:
         """Most streams whose state fits in memory_bytes (one slot is kept as scratch).
         Weights and the step's activations (see bench/serve_capacity.py) come on top."""
         return max(0, memory_bytes // StreamEngine.bytes_per_stream(codec, mode, dtype) - 1)
 
     @property
     def state_bytes_per_stream(self) -> int:
-        return sum(s.nbytes for s in self.states.values()) // (self.max_streams + 1)
+        return self.pipeline.nbytes // (self.max_streams + 1)
 
     @property
     def state_bytes(self) -> int:
-        return sum(s.nbytes for s in self.states.values())
+        return self.pipeline.nbytes
 
     # ------------------------------------------------------------------ streams
     @property
@@ -194,9 +153,7 @@ class StreamEngine:
         if not self._free:
             raise EngineFull(f"all {self.max_streams} streams are open: close one or build a larger engine")
         slot = self._free.pop()
-        rows = self._slot_ids[slot:slot + 1]
-        for st in self.states.values():
-            st.reset(rows)
+        self.pipeline.reset(self._slot_ids[slot:slot + 1])
         sid = self._next_id
         self._next_id += 1
         in_dtype = torch.long if self.mode == "decode" else self.dtype
@@ -221,25 +178,21 @@ class StreamEngine:
         codebook) to a stream. Any n; whole chunks are stepped by step()."""
         s = self._get(sid)
         what = "tokens" if self.mode == "decode" else "audio"
-        x = _as_tensor(data, what)
-        if x.dim() == 2 and x.shape[0] == 1:
-            x = x[0]
-        if x.dim() != 1:
-            raise InputError(f"{what} for one stream must be (n,) or (1, n), got shape {tuple(x.shape)}")
+        x = one_stream(as_tensor(data, what), f"{what} of stream {sid}")
         if x.device.type != "cpu":
             x = x.cpu()
         if self.mode == "decode":
-            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-                raise InputError(f"tokens must be an integer tensor, got {x.dtype}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.codec.codebook_size):
-                raise InputError(f"token out of range [0, {self.codec.codebook_size}): "
-                                 f"found values in [{int(x.min())}, {int(x.max())}]")
+            if x.numel():
+                x = check_tokens(x, self.codec.codebook_size, f"tokens of stream {sid}")[0][0]
+            elif x.is_floating_point():
+                raise InputError(f"tokens of stream {sid} must be an integer tensor, got {x.dtype}")
             x = x.long()
         else:
             if not x.is_floating_point():
-                raise InputError(f"audio must be floating point in [-1, 1], got {x.dtype} "
+                raise InputError(f"audio of stream {sid} must be floating point in [-1, 1], got {x.dtype} "
                                  "(convert integer PCM with x / 32768)")
-            x = x.to(self.dtype)  # NaN/Inf pass through: the step flags them for this stream only
+            # NaN/Inf and out-of-range samples pass through: the step flags this stream only
+            x = x.to(self.dtype)
         if x.numel():
             s.buf = torch.cat([s.buf, x]) if s.buf.numel() else x.clone()
 
@@ -264,21 +217,19 @@ class StreamEngine:
                 outs = self.runner.run(n, [self._host_in[:n]], self._host_idx[:n])
             else:  # rows were written straight into the static buffers
                 outs = self.runner.run(n)
-            outs = [o.clone() for o in outs[:-1]] + [outs[-1].cpu()]  # static views: copy before the next step
+            # static views: copy before the next step; audio leaves as float32
+            outs = [o.to(torch.float32, copy=True) if o.is_floating_point() else o.clone() for o in outs[:-1]] + [outs[-1].cpu()]
         return self._results(ready, outs)
 
     def _results(self, ready, outs) -> dict[int, StreamOutput]:
-        bad = outs[-1].tolist()
+        err = outs[-1].tolist()
+        names = MODE_OUTPUTS[self.mode]
         res = {}
         for i, (sid, s) in enumerate(ready):
-            if bad[i][0] or bad[i][1]:
-                s.error = s.error or ("non-finite input" if bad[i][0] else "non-finite output")
-            if self.mode == "full":
-                res[sid] = StreamOutput(outs[0][i], outs[1][i], s.error)
-            elif self.mode == "encode":
-                res[sid] = StreamOutput(tokens=outs[0][i], error=s.error)
-            else:
-                res[sid] = StreamOutput(audio=outs[0][i], error=s.error)
+            if err[i] and s.error is None:
+                s.error = ERRORS[err[i]]
+            o = {k: v[i] for k, v in zip(names, outs)}
+            res[sid] = StreamOutput(o.get("toks"), o.get("audio"), s.error)
         return res
 
     def finish(self, sid: int) -> StreamOutput:
@@ -286,34 +237,20 @@ class StreamEngine:
         partial one) for that slot alone, eagerly, then close it. Like Stream.flush: one token
         per started 20 ms frame, and a last partial token group decoded as offline does."""
         s = self._get(sid)
-        n = s.buf.numel()
         out = StreamOutput(error=s.error)
-        if n:
-            st = self.states
-            m, idx = self.codec.model, self._slot_ids[s.slot:s.slot + 1]
+        names = MODE_OUTPUTS[self.mode]
+        if s.buf.numel():
             with nvtx_range("engine.finish"), torch.inference_mode():
-                x = s.buf.to(self.device)[None]
-                bad_in = bad_out = torch.zeros((), dtype=torch.bool, device=self.device)
-                if self.mode == "decode":
-                    codes = x
-                else:
-                    sig = torch.zeros(1, -(-n // self.chunk) * self.chunk, dtype=self.dtype, device=self.device)
-                    sig[:, :n] = x
-                    lats = m.compressor(m.encoder(sig, st["enc"], idx), st["comp"], idx)
-                    n_tok = -(-n // self.hop)
-                    toks, codes = ops.bsq_quantize(lats[:, :n_tok])
-                    out.tokens = toks[0]
-                    bad_in, bad_out = ~torch.isfinite(x).all(), ~torch.isfinite(lats[:, :n_tok]).all()
-                if self.mode != "encode":
-                    out.audio = m.decoder(m.decompressor(codes, st["dec"], idx), st["wav"], idx)[0]
-                    bad_out = bad_out | ~torch.isfinite(out.audio).all()
-                bad_in, bad_out = torch.stack([bad_in, bad_out]).tolist()
-                if (bad_in or bad_out) and s.error is None:
-                    s.error = "non-finite input" if bad_in else "non-finite output"
-                out.error = s.error
+                o = self.pipeline.run_tail(s.buf.to(self.device)[None], self._slot_ids[s.slot:s.slot + 1], names,
+                                           self.codec.segment_frames)
+                code = int(o["err"][0])
+                if code and s.error is None:
+                    s.error = ERRORS[code]
+            out = StreamOutput(o["toks"][0] if "toks" in o else None,
+                               o["audio"][0].float() if "audio" in o else None, s.error)
         else:
             e = torch.zeros(0, device=self.device)
-            out.tokens = None if self.mode == "decode" else e.long()
-            out.audio = None if self.mode == "encode" else e.to(self.dtype)
+            out.tokens = e.long() if "toks" in names else None
+            out.audio = e if "audio" in names else None
         self.close(sid)
         return out

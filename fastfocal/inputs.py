@@ -82,8 +82,8 @@ def _widen_unsigned(x: np.ndarray, what: str) -> np.ndarray:
 def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True) -> tuple[Tensor, bool]:
     """(batch, samples) float tensor and whether the input was 1-D.
 
-    frame: the shortest meaningful row (one 20 ms frame); a 2-D input with shorter rows is
-    almost always a (samples, channels) array, and is refused with that hint. finite=False
+    frame: the shortest meaningful row (one 20 ms frame); shorter rows are refused (a 2-D
+    input with a few samples per row is almost always a (samples, channels) array: say so). finite=False
     leaves NaN/Inf and range to the caller (the engine flags them per stream on the device).
     """
     sig = as_tensor(sig, name)
@@ -97,9 +97,9 @@ def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True
         raise InputError(f"{name} must be (samples,) or (batch, samples), got shape {tuple(sig.shape)}")
     if sig.shape[0] == 0 or sig.shape[1] == 0:
         raise InputError(f"{name} is empty (shape {tuple(sig.shape)})")
-    if not squeeze and sig.shape[1] < frame:
-        hint = (f": it looks like (samples, channels); mix down with x.mean(1) or pass x.T"
-                if sig.shape[1] <= 8 and sig.shape[0] > sig.shape[1] else "")
+    if sig.shape[1] < frame:
+        hint = (": it looks like (samples, channels); mix down with x.mean(1) or pass x.T"
+                if not squeeze and sig.shape[1] <= 8 and sig.shape[0] > sig.shape[1] else "")
         raise InputError(f"{name} rows of {sig.shape[1]} samples are shorter than one {frame}-sample frame "
                          f"(shape {tuple(sig.shape)}){hint}")
     if finite:

@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import CodecConfig, FocalDecoderConfig, FocalEncoderConfig, VocosConfig, WavLMConfig, WaveNeXtConfig
-from .state import DecoderState, EncoderState, FocalState, _focal_kernels
+from .state import DecoderState, EncoderState, FocalState
+
+
+def focal_kernels(focal_window: int, focal_level: int, focal_factor: int) -> list[int]:
+    """Kernel sizes of the focal levels (the window level comes on top, causal only)."""
+    return [focal_factor * l + focal_window for l in range(focal_level)]
+
 
 def _container(**mods) -> nn.Module:
     m = nn.Module()
@@ -47,7 +53,7 @@ def _grouped_conv(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Tensor:
     O, I, k = w.shape
     T = L - k + 1
     if T > 64:
-        return F.conv1d(xp, w, b, groups=groups)
+        return ops.grouped_conv1d(xp, w, b, groups)
     G, Og = groups, O // groups
     u = xp.view(B, G, I, L).unfold(3, k, 1).permute(1, 0, 3, 2, 4).reshape(G, B * T, I * k)
     y = torch.bmm(w.view(G, Og, I * k), u.transpose(1, 2))  # G, Og, B*T
@@ -94,6 +100,19 @@ class WavLM(nn.Module):
             relative_embedding=nn.Embedding(c.num_buckets, c.num_heads),
         )
 
+    def init_state(self, slots: int, device, dtype) -> EncoderState:
+        """Streaming state: feature-extractor conv inputs, positional-conv input, K/V rings."""
+        c = self.cfg
+        ins = (1,) + tuple(c.hidden_dims[:-1])
+        R, d = c.window_size - self.chunk, c.dim // c.num_heads
+        return EncoderState.zeros(
+            slots, device, dtype,
+            fe_caches=[(k - 1, i) for i, k in zip(ins, c.kernel_sizes)],
+            pos_conv_cache=(c.dim, c.conv_pos - 1),
+            k_ring=[(c.num_heads, R, d)] * c.num_layers,
+            v_ring=[(c.num_heads, R, d)] * c.num_layers,
+        )
+
     def min_samples(self) -> int:
         """Non-causal: shortest input giving one frame (receptive field, 400)."""
         rf = 1
@@ -133,7 +152,7 @@ class WavLM(nn.Module):
             p = _grouped_conv(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
         else:
             pad = c.conv_pos // 2
-            p = F.conv1d(F.pad(xt, (pad, pad)), pconv.weight, pconv.bias, groups=c.conv_pos_groups)
+            p = ops.grouped_conv1d(F.pad(xt, (pad, pad)), pconv.weight, pconv.bias, c.conv_pos_groups)
             if c.conv_pos % 2 == 0:
                 p = p[:, :, :-1]
         x = x + ops.gelu(p).transpose(1, 2)
@@ -225,8 +244,14 @@ class FocalBlock(nn.Module):
 
 
 def _block_kernels(part, window: int) -> list[int]:
-    ks = _focal_kernels(part.focal_window, part.focal_level, part.focal_factor)
+    ks = focal_kernels(part.focal_window, part.focal_level, part.focal_factor)
     return ks + [window] if part.causal else ks
+
+
+def _focal_state(part, slots: int, device, dtype, windows: list[int]) -> FocalState:
+    """Per layer, per focal level (window level last): the last k-1 input frames."""
+    return FocalState.zeros(slots, device, dtype, caches=[
+        [(c, k - 1) for k in _block_kernels(part, w)] for c, w in zip(part.hidden_dims, windows)])
 
 
 class FocalEncoder(nn.Module):
@@ -246,6 +271,10 @@ class FocalEncoder(nn.Module):
         )
         self.out_proj = nn.Linear(c.hidden_dims[-1], c.output_dim)
 
+    def init_state(self, slots: int, device, dtype) -> FocalState:
+        c = self.cfg
+        return _focal_state(c, slots, device, dtype, [c.window_size] * len(c.hidden_dims))
+
     def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None, quantize: bool = False):
         """feats (B, T, C) -> normalised latents (B, T', D); with quantize, (lats, toks, codes)
         from one pass over the latents (what ops.bsq_quantize(lats) would give)."""
@@ -257,12 +286,9 @@ class FocalEncoder(nn.Module):
             alpha = layer.downscale.activation.alpha[:, 0]
             if f == 1:
                 x = ops.linear_snake(x, conv.weight[:, :, 0], conv.bias, alpha)
-            else:
+            else:  # non-causal only (the config refuses scale factors != 1 for causal models)
                 xt = x.transpose(1, 2)
-                if self.cfg.causal:
-                    xt, _ = ops.conv1d_causal(xt, conv.weight, conv.bias, stride=f)
-                else:
-                    xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
+                xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
                 x = ops.snake(xt.transpose(1, 2), alpha)
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
         if st is not None:
@@ -294,6 +320,11 @@ class FocalDecoder(nn.Module):
         if c.lookahead_size > 0:
             v = self.group * c.output_dim
             self.refiner = _container(in_proj=nn.Linear(v, v), out_proj=nn.Linear(v, v))
+
+    def init_state(self, slots: int, device, dtype) -> FocalState:
+        c = self.cfg
+        windows = [c.window_size] * (len(c.hidden_dims) - 1) + [c.last_window_size]
+        return _focal_state(c, slots, device, dtype, windows)
 
     def forward(self, codes: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
         """codes (B, T, D), or tokens (B, T) int, -> qfeats (B, T', output_dim). Streaming steps
@@ -362,7 +393,7 @@ class _Backbone(nn.Module):
             if groups == 1:  # dense conv as unfold + GEMM: the library conv is slow for few frames
                 u = xp.unfold(2, k, 1).transpose(1, 2).reshape(xp.shape[0], -1, w.shape[1] * k)
                 return ops.linear(u, w.reshape(w.shape[0], -1), b).transpose(1, 2)
-            return F.conv1d(xp, w, b, groups=groups)
+            return ops.grouped_conv1d(xp, w, b, groups)
 
         e = self.embedding
         x = conv(x.transpose(1, 2), e.weight, e.bias, 1, st.emb_cache if st is not None else None).transpose(1, 2)
@@ -381,6 +412,12 @@ class WaveNeXt(nn.Module):
         self.cfg = c
         self.backbone = _Backbone(c)
         self.head = _container(proj=nn.Linear(c.dim, c.hop_length))
+
+    def init_state(self, slots: int, device, dtype) -> DecoderState:
+        c = self.cfg
+        k = c.kernel_size
+        return DecoderState.zeros(slots, device, dtype, emb_cache=(c.input_dim, k - 1),
+                                  caches=[(c.dim, k - 1)] * c.num_layers)
 
     def forward(self, x: Tensor, st: DecoderState | None = None, idx: Tensor | None = None) -> Tensor:
         """qfeats (B, T, C) -> sig (B, T * hop)."""
@@ -431,10 +468,6 @@ class FocalCodecModel(nn.Module):
         self.compressor = FocalEncoder(cfg.compressor)
         self.decompressor = FocalDecoder(cfg.decompressor)
         self.decoder = WaveNeXt(cfg.decoder) if cfg.is_wavenext else Vocos(cfg.decoder)
-
-    @property
-    def code_dim(self) -> int:
-        return self.cfg.code_dim
 
 
 def num_params(model: nn.Module) -> int:

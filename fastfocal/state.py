@@ -1,8 +1,9 @@
-"""Typed streaming state: one dataclass per stage, preallocated once, reset in place.
+"""Typed streaming state containers: one dataclass per stage, preallocated once, reset in place.
 
-Every tensor has the slot axis first, so a batched step gathers its rows by a slot-index
-tensor and writes them back with `index_copy_`; `reset(slots)` clears rows without
-reallocating (captured CUDA graphs keep their pointers).
+The shapes come from the modules that use the state (each model module's `init_state`);
+this file only holds the containers. Every tensor has the slot axis first, so a batched step
+gathers its rows by a slot-index tensor and writes them back with `index_copy_`;
+`reset(slots)` clears rows without reallocating (captured CUDA graphs keep their pointers).
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .config import CodecConfig
 
 
 def _flat(v) -> list[Tensor]:
@@ -24,14 +23,30 @@ def _flat(v) -> list[Tensor]:
     return []
 
 
-def _tensors(obj) -> list[Tensor]:
-    return [t for f in dataclasses.fields(obj) for t in _flat(getattr(obj, f.name))]
+def _zeros(spec, slots: int, device, dtype):
+    """A tensor for each shape in a (nested list of) shape tuple(s), slot axis prepended."""
+    if isinstance(spec, tuple):
+        return torch.zeros(slots, *spec, device=device, dtype=dtype)
+    return [_zeros(s, slots, device, dtype) for s in spec]
 
 
-class _State:
+class StageState:
+    """Base of the per-stage containers: `pos` (S,) counts frames done; the rest are rings."""
+
+    pos: Tensor
+
+    @classmethod
+    def zeros(cls, slots: int, device, dtype, **shapes):
+        """Allocate: `shapes` gives each field's per-slot shape, or a nested list of them."""
+        return cls(pos=torch.zeros(slots, dtype=torch.long, device=device),
+                   **{k: _zeros(v, slots, device, dtype) for k, v in shapes.items()})
+
+    def tensors(self) -> list[Tensor]:
+        return [t for f in dataclasses.fields(self) for t in _flat(getattr(self, f.name))]
+
     def reset(self, slots: Tensor | list[int] | None = None) -> None:
         """Zero the given slots (all when None) in place; positions go back to 0."""
-        for t in _tensors(self):
+        for t in self.tensors():
             if slots is None:
                 t.zero_()
             else:
@@ -40,7 +55,7 @@ class _State:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(self))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
     def slots(self) -> int:
@@ -48,76 +63,22 @@ class _State:
 
 
 @dataclass
-class EncoderState(_State):
+class EncoderState(StageState):
     pos: Tensor  # (S,) frames already encoded
     fe_caches: list[Tensor]  # feature-extractor conv inputs, time-major (S, k-1, C_in)
     pos_conv_cache: Tensor  # (S, dim, conv_pos-1)
     k_ring: list[Tensor]  # per layer (S, H, R, d), R = window - chunk
     v_ring: list[Tensor]
 
-    @classmethod
-    def allocate(cls, cfg: CodecConfig, slots: int, device, dtype) -> "EncoderState":
-        e = cfg.encoder
-        z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
-        ins = (1,) + tuple(e.hidden_dims[:-1])
-        R = e.window_size - cfg.chunk_frames
-        d = e.dim // e.num_heads
-        return cls(
-            pos=z(slots, dt=torch.long),
-            fe_caches=[z(slots, k - 1, c) for c, k in zip(ins, e.kernel_sizes)],
-            pos_conv_cache=z(slots, e.dim, e.conv_pos - 1),
-            k_ring=[z(slots, e.num_heads, R, d) for _ in range(e.num_layers)],
-            v_ring=[z(slots, e.num_heads, R, d) for _ in range(e.num_layers)],
-        )
-
-
-def _focal_kernels(focal_window: int, focal_level: int, focal_factor: int) -> list[int]:
-    return [focal_factor * l + focal_window for l in range(focal_level)]
-
 
 @dataclass
-class FocalState(_State):
+class FocalState(StageState):
     pos: Tensor  # (S,) frames already processed
     caches: list[list[Tensor]]  # per layer, per focal level (S, C, k-1)
 
-    @classmethod
-    def allocate(cls, part, slots: int, device, dtype, last_window: int | None = None) -> "FocalState":
-        ks = _focal_kernels(part.focal_window, part.focal_level, part.focal_factor)
-        caches = []
-        n = len(part.hidden_dims)
-        for i, c in enumerate(part.hidden_dims):
-            w = last_window if (last_window is not None and i == n - 1) else part.window_size
-            caches.append([torch.zeros(slots, c, k - 1, device=device, dtype=dtype) for k in ks + [w]])
-        return cls(pos=torch.zeros(slots, dtype=torch.long, device=device), caches=caches)
-
 
 @dataclass
-class DecoderState(_State):
+class DecoderState(StageState):
     pos: Tensor  # (S,) frames already decoded
     emb_cache: Tensor  # (S, input_dim, k-1)
     caches: list[Tensor]  # per ConvNeXt block (S, dim, k-1)
-
-    @classmethod
-    def allocate(cls, cfg: CodecConfig, slots: int, device, dtype) -> "DecoderState":
-        d = cfg.decoder
-        k = d.kernel_size
-        return cls(
-            pos=torch.zeros(slots, dtype=torch.long, device=device),
-            emb_cache=torch.zeros(slots, d.input_dim, k - 1, device=device, dtype=dtype),
-            caches=[torch.zeros(slots, d.dim, k - 1, device=device, dtype=dtype) for _ in range(d.num_layers)],
-        )
-
-
-def encoder_side(cfg: CodecConfig, slots: int, device, dtype) -> tuple[EncoderState, FocalState]:
-    return (
-        EncoderState.allocate(cfg, slots, device, dtype),
-        FocalState.allocate(cfg.compressor, slots, device, dtype),
-    )
-
-
-def decoder_side(cfg: CodecConfig, slots: int, device, dtype) -> tuple[FocalState, DecoderState]:
-    dc = cfg.decompressor
-    return (
-        FocalState.allocate(dc, slots, device, dtype, last_window=dc.last_window_size),
-        DecoderState.allocate(cfg, slots, device, dtype),
-    )

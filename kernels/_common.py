@@ -87,3 +87,15 @@ def sin(x, INTERP: tl.constexpr):
         return tl.sin(x)
     else:
         return libdevice.sin(x)
+
+
+def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """F.conv1d with groups > 1, safe in reduced precision on CPU.
+
+    oneDNN's grouped/depthwise bf16 convolution returns garbage on AMX CPUs (relative error ~1
+    against fp32), so on CPU in bf16/fp16 the conv runs in fp32 and the result is rounded back.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        b = bias.float() if bias is not None else None
+        return torch.nn.functional.conv1d(x.float(), weight.float(), b, groups=groups).to(x.dtype)
+    return torch.nn.functional.conv1d(x, weight, bias, groups=groups)

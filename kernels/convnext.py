@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE, check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, grouped_conv1d, out_or_new, pow2
 
 
 
@@ -114,5 +114,5 @@ def dwconv_layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Te
             cache.index_copy_(0, idx, xp[:, :, xp.shape[2] - (k - 1):])
     else:
         xp = F.pad(xt, ((k - 1) // 2, k // 2))
-    h = F.conv1d(xp, weight, bias, groups=xt.shape[1])
+    h = grouped_conv1d(xp, weight, bias, xt.shape[1])
     return F.layer_norm(h.transpose(1, 2), (h.shape[1],), ln_weight, ln_bias, eps)

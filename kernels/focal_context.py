@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2
+from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2
 
 
 @triton.jit
@@ -280,9 +280,9 @@ def focal_context_ref(
             xp = _causal_pad(c, k - 1, cache, fresh)
             if caches is not None:
                 new.append(xp[:, :, xp.shape[2] - (k - 1):])
-            c = F.conv1d(xp, w, b, groups=c.shape[1])
+            c = grouped_conv1d(xp, w, b, c.shape[1])
         else:
-            c = F.conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, groups=c.shape[1])
+            c = grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1])
         c = F.gelu(c)
         term = c * gates[:, :, lvl].unsqueeze(1)
         acc = term if acc is None else acc + term

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fastfocal import corpus
+from fastfocal import InputError, corpus
 from fastfocal.audio import read_audio
 from fastfocal.cli import main
 from fastfocal.corpus import Item, encode_batch, find_inputs, make_batches
@@ -57,7 +57,7 @@ def check_tokens(causal, src, out, rels):
 
 
 def test_encode_batch_is_exact(causal, monkeypatch):
-    lengths = [1, 319, 320, 321, 1280, 1280 * 3 + 5, 12345, 12345, 30000, 33440]
+    lengths = [320, 333, 639, 640, 1280, 1280 * 3 + 5, 12345, 12345, 30000, 33440]
     sigs = [X16[o:o + n] for o, n in zip([0, 5, 9, 11, 100, 700, 0, 4000, 2000, 0], lengths)]
     for seg in (2048, 8):  # one segment, and many chunk-aligned segments per file
         monkeypatch.setattr(causal, "segment_frames", seg)
@@ -65,6 +65,8 @@ def test_encode_batch_is_exact(causal, monkeypatch):
         for s, g in zip(sigs, got):
             np.testing.assert_array_equal(g, causal.sig_to_toks(s).numpy(), err_msg=f"len {len(s)} seg {seg}")
     assert not np.array_equal(got[6], got[7])  # equal lengths, different speech
+    with pytest.raises(InputError, match=r"signal 1 .*shorter than one 320-sample frame"):
+        encode_batch(causal, [sigs[0], X16[:319]])
 
 
 def test_make_batches():

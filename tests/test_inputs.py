@@ -11,8 +11,11 @@ from fastfocal import InputError
     [
         (torch.zeros(2, 0), "empty"),
         (torch.zeros(0, 100), "empty"),
-        (torch.tensor([[0.1, float("nan"), 0.2]]), "NaN or Inf"),
-        (torch.tensor([[0.1, float("inf"), 0.2]]), "NaN or Inf"),
+        (torch.full((1, 400), 0.1).index_fill_(1, torch.tensor([7]), float("nan")), "NaN or Inf"),
+        (torch.full((1, 400), 0.1).index_fill_(1, torch.tensor([7]), float("inf")), "NaN or Inf"),
+        (torch.full((2, 400), 0.1).index_fill_(1, torch.tensor([7]), 1e30), r"magnitude 1e\+30 \(rows \[0, 1\]\).*±8"),
+        (torch.zeros(191520, 2), r"shape \(191520, 2\)\): it looks like \(samples, channels\).*x.mean\(1\) or pass x.T"),
+        (torch.zeros(3, 100), "shorter than one 320-sample frame"),
         (torch.zeros(2, 100, dtype=torch.int16), "floating point.*int16"),
         (torch.zeros(1, 2, 100), r"\(samples,\) or \(batch, samples\)"),
         ([0.1, 0.2], "torch.Tensor or numpy array"),
@@ -57,24 +60,27 @@ def test_numpy_and_1d_inputs(causal, golden_causal):
 
 
 def test_short_inputs(causal, noncausal):
-    # shorter than one frame: still one token / a valid output, never a crash
-    assert causal.sig_to_toks(torch.randn(1, 10) * 0.1).shape == (1, 1)
-    assert noncausal.sig_to_toks(torch.randn(1, 10) * 0.1).shape == (1, 1)
-    assert causal.sig_to_sig(torch.randn(1, 10) * 0.1).shape == (1, 15)
+    # one 20 ms frame is the shortest meaningful input: one token, a valid output
+    assert causal.sig_to_toks(torch.randn(1, 320) * 0.1).shape == (1, 1)
+    assert noncausal.sig_to_toks(torch.randn(1, 320) * 0.1).shape == (1, 1)
+    assert causal.sig_to_sig(torch.randn(1, 320) * 0.1).shape == (1, 480)
+    for codec in (causal, noncausal):  # shorter: refused, never a crash
+        with pytest.raises(InputError, match="shorter than one 320-sample frame"):
+            codec.sig_to_toks(torch.randn(10) * 0.1)
 
 
 def test_bad_push_leaves_state_untouched(causal, golden_causal):
     sig = torch.from_numpy(golden_causal["sig"][:, :2560])
     s = causal.stream_encoder(batch_size=2)
     s.push(sig[:, :1280])
-    snapshot = [t.clone() for t in s.enc_state.k_ring] + [s.enc_state.pos.clone()]
+    snapshot = [t.clone() for t in s.states["encoder"].k_ring] + [s.states["encoder"].pos.clone()]
     bad = sig[:, 1280:].clone()
     bad[1, 5] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         s.push(bad)
     with pytest.raises(InputError, match=r"expected shape \(2, n\)"):
         s.push(sig[:1, 1280:])
-    after = [t for t in s.enc_state.k_ring] + [s.enc_state.pos]
+    after = [t for t in s.states["encoder"].k_ring] + [s.states["encoder"].pos]
     assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
     assert s.pending == 0
     # and the stream goes on exactly as if nothing happened

@@ -136,12 +136,12 @@ def test_future_input_never_changes_past(causal, golden_causal):
 def test_state_size_constant(causal, golden_causal):
     s = causal.stream(batch_size=1)
     before = s.state_bytes
-    ptrs = [t.data_ptr() for t in s.encoder.enc_state.k_ring]
+    ptrs = [t.data_ptr() for t in s.states["encoder"].k_ring]
     sig = T(golden_causal["sig"][:1])
     for a in range(0, 64000, 1280):
         s.push(sig[:, a:a + 1280])
     assert s.state_bytes == before
-    assert [t.data_ptr() for t in s.encoder.enc_state.k_ring] == ptrs  # never reallocated
+    assert [t.data_ptr() for t in s.states["encoder"].k_ring] == ptrs  # never reallocated
 
 
 def test_noncausal_cannot_stream(noncausal):
@@ -156,6 +156,6 @@ def test_rings_wrap(causal, golden_causal):
     st = causal.stream_encoder(batch_size=1)
     sig = T(golden_causal["sig"][:1])
     st.push(sig)
-    assert int(st.enc_state.pos[0]) == 200
-    assert st.enc_state.k_ring[0].shape[2] == 28
-    assert not np.allclose(st.enc_state.k_ring[0].numpy(), 0)
+    assert int(st.states["encoder"].pos[0]) == 200
+    assert st.states["encoder"].k_ring[0].shape[2] == 28
+    assert not np.allclose(st.states["encoder"].k_ring[0].numpy(), 0)

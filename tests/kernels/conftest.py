@@ -12,6 +12,21 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(scope="session")
+def causal(data_dir):
+    """The tiny checkpoints where the kernels run: CUDA on a GPU machine, else CPU (interpreted)."""
+    import fastfocal
+
+    return fastfocal.load(data_dir / "tiny_causal", device=DEVICE, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def noncausal(data_dir):
+    import fastfocal
+
+    return fastfocal.load(data_dir / "tiny_noncausal", device=DEVICE, dtype=torch.float32)
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """fastfocal.ops dispatches to the Triton kernels for the duration of a test."""

@@ -82,13 +82,13 @@ def test_gpu_full_size_triton_vs_torch(monkeypatch, dtype):
 def test_gpu_step_under_cuda_graph():
     """A batched encoder step with every kernel captured in a CUDA graph and replayed."""
     import fastfocal
-    from fastfocal.state import encoder_side
+    from fastfocal.pipeline import Pipeline
 
     codec = fastfocal.random_init("50hz_4k_causal", seed=0, device="cuda", dtype="bfloat16")
     m = codec.model
     B = 8
-    enc, comp = encoder_side(codec.config, B + 1, "cuda", torch.bfloat16)
-    enc2, comp2 = encoder_side(codec.config, B + 1, "cuda", torch.bfloat16)
+    enc, comp = Pipeline(m, "encode", B + 1).states.values()
+    enc2, comp2 = Pipeline(m, "encode", B + 1).states.values()
     idx = torch.arange(B, device="cuda")
     x = torch.zeros(B, 1280, device="cuda", dtype=torch.bfloat16)
 
@@ -121,7 +121,7 @@ def test_gpu_step_under_cuda_graph():
 def test_decompressor_from_tokens(causal, golden_causal, monkeypatch, backend):
     """Tokens go straight into in_proj (signed sums of weight columns) and give what codes give."""
     monkeypatch.setenv("FASTFOCAL_BACKEND", backend)
-    toks = T(golden_causal["toks"][:, :40])
+    toks = T(golden_causal["toks"][:, :40]).to(DEVICE)
     with torch.inference_mode():
         a = causal.model.decompressor(ops.bsq_codes(toks, causal.code_dim, torch.float32))
         b = causal.model.decompressor(toks)
@@ -134,7 +134,7 @@ def test_decompressor_from_tokens(causal, golden_causal, monkeypatch, backend):
 def test_compressor_quantize_in_one_pass(causal, golden_causal, monkeypatch, backend):
     """compressor(..., quantize=True) gives what bsq_quantize(compressor(...)) gives."""
     monkeypatch.setenv("FASTFOCAL_BACKEND", backend)
-    feats = T(golden_causal["feats"][:, :40])
+    feats = T(golden_causal["feats"][:, :40]).to(DEVICE)
     with torch.inference_mode():
         lats = causal.model.compressor(feats)
         toks, codes = ops.bsq_quantize(lats)
