@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import ops
 from .config import CodecConfig
-from .inputs import InputError, check_audio, check_fits, check_frames, check_tokens
+from .inputs import InputError, check_amplitude, check_audio, check_fits, check_frames, check_tokens
 from .model import FocalCodecModel, num_params
 from .pipeline import SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
@@ -93,7 +93,8 @@ class Codec:
 
     # ------------------------------------------------------------------ input checks
     def _sig(self, sig) -> tuple[Tensor, bool]:
-        sig, squeeze = check_audio(sig, frame=self.config.hop_samples)
+        # values (NaN/Inf, range) are checked by _run once the batch is known to fit
+        sig, squeeze = check_audio(sig, frame=self.config.hop_samples, finite=False)
         return sig.to(self.device, self.dtype), squeeze
 
     def _toks(self, toks) -> tuple[Tensor, bool]:
@@ -111,6 +112,8 @@ class Codec:
         pipe_bytes = Pipeline.bytes_per_slot(self.model, stages, self.dtype) if self.causal else 0
         check_fits(x.shape[0] * pipe_bytes + Pipeline.activation_bytes_for(self.config, self.dtype, x.shape[0], frames),
                    self.device, f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
+        if stages[0] == "encoder":
+            check_amplitude(x, name)
         with torch.inference_mode():
             out = run_offline(self.model, stages, x, [keep], self.segment_frames)
         check_err(out["err"], name)
