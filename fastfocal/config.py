@@ -329,7 +329,7 @@ def load_config(path: str | Path) -> CodecConfig:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(f"config {path} is not UTF-8 text (at byte offset {e.start})") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

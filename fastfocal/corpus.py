@@ -7,13 +7,16 @@ the tokens `Codec.sig_to_toks` gives it alone (see there), so batching never cha
 from __future__ import annotations
 
 import csv
+import fcntl
 import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, audio_info, read_audio
+from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
-from .inputs import check_audio, token_dtype
-from .loading import open_codec
+from .inputs import InputError, check_audio, token_dtype
+from .loading import open_codec, provenance
 from .pipeline import Pipeline, check_err
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
@@ -96,9 +99,11 @@ class Item:
 def _read_list(p: Path) -> list[Path]:
     """Audio paths from a .jsonl ("path" key) or .csv ("path" column); relative to the list's folder."""
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise CorpusError(f"{p}: cannot read manifest ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{p}: manifest is not UTF-8 text (at byte offset {e.start})") from None
     paths = []
     if p.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -167,7 +172,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by a crash
@@ -175,12 +180,52 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and "rel" in r and "out" in r]
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _output_ok(out: Path, row: dict, checked: dict) -> bool:
+    """A manifest row's output is there and whole: an .npy's header, size and the sha256 the row
+    records; a parquet shard's size and end magic (read once per shard)."""
+    if not isinstance(row["out"], str):
+        return False
+    p = out / row["out"]
+    if p in checked:
+        return checked[p]
+    ok = False
+    try:
+        if p.suffix == ".parquet":
+            with open(p, "rb") as f:
+                size = f.seek(0, 2)
+                ok = size >= 12 and f.seek(size - 4) >= 0 and f.read(4) == b"PAR1"
+            checked[p] = ok
+        else:
+            with open(p, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                start = f.tell()
+                body = f.seek(0, 2) - start
+            n = row.get("n_tokens")
+            ok = (len(shape) == 1 and dtype.kind in "iu" and body == shape[0] * dtype.itemsize
+                  and (n is None or n == shape[0]) and ("out_sha256" not in row or row["out_sha256"] == _sha256(p)))
+    except (OSError, ValueError, EOFError):
+        ok = False
+    return ok
+
+
 def _done(out: Path, own: Path) -> set[str]:
-    """Files finished by earlier runs: listed in some manifest*.jsonl with their output present.
-    Our own manifest is rewritten without entries whose output is gone."""
+    """Files finished by earlier runs: listed in some manifest*.jsonl with their output present
+    and whole (0-byte, cut or altered outputs are encoded again). Our own manifest is rewritten
+    without entries whose output is gone or bad."""
     done = set()
+    checked: dict[Path, bool] = {}
     for mf in sorted(out.glob("manifest*.jsonl")):
-        rows = [r for r in _read_jsonl(mf) if (out / r["out"]).is_file()]
+        rows = [r for r in _read_jsonl(mf) if _output_ok(out, r, checked)]
         if mf == own:
             last = {r["rel"]: r for r in rows}
             _atomic_write(mf, lambda f: f.write("".join(json.dumps(r) + "\n" for r in last.values()).encode()))
@@ -189,22 +234,67 @@ def _done(out: Path, own: Path) -> set[str]:
 
 
 def _check_info(out: Path, codec: Codec, fmt: str) -> None:
-    """info.json records the model; resuming with another model would mix token spaces."""
+    """info.json records the model, weights and dtype; resuming with another model or other
+    weights would mix token spaces, with another dtype mix slightly different tokens."""
     info = {"model": codec.name, "codebook_size": codec.codebook_size, "token_rate": codec.token_rate,
             "sample_rate_input": codec.sample_rate_input, "sample_rate_output": codec.sample_rate_output,
-            "format": fmt, "token_dtype": token_dtype(codec.codebook_size).name}
+            "format": fmt, "token_dtype": token_dtype(codec.codebook_size).name, **provenance(codec)}
     p = out / "info.json"
     if p.is_file():
         try:
-            old = json.loads(p.read_text())
-        except ValueError:
+            old = json.loads(p.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError):
             old = {}
-        diff = [k for k in ("model", "codebook_size", "format") if old.get(k) != info[k]]
+        old = old if isinstance(old, dict) else {}
+        diff = [k for k in ("model", "weights_hash", "dtype", "codebook_size", "format") if old.get(k) != info[k]]
         if diff:
             raise CorpusError(f"{out} holds output of {', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
                            f"this run has {', '.join(f'{k}={info[k]!r}' for k in diff)}: use another --out")
         return
     _atomic_write(p, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _clean_temp_files(out: Path) -> int:
+    """Remove temporary outputs (.<name>.tmp<pid>) left by runs that died."""
+    n = 0
+    for d, _, files in os.walk(out):
+        for name in files:
+            m = _TMP.match(name)
+            if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+                Path(d, name).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def _lock(out: Path, shard: str):
+    """Hold <out>/.lock<shard> for the run: a second run on the same shard is refused."""
+    path = out / f".lock{shard}"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise CorpusError(f"{out} is being written by another encode-corpus run (pid {holder} holds {path}); "
+                          "wait for it to finish or use another --out") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 class _NpyWriter:
@@ -276,15 +366,29 @@ def _probe(path: str) -> float | str:
 
 
 def _load(path: str) -> tuple[np.ndarray, str]:
-    """(16 kHz mono signal, sha256 of the file)."""
-    h = hashlib.sha256()
+    """(16 kHz mono signal, sha256 of the file); out-of-range audio is refused here."""
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        sha = _sha256(Path(path))
     except OSError as e:
         raise AudioError(f"{path}: cannot read ({e.strerror})") from None
-    return read_audio(path, SR), h.hexdigest()
+    sig = read_audio(path, SR)
+    check_peak(sig, path)
+    return sig, sha
+
+
+def _watch_parent(conn) -> None:
+    """Exit when the process that made us dies (its end of `conn` closes), even by kill -9.
+    Workers hold the forkserver's and resource tracker's pipes open, so once they are gone
+    those two exit as well."""
+
+    def wait():
+        try:
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=wait, daemon=True, name="fastfocal-parent-watch").start()
 
 
 class _Inline:
@@ -306,13 +410,16 @@ class _Inline:
 
 
 def _executor(workers: int):
+    """(pool, pipe end the workers watch: closing or dying closes it)."""
     if workers <= 0:
-        return _Inline()
+        return _Inline(), None
     # forkserver: workers fork from a clean single-threaded server (never from a process
     # holding OpenMP/CUDA threads), and import the package once there, not once per worker.
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["fastfocal.corpus"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    r, w = ctx.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_parent, initargs=(r,))
+    return pool, (r, w)
 
 
 def make_batches(items: list[Item], batch_seconds: float, max_batch: int) -> list[list[Item]]:
@@ -345,7 +452,17 @@ def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "",
     """Encode `items` on one device. Writes <out>/manifest<shard>.jsonl and errors<shard>.jsonl."""
     codec = open_codec(opts["model"], opts["random_init"], device, opts["dtype"])
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out, shard)
+    try:
+        return _run_locked(items, out, codec, opts, shard, position)
+    finally:
+        lock.close()
+
+
+def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: str, position: int) -> dict:
     _check_info(out, codec, opts["fmt"])
+    _clean_temp_files(out)
+    made_by = provenance(codec)
     dtype = token_dtype(codec.codebook_size)
     if opts["fmt"] == "parquet":
         writer = _ParquetWriter(out, dtype, shard)
@@ -356,7 +473,7 @@ def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "",
     todo = [it for it in items if it.rel not in done]
     stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0}
     t0 = time.perf_counter()
-    pool = _executor(opts["workers"])
+    pool, watch = _executor(opts["workers"])
     with open(man_path, "a") as man, open(err_path, "w") as err:
 
         def fail(it: Item, msg: str):
@@ -366,8 +483,23 @@ def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "",
 
         def record(pairs, meta):
             for it, name in pairs:
-                man.write(json.dumps({"path": it.path, "rel": it.rel, "out": name, **meta.pop(it.rel)}) + "\n")
+                row = {"path": it.path, "rel": it.rel, "out": name, **meta.pop(it.rel), **made_by}
+                if name.endswith(".npy"):  # verified on resume (parquet shards: by size and magic)
+                    row["out_sha256"] = _sha256(out / name)
+                man.write(json.dumps(row) + "\n")
             man.flush()
+
+        def encode(good, sigs):
+            """Tokens per file; a batch the model refuses is retried file by file, so one bad
+            file lands in errors.jsonl and never fails the others."""
+            try:
+                return list(zip(good, sigs, encode_batch(codec, sigs)))
+            except InputError as e:
+                if len(sigs) == 1:
+                    fail(good[0], f"{good[0].path}: {e}")
+                    meta.pop(good[0].rel, None)
+                    return []
+            return [r for it, sig in zip(good, sigs) for r in encode([it], [sig])]
 
         # outputs must not collide: a.wav and a.flac in one folder would both be a.npy
         by_rel: dict[str, Item] = {}
@@ -404,7 +536,7 @@ def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "",
                     good.append(it)
                     sigs.append(sig)
                     meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, "sha256": sha}
-                for it, sig, toks in zip(good, sigs, encode_batch(codec, sigs) if sigs else []):
+                for it, sig, toks in (encode(good, sigs) if sigs else []):
                     meta[it.rel]["n_tokens"] = len(toks)
                     name = writer.add(it, toks)
                     if name is not None:
@@ -420,11 +552,14 @@ def run_shard(items: list[Item], out: Path, device, opts: dict, shard: str = "",
         finally:
             bar.close()
             pool.shutdown(wait=True, cancel_futures=True)
+            for c in watch or ():
+                c.close()
     stats["wall_s"] = time.perf_counter() - t0
     return stats
 
 
-def _device_main(items, out, device, opts, shard, position, q):
+def _device_main(items, out, device, opts, shard, position, q, watch):
+    _watch_parent(watch)
     try:
         q.put(run_shard(items, Path(out), device, opts, shard, position))
     except Exception as e:  # reported by the parent as one line
@@ -432,6 +567,27 @@ def _device_main(items, out, device, opts, shard, position, q):
 
 
 # =========================================================================== entry point
+def _env_int(name: str, default, lo: int) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        raise CorpusError(f"{name}={v!r} is not an integer") from None
+    if n < lo:
+        raise CorpusError(f"{name}={n} must be >= {lo}")
+    return n
+
+
+def _rank_world() -> tuple[int, int]:
+    """torchrun's RANK and WORLD_SIZE, checked (a rank outside the world would encode nothing)."""
+    rank, world = _env_int("RANK", 0, 0), _env_int("WORLD_SIZE", 1, 1)
+    if rank >= world:
+        raise CorpusError(f"RANK={rank} is outside WORLD_SIZE={world} (ranks are 0 .. {world - 1})")
+    return rank, world
+
+
 def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dtype="fp32", batch_seconds=600.0,
                   max_batch=64, workers=4, prefetch=2, fmt="npy", quiet=False) -> dict:
     """Encode every audio file under `inputs` into `out`. Returns counts and timings.
@@ -447,11 +603,10 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
             raise CorpusError("--format parquet needs pyarrow: pip install pyarrow") from None
     if batch_seconds <= 0 or max_batch < 1 or prefetch < 0:
         raise CorpusError("--batch-seconds must be > 0, --max-batch >= 1, --prefetch >= 0")
-    items = find_inputs(inputs)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    items = items[rank::world]
+    rank, world = _rank_world()
+    items = find_inputs(inputs)[rank::world]
     if not devices:
-        local = os.environ.get("LOCAL_RANK")
+        local = _env_int("LOCAL_RANK", None, 0)
         devices = [f"cuda:{local}" if local is not None and torch.cuda.is_available() else None]
     opts = dict(model=model, random_init=random_init, dtype=dtype, batch_seconds=batch_seconds, max_batch=max_batch,
                 workers=workers, prefetch=prefetch, fmt=fmt, quiet=quiet)
@@ -464,12 +619,15 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
     else:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
         q = ctx.Queue()
-        procs = [ctx.Process(target=_device_main, args=(items[k::n], str(out), d, opts, shards[k], k, q))
+        r, w = ctx.Pipe(duplex=False)  # device processes exit if this one dies
+        procs = [ctx.Process(target=_device_main, args=(items[k::n], str(out), d, opts, shards[k], k, q, r))
                  for k, d in enumerate(devices)]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
+        r.close()
+        w.close()
         results = []
         while len(results) < n:
             try:

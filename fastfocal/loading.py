@@ -140,9 +140,8 @@ def param_bytes(cfg: CodecConfig, dtype=torch.float32) -> int:
 
 def provenance(codec: Codec) -> dict:
     """What made a token file: sidecars, corpus manifests and info.json record it."""
-    h = getattr(codec, "weights_hash", None) or getattr(codec.model, "weights_hash", None)
     return {"fastfocal_version": __version__, "dtype": str(codec.dtype).removeprefix("torch."),
-            "device": codec.device.type, "weights_hash": h}
+            "device": codec.device.type, "weights_hash": codec.weights_hash}
 
 
 def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> FocalCodecModel:

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,220 @@ def test_ray_pipeline(src, causal):
     rows = encode_paths(paths, model=TINY).take_all()
     for r in rows:
         np.testing.assert_array_equal(np.asarray(r["tokens"]), causal.sig_to_toks(read_audio(r["path"])).numpy())
+
+
+# ----------------------------------------------------------------------------- bad audio (issues 9.1, 9.4)
+def _bad_audio(d: Path) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    sf.write(d / "good.wav", X16, 16000, subtype="FLOAT")
+    sf.write(d / "good2.wav", X16[::-1].copy(), 16000, subtype="FLOAT")
+    loud = X16.copy()
+    loud[4000] = 1e30
+    sf.write(d / "loud.wav", loud, 16000, subtype="FLOAT")
+    sf.write(d / "pcm.wav", X16, 16000, subtype="PCM_16")
+    raw = (d / "pcm.wav").read_bytes()
+    (d / "cut.wav").write_bytes(raw[:len(raw) // 2])
+    i = raw.index(b"data")
+    (d / "huge.wav").write_bytes(raw[:i + 4] + (0xFFFFFFF0).to_bytes(4, "little") + raw[i + 8:])
+    (d / "pcm.wav").unlink()
+    return {"loud": "audio has samples of magnitude 1e+30", "cut": "corrupt or truncated audio file",
+            "huge": "corrupt or truncated audio file: the header says data: 4,294,967,280 bytes"}
+
+
+def test_bad_audio_goes_to_errors_never_to_the_manifest(tmp_path, causal):
+    bad = _bad_audio(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["encode-corpus", str(tmp_path / "src"), "--out", str(out), "--model", TINY, "--workers", "1",
+                 "--quiet"]) == 0
+    errs = {json.loads(line)["rel"]: json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert set(errs) == set(bad)
+    for rel, msg in bad.items():
+        assert errs[rel].startswith(str(tmp_path / "src" / f"{rel}.wav")) and msg in errs[rel], errs[rel]
+    rows = [json.loads(line)["rel"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(rows) == ["good", "good2"] and sorted(p.name for p in out.glob("*.npy")) == ["good.npy", "good2.npy"]
+    check_tokens(causal, tmp_path / "src", out, ["good", "good2"])
+
+
+def test_a_file_the_model_refuses_never_fails_its_batch(tmp_path, causal, monkeypatch):
+    _bad_audio(tmp_path / "src")
+    real = corpus.encode_batch
+
+    def refuses_reversed(codec, sigs):  # the model refusing one row (e.g. non-finite latents)
+        if any(np.array_equal(s, X16[::-1]) for s in sigs):
+            raise corpus.InputError("latents contain NaN or Inf")
+        return real(codec, sigs)
+
+    monkeypatch.setattr(corpus, "encode_batch", refuses_reversed)
+    out = tmp_path / "out"
+    assert encode(tmp_path / "src", out, "--batch-seconds", "100") == 0
+    errs = {json.loads(line)["rel"]: json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert errs["good2"] == f"{tmp_path / 'src' / 'good2.wav'}: latents contain NaN or Inf"
+    assert [json.loads(line)["rel"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["good"]
+    check_tokens(causal, tmp_path / "src", out, ["good"])
+
+
+# ----------------------------------------------------------------------------- provenance (issue 8.7)
+def test_provenance_and_resume_with_other_dtype_or_weights(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fastfocal import load
+    from fastfocal.version import __version__
+
+    model = tmp_path / "m"
+    shutil.copytree(TINY, model)
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "a.wav", X16, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    argv = ["encode-corpus", str(src), "--out", str(out), "--model", str(model), "--workers", "0", "--quiet"]
+    assert main(argv) == 0
+    h = load(model, device="cpu").weights_hash
+    made_by = {"fastfocal_version": __version__, "dtype": "float32", "device": "cpu", "weights_hash": h}
+    info = json.loads((out / "info.json").read_text())
+    assert {k: info[k] for k in made_by} == made_by
+    row = json.loads((out / "manifest.jsonl").read_text())
+    assert {k: row[k] for k in made_by} == made_by
+    assert row["out_sha256"] == hashlib.sha256((out / "a.npy").read_bytes()).hexdigest()
+
+    assert main(argv + ["--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dtype='float32'" in err[0] and "dtype='bfloat16'" in err[0] and "use another --out" in err[0]
+    sd = load_file(str(model / "model.safetensors"))
+    sd["decoder.head.proj.bias"] = sd["decoder.head.proj.bias"] + 0.01  # same name, other weights
+    save_file(sd, str(model / "model.safetensors"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"weights_hash={h!r}" in err[0]
+    assert [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] == [row]  # untouched
+
+
+# ----------------------------------------------------------------------------- edge cases (issue 9.5)
+@pytest.mark.parametrize("env, match", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 is outside WORLD_SIZE=2 (ranks are 0 .. 1)"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+])
+def test_bad_rank_env(src, tmp_path, capsys, monkeypatch, env, match):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert encode(src, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastfocal: error: {match}"]
+
+
+def test_non_utf8_manifest(tmp_path, capsys):
+    (tmp_path / "list.jsonl").write_bytes(b'{"path": "caf\xe9.wav"}\n')
+    assert encode(tmp_path / "list.jsonl", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastfocal: error: {tmp_path / 'list.jsonl'}: manifest is not UTF-8 text (at byte offset 13)"]
+
+
+def test_resume_verifies_outputs_and_cleans_stale_temp_files(src, tmp_path, causal):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    assert encode(src, out) == 0
+    stat = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    (out / "ls/cut/a.npy").write_bytes(b"")  # 0 bytes
+    raw = (out / "ls/cut/b.npy").read_bytes()
+    (out / "ls/cut/b.npy").write_bytes(b"\x93NUMPX" + raw[6:])  # header corrupt
+    raw = bytearray((out / "ls/cut/c.npy").read_bytes())
+    raw[-1] ^= 1  # one token changed: header and size fine, sha256 not
+    (out / "ls/cut/c.npy").write_bytes(bytes(raw))
+    stat = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / "ls" / f".x.npy.tmp{int(dead.stdout)}"
+    live = out / "ls" / f".y.npy.tmp{os.getpid()}"  # a live process's temp file stays
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    assert encode(src, out) == 0
+    new = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    assert sorted(r for r in GOOD if new[r] != stat[r]) == ["ls/cut/a", "ls/cut/b", "ls/cut/c"]
+    check_tokens(causal, src, out, GOOD)
+    assert not stale.exists() and live.exists()
+    rels = [json.loads(line)["rel"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(rels) == sorted(GOOD)
+
+
+def test_concurrent_runs_on_one_out_are_refused(src, tmp_path, capsys, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run holding the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        assert encode(src, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"fastfocal: error: {out} is being written by another encode-corpus run (pid 4242 holds "
+                       f"{out / '.lock'}); wait for it to finish or use another --out"]
+        assert not list(out.rglob("*.npy"))
+        monkeypatch.setenv("RANK", "1")  # another shard has its own lock
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert encode(src, out) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert encode(src, out) == 0  # released: the run goes ahead
+
+
+def _descendants(pid: int) -> set[int]:
+    kids, frontier = set(), {pid}
+    while frontier:
+        new = set()
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    stat = Path(f"/proc/{d}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) in frontier:
+                    new.add(int(d))
+        frontier = new - kids
+        kids |= new
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill9_leaves_no_children(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        sf.write(src / f"f{i:02d}.wav", np.roll(X48, 97 * i), 16000, subtype="FLOAT")
+    p = subprocess.Popen([sys.executable, "-m", "fastfocal", "encode-corpus", str(src), "--out", str(tmp_path / "out"),
+                          "--model", TINY, "--workers", "2", "--batch-seconds", "4", "--quiet"])
+    seen: set[int] = set()
+    try:
+        for _ in range(600):  # until the resource tracker, the forkserver and a worker exist
+            seen |= _descendants(p.pid)
+            if len(seen) >= 4 or p.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert p.poll() is None and len(seen) >= 4, "the run ended before it could be killed"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        for _ in range(100):  # children notice within moments; allow 10 s
+            left = [c for c in seen if _running(c)]
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, {c: Path(f"/proc/{c}/cmdline").read_bytes()[:120] for c in left}
+    finally:
+        p.kill()
+        for c in seen:  # only what this test started (and is still a python process)
+            if _running(c) and b"python" in Path(f"/proc/{c}/cmdline").read_bytes():
+                os.kill(c, signal.SIGKILL)
