@@ -482,12 +482,20 @@ def test_client_that_stops_reading_is_closed_alone(causal, speech):
     with serving(causal, max_streams=2, modes=("full",), max_queued=8, close_timeout=1.0) as srv:
         async def slow():
             reader, writer = await raw_ws(srv.port, rcvbuf=4096)
+            for _ in range(200):
+                if srv.server.conns:
+                    break
+                await asyncio.sleep(0.01)
+            # a slow link: without this the kernel's autotuned send buffer (MBs) absorbs minutes of output
+            conn = next(iter(srv.server.conns.values()))
+            conn.request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             try:
-                for _ in range(4000):  # ~320 s of audio at most; the server gives up long before
+                for _ in range(2000):  # a real-time-ish sender; the server gives up after ~50 chunks
                     writer.write(frame(chunk))
                     await asyncio.wait_for(writer.drain(), 20)
                     if metric(srv, "fastfocal_errors_total", type="slow_client"):
                         return True
+                    await asyncio.sleep(0.005)
             except (ConnectionError, asyncio.TimeoutError):
                 return bool(metric(srv, "fastfocal_errors_total", type="slow_client"))
             finally:
