@@ -332,7 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_encode_corpus)
     _serve_commands(sub)
+    _export_onnx_command(sub)
     return ap
+
+
+def _export_onnx_command(sub) -> None:
+    """`export-onnx`: the streaming step as ONNX (fastfocal/onnx.py; needs the `onnx` extra)."""
+    p = sub.add_parser("export-onnx", help="streaming step -> ONNX model (chunk + state in, outputs + new state out)")
+    _model_args(p, device=False)
+    p.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
+    p.add_argument("--batch", type=int, default=1, help="streams per step (fixed in the graph; default 1)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_onnx(args) -> int:
+    from .onnx import export
+
+    if args.batch < 1:
+        raise CliError(f"--batch must be >= 1, got {args.batch}")
+    codec = load_codec(args.model, args.random_init, "cpu", args.dtype)
+    try:
+        print(export(codec, args.out, args.mode, args.batch))
+    except ImportError as e:
+        raise CliError(f"export-onnx needs the onnx extra: pip install 'fastfocal[onnx]' ({e})") from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return 0
 
 
 def _serve_commands(sub) -> None:

@@ -135,8 +135,9 @@ def bsq_quantize_ref(lats: Tensor) -> tuple[Tensor, Tensor]:
 
 def bsq_codes_ref(toks: Tensor, D: int, dtype: torch.dtype) -> Tensor:
     """tokens (...) -> codes (..., D)."""
-    shifts = torch.arange(D - 1, -1, -1, device=toks.device, dtype=torch.int64)
-    bits = (toks.long().unsqueeze(-1) >> shifts) & 1
+    # floor division by powers of two, not >>: ONNX exporters have no right shift of int64
+    pows = 2 ** torch.arange(D - 1, -1, -1, device=toks.device, dtype=torch.int64)
+    bits = torch.remainder(torch.div(toks.long().unsqueeze(-1), pows, rounding_mode="floor"), 2)
     return (bits.to(dtype) * 2 - 1) / math.sqrt(D)
 
 

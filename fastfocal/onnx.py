@@ -1,0 +1,166 @@
+"""ONNX export of the streaming step, and a runner that streams through ONNX Runtime.
+
+The exported graph is the pipeline's chunk step (`Pipeline.step`) as a pure function:
+
+    inputs:  x (B, 1280) float audio, or (B, 4) int64 tokens in mode "decode";
+             then every state tensor of the mode (fixed shapes, slot axis = batch)
+    outputs: the step outputs (full: toks, audio, err; encode: toks, err; decode: audio, err);
+             then the new state tensors, in the same order as the inputs
+
+State names are `<stage>.<field>[.<i>[.<j>]]` (e.g. `encoder.k_ring.3`, `compressor.pos`).
+`pos` is an input like the rest, so a fresh state (all zeros, pos = 0) takes the same first-
+chunk path (causal pads replicate the first frame) as fastfocal's own sessions: tokens agree
+from the first chunk. Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .pipeline import MODE_OUTPUTS, Pipeline, run_stages
+from .state import StageState
+
+OPSET = 18  # onnxruntime runs it; the dynamo exporter's lowest well-tested opset
+
+
+def _names(prefix: str, v) -> list[str]:
+    if isinstance(v, Tensor):
+        return [prefix]
+    if isinstance(v, list):
+        return [n for i, x in enumerate(v) for n in _names(f"{prefix}.{i}", x)]
+    return []
+
+
+def state_names(states: dict[str, StageState]) -> list[str]:
+    """One name per tensor, in `StageState.tensors()` order, stage by stage."""
+    return [n for s, st in states.items() for f in dataclasses.fields(st) for n in _names(f"{s}.{f.name}", getattr(st, f.name))]
+
+
+def _rebuild(template, it):
+    """Same nesting as template, tensors taken in order from the iterator `it`."""
+    if isinstance(template, Tensor):
+        return next(it)
+    if isinstance(template, list):
+        return [_rebuild(x, it) for x in template]
+    return template
+
+
+def _with_tensors(st: StageState, it) -> StageState:
+    return type(st)(**{f.name: _rebuild(getattr(st, f.name), it) for f in dataclasses.fields(st)})
+
+
+class StepFunction(nn.Module):
+    """(x, *state) -> (*step outputs, *new state): the pipeline step without side effects."""
+
+    def __init__(self, model, mode: str = "full", batch: int = 1):
+        super().__init__()
+        self.model, self.mode, self.batch = model, mode, batch
+        self.template = Pipeline(model, mode, batch, device="cpu").states  # shapes and nesting only
+
+    def forward(self, x: Tensor, *flat: Tensor):
+        it = iter([t.clone() for t in flat])  # the step updates its state in place: work on copies
+        states = {k: _with_tensors(st, it) for k, st in self.template.items()}
+        idx = torch.arange(x.shape[0], device=x.device)
+        out = run_stages(self.model, tuple(self.template), x, states, idx)
+        new = [t for st in states.values() for t in st.tensors()]
+        return (*(out[k] for k in MODE_OUTPUTS[self.mode]), out["err"], *new)
+
+
+def example_inputs(codec, mode: str, batch: int) -> tuple[Tensor, ...]:
+    """A chunk of the right kind and a fresh state, on the codec's device and dtype."""
+    pipe = Pipeline(codec.model, mode, batch)
+    if pipe.takes_audio:
+        x = 0.1 * torch.randn(batch, pipe.chunk, generator=torch.Generator().manual_seed(0)).to(codec.device, codec.dtype)
+    else:
+        x = torch.randint(0, codec.codebook_size, (batch, pipe.chunk), generator=torch.Generator().manual_seed(0)).to(codec.device)
+    return (x, *(t for st in pipe.states.values() for t in st.tensors()))
+
+
+def export(codec, path, mode: str = "full", batch: int = 1, opset: int = OPSET, optimize: bool = True) -> Path:
+    """Write the streaming step of `codec` in `mode` for `batch` streams to `path` (.onnx).
+
+    Uses the dynamo exporter: it functionalises the in-place state updates (index_copy_, the
+    K/V ring writes), which the TorchScript exporter cannot export (advanced-index index_put).
+    The graph is the torch reference path, the exact fp32 computation. optimize: onnxscript's
+    graph optimiser (constant folding, fusions) on export; it doubles the export time."""
+    import onnx  # noqa: F401  (fail early and clearly without the extra)
+    import onnxscript  # noqa: F401
+
+    if not codec.causal:
+        raise ValueError(f"ONNX export is of the streaming step: {codec.name} is non-causal")
+    if mode not in MODE_OUTPUTS:
+        raise ValueError(f"mode must be one of {tuple(MODE_OUTPUTS)}, got {mode!r}")
+    if codec.device.type != "cpu":
+        raise ValueError("export from a CPU codec (the graph is the torch reference path)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fn = StepFunction(codec.model, mode, batch).eval()
+    names = state_names(fn.template)
+    with torch.no_grad():
+        torch.onnx.export(fn, example_inputs(codec, mode, batch), str(path), input_names=["x", *names],
+                          output_names=[*MODE_OUTPUTS[mode], "err", *(f"new.{n}" for n in names)],
+                          opset_version=opset, dynamo=True, external_data=False, optimize=optimize, verbose=False)
+    return path
+
+
+class OnnxStream:
+    """Streams through an exported step with ONNX Runtime; state kept as numpy arrays.
+
+    The state starts fresh exactly as a fastfocal session's does (zeros, pos = 0). `push`
+    takes any number of samples (tokens for a decode model) per stream and returns what whole
+    chunks gave: (toks, audio) / toks / audio as numpy, like `codec.stream()`."""
+
+    def __init__(self, path, threads: int | None = None, providers=("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+        ins = self.session.get_inputs()
+        self.x_info, self.state_info = ins[0], ins[1:]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.n_step = len(self.outputs) - len(self.state_info)
+        self.batch, self.chunk = self.x_info.shape
+        self.x_dtype = _np_dtype(self.x_info.type)
+        self.reset()
+
+    def reset(self) -> None:
+        """New streams: a fresh state (what `StageState.zeros` allocates)."""
+        self.state = [np.zeros(i.shape, _np_dtype(i.type)) for i in self.state_info]
+        self._buf = np.zeros((self.batch, 0), self.x_dtype)
+
+    def step(self, x: np.ndarray) -> list[np.ndarray]:
+        """One chunk (B, chunk): the step outputs (..., err); the state advances."""
+        feed = {self.x_info.name: np.ascontiguousarray(x, self.x_dtype)}
+        feed.update({i.name: s for i, s in zip(self.state_info, self.state)})
+        res = self.session.run(self.outputs, feed)
+        self.state = res[self.n_step:]
+        return res[:self.n_step]
+
+    def push(self, x):
+        x = np.asarray(x)
+        if x.ndim == 1:
+            x = x[None]
+        buf = np.concatenate([self._buf, x.astype(self.x_dtype)], 1)
+        n = buf.shape[1] // self.chunk
+        outs = [self.step(buf[:, i * self.chunk:(i + 1) * self.chunk]) for i in range(n)]
+        self._buf = buf[:, n * self.chunk:]
+        k = self.n_step - 1  # err last
+        if not outs:
+            return None
+        bad = np.max([o[-1] for o in outs], 0)
+        if bad.any():
+            raise ValueError(f"bad input or non-finite output in rows {np.nonzero(bad)[0].tolist()} (codes {bad.tolist()})")
+        res = tuple(np.concatenate([o[j] for o in outs], 1) for j in range(k))
+        return res[0] if k == 1 else res
+
+
+def _np_dtype(onnx_type: str):
+    return {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+            "tensor(float16)": np.float16, "tensor(double)": np.float64}[onnx_type]

@@ -1,0 +1,84 @@
+"""ONNX export of the streaming step: through ONNX Runtime, fp32 tokens equal fastfocal's
+streaming tokens from the first chunk, audio and state agree (tiny model, real speech)."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close, assert_tokens
+
+from fastfocal.audio import read_audio
+from fastfocal.cli import main
+from fastfocal.onnx import OnnxStream, export, state_names
+
+CHUNK = 1280
+
+
+def _speech(data_dir, name):
+    sig = read_audio(data_dir / "audio" / name, 16000)  # p287_007 is 48 kHz: resampled
+    return sig[: len(sig) // CHUNK * CHUNK]  # whole chunks: every one goes through the step
+
+
+@pytest.fixture(scope="module")
+def full_onnx(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("onnx") / "full.onnx"
+    assert main(["export-onnx", "--mode", "full", "--model", str(data_dir / "tiny_causal"), "--out", str(out)]) == 0
+    return out
+
+
+def test_full_step_equals_streaming_from_first_chunk(causal, data_dir, full_onnx):
+    sig = _speech(data_dir, "84-121123-0000.wav")
+    ort_s, ff_s = OnnxStream(full_onnx, threads=1), causal.stream()
+    names = state_names(ff_s.states)
+    assert [i.name for i in ort_s.state_info] == names
+    toks, audio, ref_toks, ref_audio = [], [], [], []
+    for a in range(0, len(sig), CHUNK):  # chunk by chunk: chunk 0 is the fresh-state (pos == 0) path
+        t, y = ort_s.push(sig[a:a + CHUNK])
+        rt, ry = ff_s.push(torch.from_numpy(sig[a:a + CHUNK]))
+        assert_tokens(f"toks of chunk {a // CHUNK}", t, rt)
+        toks.append(t), audio.append(y), ref_toks.append(rt.numpy()), ref_audio.append(ry.numpy())
+    assert len(toks) == len(sig) // CHUNK > 20
+    toks, ref_toks = np.concatenate(toks, 1), np.concatenate(ref_toks, 1)
+    assert_tokens("toks", toks, ref_toks)
+    assert len(np.unique(toks)) > 10  # real speech gives varied tokens, not one repeated code
+    assert_close("audio", np.concatenate(audio, 1), np.concatenate(ref_audio, 1), rel=1e-5)
+    # the state ONNX Runtime carries is fastfocal's state after the same chunks
+    ref_state = [t for st in ff_s.states.values() for t in st.tensors()]
+    for name, got, ref in zip(names, ort_s.state, ref_state):
+        if name.endswith(".pos"):
+            assert (got == ref.numpy()).all() and int(got[0]) > 0, name
+        else:
+            assert_close(name, got, ref, rel=1e-5, atol=1e-7)
+
+
+def test_full_any_push_sizes_and_reset(causal, data_dir, full_onnx):
+    sig = _speech(data_dir, "p287_007.wav")
+    ref_toks, ref_audio = causal.stream().push(torch.from_numpy(sig))
+    s = OnnxStream(full_onnx)
+    s.push(sig[:3 * CHUNK])  # another stream first: reset must start a fresh one
+    s.reset()
+    outs = [s.push(sig[a:a + 1000]) for a in range(0, len(sig), 1000)]
+    outs = [o for o in outs if o is not None]
+    assert_tokens("toks", np.concatenate([o[0] for o in outs], 1), ref_toks)
+    assert_close("audio", np.concatenate([o[1] for o in outs], 1), ref_audio, rel=1e-5)
+
+
+def test_decode_batch_two(causal, data_dir, tmp_path):
+    sigs = [_speech(data_dir, n) for n in ("84-121123-0000.wav", "p287_007.wav")]
+    n = min(len(s) for s in sigs)
+    toks = causal.stream_encoder(batch_size=2).push(torch.from_numpy(np.stack([s[:n] for s in sigs])))
+    path = export(causal, tmp_path / "decode.onnx", "decode", batch=2, optimize=False)
+    s = OnnxStream(path)
+    assert s.batch == 2 and s.chunk == 4
+    audio = s.push(toks.numpy())
+    ref = causal.stream_decoder(batch_size=2).push(toks)
+    assert audio.shape == ref.shape == (2, toks.shape[1] * 480)
+    assert_close("audio", audio, ref, rel=1e-5)
+    assert not np.allclose(audio[0], audio[1])  # rows are their own streams
+
+
+def test_bad_input_is_reported(data_dir, full_onnx):
+    s = OnnxStream(full_onnx)
+    x = _speech(data_dir, "84-121123-0000.wav")[:CHUNK].copy()
+    x[5] = np.nan
+    with pytest.raises(ValueError, match="rows \\[0\\]"):
+        s.push(x)
