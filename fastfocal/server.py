@@ -147,6 +147,9 @@ class EngineThread:
         return any(e.ready() for e in self.engines.values())
 
     def _run(self) -> None:
+        dev = next(iter(self.engines.values())).device
+        if dev.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(dev)
         while True:
             with self._cv:
                 while not self._cmds and not self._stop and not self._ready():
@@ -337,6 +340,8 @@ class Server:
     async def drain(self, timeout: float = 30.0) -> None:
         """No new streams; every open one is flushed (its pending input run, then end + 1000)."""
         self.draining = True
+        if self._idle is None:  # never started
+            return
         for c in list(self.conns.values()):
             c.stop("flush", 1000, "server draining")
         try:
@@ -388,6 +393,8 @@ class Server:
             return self._refuse(400, f"format must be one of {list(FORMATS)}, got {fmt!r}", "bad_request")
         if self.draining:
             return self._refuse(503, "server is draining", "over_capacity")
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            return self._refuse(400, "expected a WebSocket upgrade", "bad_request")
         fut = self.worker.call(self.worker.open, mode)
         try:
             sid = await asyncio.shield(fut)

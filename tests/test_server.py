@@ -313,6 +313,8 @@ def test_api_key_401_before_upgrade(causal, speech):
 def test_over_capacity_503(causal, speech):
     x = speech[0, :3000].tobytes()
     with serving(causal, max_streams=2, modes=("full",)) as srv:
+        assert [srv.get("/v1/stream")[0] for _ in range(3)] == [400] * 3  # no upgrade: no slot taken
+
         async def main():
             async with aiohttp.ClientSession() as s:
                 a = await s.ws_connect(f"{srv.url}/v1/stream")
