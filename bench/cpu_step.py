@@ -1,0 +1,233 @@
+"""Batch-1 CPU chunk step against the weight-read floor, measured in the same run.
+
+For each thread count (1, 2) and mode (full codec, decoder only) and dtype (fp32, bf16): the
+median wall time of `Pipeline.step` on one 80 ms chunk of real speech (full-size random weights,
+after warm-up), the floor = bytes of the weights the step reads / the single-pass read bandwidth
+(`torch.sum` over a 1 GiB tensor at the same thread count, its passes interleaved with the steps
+so a loaded machine slows both), and their ratio. With onnxruntime installed, also ONNX Runtime's
+step on the same weights (fp32, exported once per mode with fastfocal.onnx, cached).
+
+Appends one JSON line per row to bench/results/cpu-step.jsonl and prints a table.
+
+    python bench/cpu_step.py                             # ~5 min on 2 cores (plus a first ONNX export)
+    python bench/cpu_step.py --threads 1 --modes decode --dtypes fp32 --no-onnx
+    python bench/cpu_step.py --profile full --dtypes fp32   # torch.profiler table of the step instead
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastfocal
+from fastfocal.audio import read_audio
+from fastfocal.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SPEECH = [ROOT.parent / "shared" / "audio" / "librispeech-dev-clean", Path("/work/shared/audio/librispeech-dev-clean"),
+          ROOT / "tests" / "data" / "audio"]
+CACHE = Path(os.environ.get("FASTFOCAL_BENCH_CACHE", "/tmp/fastfocal-bench"))
+STAGES = {"full": ("encoder", "compressor", "decompressor", "decoder"), "encode": ("encoder", "compressor"),
+          "decode": ("decompressor", "decoder")}
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} x{os.cpu_count()}"
+
+
+def commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fastfocal", "kernels"], cwd=ROOT).returncode
+        return (r.stdout.strip() or "?") + ("+dirty" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def speech(seconds: float) -> np.ndarray:
+    """Real speech: utterances joined to at least `seconds`, whole chunks."""
+    d = next(p for p in SPEECH if p.is_dir())
+    parts, n = [], 0
+    for f in sorted(d.rglob("*.wav")):
+        parts.append(read_audio(f, 16000))
+        n += len(parts[-1])
+        if n >= seconds * 16000:
+            break
+    sig = np.concatenate(parts)
+    return sig[: len(sig) // 1280 * 1280]
+
+
+def weight_bytes(codec, mode: str) -> int:
+    """Bytes of the weights one chunk step reads: each weight once (the memory-traffic floor)."""
+    return sum(p.numel() * p.element_size() for s in STAGES[mode] for p in getattr(codec.model, s).parameters())
+
+
+class Bandwidth:
+    """Single-pass read bandwidth: torch.sum over a 1 GiB tensor (far beyond any cache)."""
+
+    def __init__(self, gib: float = 1.0):
+        self.x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+        self.x.sum()  # touch every page
+
+    def once(self) -> float:
+        t = time.perf_counter()
+        self.x.sum()
+        return self.x.numel() * 4 / (time.perf_counter() - t)
+
+
+def chunks_for(codec, mode: str, sig: np.ndarray) -> list[torch.Tensor]:
+    """The step inputs: audio chunks, or (decode) the tokens this model gives for them."""
+    x = torch.from_numpy(sig)[None]
+    if mode == "decode":
+        with torch.inference_mode():
+            toks = codec.stream_encoder().push(x)
+        return [toks[:, a:a + 4].contiguous() for a in range(0, toks.shape[1] - 3, 4)]
+    return [x[:, a:a + 1280].to(codec.dtype).contiguous() for a in range(0, x.shape[1], 1280)]
+
+
+def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, bw_every: int = 5):
+    """Step times (s) after warm-up, and bandwidth samples taken between the steps."""
+    ts, bws = [], []
+    for i in range(warmup + steps):
+        x = inputs[i % len(inputs)]
+        t = time.perf_counter()
+        step(x)
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            ts.append(dt)
+            if (i - warmup) % bw_every == 0:
+                bws.append(bw.once())
+    return ts, bws
+
+
+def fastfocal_step(codec, mode: str):
+    pipe = Pipeline(codec.model, mode, 1)
+    idx = torch.zeros(1, dtype=torch.long)
+
+    def step(x):
+        with torch.inference_mode():
+            return pipe.step(x, idx)
+    return step
+
+
+def onnx_step(codec, mode: str, threads: int, weights_key: str):
+    from fastfocal.onnx import OnnxStream, export
+
+    path = CACHE / f"{weights_key}-{mode}.onnx"
+    if not path.exists():
+        t = time.perf_counter()
+        export(codec, path.with_suffix(".tmp.onnx"), mode, 1)
+        path.with_suffix(".tmp.onnx").rename(path)
+        print(f"  exported {path} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    s = OnnxStream(path, threads=threads)
+    return lambda x: s.step(x.numpy())
+
+
+def profile(codec, mode: str, sig, warmup: int, steps: int, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    step, inputs = fastfocal_step(codec, mode), chunks_for(codec, mode, sig)
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    with prof(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        for i in range(steps):
+            step(inputs[(warmup + i) % len(inputs)])
+    print(f"## {mode} {str(codec.dtype).removeprefix('torch.')} threads={torch.get_num_threads()} ({steps} steps)")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    print(p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="50hz_4k_causal")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--modes", default="full,decode")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime rows")
+    ap.add_argument("--profile", metavar="MODE", help="print a torch.profiler table for MODE instead of timing")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=str(RESULTS / "cpu-step.jsonl"))
+    a = ap.parse_args()
+
+    sig = speech(30.0)
+    codecs = {d: fastfocal.random_init(a.preset, seed=0, device="cpu", dtype={"fp32": "float32", "bf16": "bfloat16"}[d])
+              for d in a.dtypes.split(",")}
+    threads = [int(t) for t in a.threads.split(",")]
+    if a.profile:
+        for t in threads:
+            torch.set_num_threads(t)
+            for c in codecs.values():
+                profile(c, a.profile, sig, a.warmup, min(a.steps, 20), a.top)
+        return 0
+
+    try:
+        import onnxruntime  # noqa: F401
+        have_ort = not a.no_onnx and "fp32" in codecs
+    except ImportError:
+        have_ort = False
+    # the cached graph is of these weights and this code: a change to either exports anew
+    src = b"".join(p.read_bytes() for d in ("fastfocal", "kernels") for p in sorted((ROOT / d).glob("*.py")))
+    key = hashlib.sha1(a.preset.encode() + b"-seed0-" + src).hexdigest()[:12]
+    bw = Bandwidth()
+    base = {"machine": machine(), "commit": commit(), "torch": torch.__version__, "preset": a.preset,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "batch": 1}
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        for mode in a.modes.split(","):
+            for dname, codec in codecs.items():
+                inputs = chunks_for(codec, mode, sig)
+                impls = [("fastfocal", fastfocal_step(codec, mode))]
+                if have_ort and dname == "fp32":
+                    impls.append(("onnxruntime", onnx_step(codec, mode, t, key)))
+                for impl, step in impls:
+                    load = os.getloadavg()[0]
+                    ts, bws = time_steps(step, inputs, a.warmup, a.steps, bw)
+                    bps = statistics.median(bws)
+                    wb = weight_bytes(codec, mode)
+                    step_ms, floor_ms = 1e3 * statistics.median(ts), 1e3 * wb / bps
+                    row = {**base, "threads": t, "dtype": dname, "mode": mode, "impl": impl,
+                           "step_ms": round(step_ms, 2), "step_p10_ms": round(1e3 * np.percentile(ts, 10), 2),
+                           "floor_ms": round(floor_ms, 2), "ratio": round(step_ms / floor_ms, 2),
+                           "read_gbps": round(bps / 1e9, 1), "weight_mb": round(wb / 1e6, 1), "steps": len(ts),
+                           "loadavg_1m": round(load, 2)}
+                    rows.append(row)
+                    print(f"  {t} thr {mode:6} {dname} {impl:11} step {step_ms:7.1f} ms  floor {floor_ms:6.1f} ms"
+                          f"  ratio {step_ms / floor_ms:5.2f}  ({bps / 1e9:.1f} GB/s, load {load:.1f})", file=sys.stderr)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"\n{base['machine']}, commit {base['commit']}, torch {base['torch']}, {a.preset}, batch 1, "
+          f"median of {a.steps} steps after {a.warmup} warm-up\n")
+    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | read GB/s | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
+              f"{r['ratio']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
