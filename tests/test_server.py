@@ -87,7 +87,7 @@ class Running:
 
     def wait_open(self, n, what="open streams"):
         """Poll /healthz until n streams are open (bounded)."""
-        for _ in range(200):
+        for _ in range(400):
             if self.health()["open_streams"] == n:
                 return
             time.sleep(0.05)
@@ -101,6 +101,15 @@ def serving(codec, **kw):
         yield r
     finally:
         r.close()
+
+
+async def until(cond, what, timeout=20.0):
+    """Poll cond() (bounded in time) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.01)
 
 
 def run(coro, timeout=TIMEOUT):
@@ -455,17 +464,12 @@ def test_backpressure_bounds_what_is_read(causal, speech):
         async def main():
             go = asyncio.Event()
             task = asyncio.create_task(talk(srv.url, split(x, np.random.default_rng(5), 1280, 1281), go=go))
-            for _ in range(200):
-                if srv.server.conns:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: srv.server.conns, "connection registered")
             conn = next(iter(srv.server.conns.values()))
             srv.server.worker.post(gate.wait, 30)  # blocks the engine thread until released
             go.set()
-            for _ in range(200):  # the reader stops after 4 one-chunk messages (3 may wait)
-                if conn.submitted >= 4 * 1280:
-                    break
-                await asyncio.sleep(0.02)
+            # the reader stops after 4 one-chunk messages (3 may wait); give it time to overshoot
+            await until(lambda: conn.submitted >= 4 * 1280, "4 chunks read")
             await asyncio.sleep(0.3)
             read = conn.submitted
             gate.set()
@@ -484,10 +488,7 @@ def test_client_that_stops_reading_is_closed_alone(causal, speech):
     with serving(causal, max_streams=2, modes=("full",), max_queued=8, close_timeout=1.0) as srv:
         async def slow():
             reader, writer = await raw_ws(srv.port, rcvbuf=4096)
-            for _ in range(200):
-                if srv.server.conns:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: srv.server.conns, "connection registered")
             # a slow link: without this the kernel's autotuned send buffer (MBs) absorbs minutes of output
             conn = next(iter(srv.server.conns.values()))
             conn.request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -521,16 +522,10 @@ def test_drain_ends_open_streams(causal, speech):
         async def main():
             hold = asyncio.Event()  # never set: the client would stream on; the drain ends it
             task = asyncio.create_task(talk(srv.url, [x.tobytes()], hold=hold))
-            for _ in range(200):
-                c = list(srv.server.conns.values())
-                if c and c[0].submitted == len(x):
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: any(c.submitted == len(x) for c in list(srv.server.conns.values())),
+                        "input submitted")
             drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.drain(10), srv.loop))
-            for _ in range(200):
-                if srv.server.draining:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: srv.server.draining, "draining")
             with pytest.raises(aiohttp.WSServerHandshakeError) as e:
                 await talk(srv.url, [])
             assert e.value.status == 503
