@@ -227,6 +227,9 @@ def test_one_client_bit_exact_and_flush(causal, speech):
     x = speech[0, 1000:1000 + 9 * 1280 + 333].copy()
     with serving(causal, max_streams=2) as srv:
         r = run(talk(srv.url, split(x, rng)))
+        empty = run(talk(srv.url, []))
+    check_ok(empty)
+    assert empty.kinds == ["ready", "end"]
     check_ok(r)
     ref_t, ref_a = engine_ref(causal, "full", x)
     assert np.array_equal(r.tokens, ref_t) and r.tokens.shape == (-(-len(x) // 320),)
