@@ -180,7 +180,7 @@ def main():
             ms = [v * 1e3 for v in lat] or [float("nan")]
             steps = d.get("fastfocal_steps_total", 0.0)
             row = {"bench": "serve_load", **machine(), "server": health.get("device"), "model": health.get("model"),
-                   "dtype": health.get("dtype"), "mode": args.mode, "clients": n, "seconds": args.seconds,
+                   "dtype": health.get("dtype"), "mode": args.mode, "server_threads": args.threads, "clients": n, "seconds": args.seconds,
                    "realtime": not args.fast, "chunks": chunks,
                    "latency_ms": {"p50": round(pct(ms, .5), 2), "p90": round(pct(ms, .9), 2),
                                   "p99": round(pct(ms, .99), 2), "max": round(max(ms), 2)},
