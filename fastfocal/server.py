@@ -30,11 +30,13 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .codec import Codec
-from .engine import MODES, EngineFull, StreamEngine, StreamOutput
+from .engine import MODES as _ENGINE_MODES
+from .engine import EngineFull, StreamEngine, StreamOutput
 from .inputs import MAX_AMPLITUDE, InputError
 
 log = logging.getLogger("fastfocal.server")
 
+MODES = tuple(_ENGINE_MODES)  # full, encode, decode
 FORMATS = {"f32le": np.dtype("<f4"), "s16le": np.dtype("<i2")}
 ERROR_TYPES = ("unauthorized", "over_capacity", "bad_request", "bad_input", "bad_message", "slow_client",
                "stream", "internal")
