@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .config import CodecConfig
 from .graphs import GraphRunner, buckets_for, graphs_enabled
-from .inputs import DTYPES, InputError, as_tensor, check_fits, check_tokens, one_stream, positive_int
+from .inputs import DTYPES, InputError, as_tensor, check_fits, positive_int
 from .model import FocalCodecModel
 from .pipeline import ERRORS, MODE_OUTPUTS, MODES, Pipeline
 from .profiling import nvtx_range
@@ -48,10 +49,18 @@ class StreamOutput:
 
 
 @dataclasses.dataclass
-class _Stream:
-    slot: int
-    buf: Tensor  # pending samples or tokens, on the host
-    error: str | None = None
+class StepResult:
+    """One step for many streams as batched tensors: row i belongs to stream ids[i].
+    tokens (n, 4) int64 / audio (n, 1920) float32 (None when the mode has none), on the
+    engine's device; errors (n,) sticky error codes (0: fine, else a key of pipeline.ERRORS)."""
+
+    ids: np.ndarray
+    tokens: Tensor | None
+    audio: Tensor | None
+    errors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -66,11 +75,13 @@ class StreamEngine:
     (load the codec where the engine should run). cuda_graphs: capture the step per batch
     bucket on CUDA (FASTFOCAL_CUDA_GRAPHS=0 turns it off); capture happens here, at start-up.
 
-    Inputs are buffered on the host (a CUDA tensor passed to submit is copied back, which
-    syncs); each step copies the ready chunks in once. Not thread-safe: drive it from one loop.
+    Pending input lives on the host in one ring per slot (numpy; grown when a submit does not
+    fit), so a step gathers every ready chunk with one vectorised copy and no per-stream
+    tensor work; `step_batch` returns the outputs as batched tensors. A CUDA tensor passed to
+    submit is copied back, which syncs. Not thread-safe: drive it from one loop.
     """
 
-    def __init__(self, codec: Codec, max_streams: int, mode: str = "full", device=None, dtype=None,
+    def __init__(self, codec: "Codec", max_streams: int, mode: str = "full", device=None, dtype=None,
                  cuda_graphs: bool = True):
         check_codec(codec)
         if mode not in MODES:
@@ -89,20 +100,28 @@ class StreamEngine:
         self.hop = cfg.token_hop
         self.scratch = max_streams  # padding rows (and graph warm-up) run on this slot
         in_dtype = torch.long if mode == "decode" else self.dtype
+        self._np_in = np.int64 if mode == "decode" else np.float32  # host rings (numpy has no bf16)
         per_slot = Pipeline.bytes_per_slot(codec.model, mode, self.dtype)
+        ring_cap = 2 * self.chunk
         check_fits((max_streams + 1) * per_slot + 3 * max_streams * self.chunk * torch.finfo(self.dtype).bits // 8,
                    self.device, f"a {mode} engine of {max_streams} streams ({per_slot / 2**20:.3g} MiB of state each)")
+        check_fits(max_streams * ring_cap * 8, "cpu", f"input rings for {max_streams} streams")
         self.pipeline = Pipeline(codec.model, mode, max_streams + 1)
         self.states = self.pipeline.states
         self._slot_ids = torch.arange(max_streams + 1, device=self.device)
         self.runner = GraphRunner(self.pipeline.step, [((self.chunk,), in_dtype)], buckets_for(max_streams),
                                   self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs))
-        on_gpu = self.device.type == "cuda"
-        # host staging: pinned on CUDA (async copy in); on CPU it is the static buffer itself
-        self._host_in = (torch.zeros(max_streams, self.chunk, dtype=in_dtype, pin_memory=True) if on_gpu
-                         else self.runner.inputs[0])
-        self._host_idx = torch.zeros(max_streams, dtype=torch.long, pin_memory=True) if on_gpu else self.runner.idx
-        self._streams: dict[int, _Stream] = {}
+        pin = self.device.type == "cuda"  # pinned staging: the copy in is asynchronous
+        self._host_in = torch.zeros(max_streams, self.chunk, dtype=torch.from_numpy(np.zeros(0, self._np_in)).dtype,
+                                    pin_memory=pin)
+        self._host_idx = torch.zeros(max_streams, dtype=torch.long, pin_memory=pin)
+        # per slot: ring of pending input, read position, count, sticky error code, owner id
+        self._ring = np.zeros((max_streams, ring_cap), self._np_in)
+        self._head = np.zeros(max_streams, np.int64)
+        self._fill = np.zeros(max_streams, np.int64)
+        self._err = np.zeros(max_streams, np.int32)
+        self._sid = np.full(max_streams, -1, np.int64)  # -1: free
+        self._slot: dict[int, int] = {}  # open stream id -> slot
         self._free = list(range(max_streams - 1, -1, -1))  # pop(): lowest first, then the last freed
         self._next_id = 0
         self.runner.capture()
@@ -135,18 +154,22 @@ class StreamEngine:
     # ------------------------------------------------------------------ streams
     @property
     def streams(self) -> list[int]:
-        """Open stream ids, in the order their rows appear in a step."""
-        return list(self._streams)
+        """Open stream ids, in the order their rows appear in a step (slot order)."""
+        return [int(s) for s in self._sid[self._sid >= 0]]
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self._slot)
 
-    def _get(self, sid) -> _Stream:
-        s = self._streams.get(sid)
-        if s is None:
+    def _get(self, sid) -> int:
+        slot = self._slot.get(sid)
+        if slot is None:
             state = "closed" if isinstance(sid, int) and 0 <= sid < self._next_id else "unknown"
             raise KeyError(f"stream {sid!r} is {state}")
-        return s
+        return slot
+
+    def slot_of(self, sid: int) -> int:
+        """The state slot a stream runs on (rows of `states` tensors)."""
+        return self._get(sid)
 
     def open(self) -> int:
         """Start a stream on a free slot (reset in place); returns its id (never reused)."""
@@ -156,101 +179,156 @@ class StreamEngine:
         self.pipeline.reset(self._slot_ids[slot:slot + 1])
         sid = self._next_id
         self._next_id += 1
-        in_dtype = torch.long if self.mode == "decode" else self.dtype
-        self._streams[sid] = _Stream(slot, torch.zeros(0, dtype=in_dtype))
+        self._slot[sid] = slot
+        self._sid[slot], self._head[slot], self._fill[slot], self._err[slot] = sid, 0, 0, 0
         return sid
 
     def close(self, sid: int) -> None:
         """Drop a stream and its pending input; its slot is free for the next open()."""
-        s = self._get(sid)
-        del self._streams[sid]
-        self._free.append(s.slot)
+        slot = self._get(sid)
+        del self._slot[sid]
+        self._sid[slot], self._fill[slot] = -1, 0
+        self._free.append(slot)
 
     def pending(self, sid: int) -> int:
         """Samples (or tokens) buffered for this stream."""
-        return self._get(sid).buf.numel()
+        return int(self._fill[self._get(sid)])
 
     def error(self, sid: int) -> str | None:
-        return self._get(sid).error
+        return ERRORS.get(int(self._err[self._get(sid)]))
 
     def submit(self, sid: int, data) -> None:
         """Append samples (16 kHz float, shape (n,) or (1, n)) or tokens (integers in the
         codebook) to a stream. Any n; whole chunks are stepped by step()."""
-        s = self._get(sid)
+        slot = self._get(sid)
+        v = self._host_array(data, sid)
+        n = v.shape[0]
+        if not n:
+            return
+        need = int(self._fill[slot]) + n
+        if need > self._ring.shape[1]:
+            self._grow(need)
+        cap = self._ring.shape[1]
+        w = int(self._head[slot] + self._fill[slot]) % cap
+        first = min(n, cap - w)  # at most two contiguous pieces
+        self._ring[slot, w:w + first] = v[:first]
+        self._ring[slot, :n - first] = v[first:]
+        self._fill[slot] = need
+
+    def _host_array(self, data, sid: int) -> np.ndarray:
+        """Validated 1-D numpy input for one stream (numpy checks: this is per message, so
+        cheap matters). NaN/Inf and out-of-range samples pass: the step flags that stream."""
         what = "tokens" if self.mode == "decode" else "audio"
-        x = one_stream(as_tensor(data, what), f"{what} of stream {sid}")
-        if x.device.type != "cpu":
-            x = x.cpu()
+        if isinstance(data, Tensor):
+            t = data.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()
+            elif t.dtype in (torch.uint16, torch.uint32, torch.uint64) or t.is_complex():
+                t = as_tensor(t, what)  # widened (or refused) the slow way
+            data = t.numpy()
+        elif not isinstance(data, np.ndarray):
+            as_tensor(data, what)  # raises the usual message
+        if data.ndim == 2 and data.shape[0] == 1:
+            data = data[0]
+        if data.ndim != 1:
+            raise InputError(f"{what} of stream {sid} for one stream must be (n,) or (1, n), got shape {data.shape}")
+        kind = data.dtype.kind
         if self.mode == "decode":
-            if x.numel():
-                x = check_tokens(x, self.codec.codebook_size, f"tokens of stream {sid}")[0][0]
-            elif x.is_floating_point():
-                raise InputError(f"tokens of stream {sid} must be an integer tensor, got {x.dtype}")
-            x = x.long()
-        else:
-            if not x.is_floating_point():
-                raise InputError(f"audio of stream {sid} must be floating point in [-1, 1], got {x.dtype} "
-                                 "(convert integer PCM with x / 32768)")
-            # NaN/Inf and out-of-range samples pass through: the step flags this stream only
-            x = x.to(self.dtype)
-        if x.numel():
-            s.buf = torch.cat([s.buf, x]) if s.buf.numel() else x.clone()
+            if kind not in "iu":
+                raise InputError(f"tokens of stream {sid} must be an integer tensor, got {data.dtype}")
+            if data.size:
+                lo, hi = int(data.min()), int(data.max())
+                if lo < 0 or hi >= self.codec.codebook_size:
+                    raise InputError(f"tokens of stream {sid}: token out of range [0, {self.codec.codebook_size}): "
+                                     f"found values in [{lo}, {hi}]")
+            return data.astype(np.int64, copy=False)
+        if kind != "f":
+            raise InputError(f"audio of stream {sid} must be floating point in [-1, 1], got {data.dtype} "
+                             "(convert integer PCM with x / 32768)")
+        return data.astype(np.float32, copy=False)
+
+    def _grow(self, need: int) -> None:
+        """Double the rings until `need` fits, unwrapping each slot's pending input to the front."""
+        cap = self._ring.shape[1]
+        new_cap = cap
+        while new_cap < need:
+            new_cap *= 2
+        check_fits(self.max_streams * new_cap * self._ring.itemsize, "cpu", f"input rings of {new_cap} per stream")
+        cols = (self._head[:, None] + np.arange(cap)) % cap
+        ring = np.zeros((self.max_streams, new_cap), self._np_in)
+        ring[:, :cap] = np.take_along_axis(self._ring, cols, 1)
+        self._ring, self._head = ring, np.zeros_like(self._head)
+
+    def _take(self, slots: np.ndarray, n: int, out: np.ndarray) -> None:
+        """Pop the first n pending elements of each slot into out (len(slots), n)."""
+        cap = self._ring.shape[1]
+        cols = (self._head[slots, None] + np.arange(n)) % cap
+        out[...] = self._ring[slots[:, None], cols]
+        self._head[slots] = (self._head[slots] + n) % cap
+        self._fill[slots] -= n
 
     # ------------------------------------------------------------------ stepping
+    def _ready_slots(self) -> np.ndarray:
+        return np.flatnonzero((self._sid >= 0) & (self._fill >= self.chunk))
+
     def ready(self) -> list[int]:
         """Ids of the streams the next step() will advance."""
-        return [sid for sid, s in self._streams.items() if s.buf.numel() >= self.chunk]
+        return [int(s) for s in self._sid[self._ready_slots()]]
+
+    def step_batch(self) -> StepResult:
+        """One batched chunk for every stream with a whole chunk buffered; others untouched.
+        Outputs as batched tensors (no per-stream objects). One host sync."""
+        slots = self._ready_slots()
+        n = len(slots)
+        names = MODE_OUTPUTS[self.mode]
+        if not n:
+            z = torch.zeros(0, device=self.device)
+            return StepResult(np.zeros(0, np.int64), z.long().view(0, 4) if "toks" in names else None,
+                              z.view(0, 0) if "audio" in names else None, np.zeros(0, np.int32))
+        with nvtx_range("engine.step"), torch.inference_mode():
+            self._take(slots, self.chunk, self._host_in.numpy()[:n])
+            self._host_idx.numpy()[:n] = slots
+            outs = self.runner.run(n, [self._host_in[:n]], self._host_idx[:n])
+            # graph outputs are static views: copy before the next step; audio leaves as float32
+            copy = bool(self.runner.graphs)
+            res = {k: (o.to(torch.float32, copy=copy) if o.is_floating_point() else (o.clone() if copy else o))
+                   for k, o in zip(names, outs)}
+            err = outs[-1].cpu().numpy()
+        sticky = self._err[slots]
+        self._err[slots] = np.where(sticky != 0, sticky, err)
+        return StepResult(self._sid[slots].copy(), res.get("toks"), res.get("audio"), self._err[slots].copy())
 
     def step(self) -> dict[int, StreamOutput]:
-        """One batched chunk for every stream with a whole chunk buffered; others untouched.
-        Returns stream id -> StreamOutput (4 tokens and/or 1920 samples). One host sync."""
-        ready = [(sid, self._streams[sid]) for sid in self.ready()]
-        if not ready:
-            return {}
-        n = len(ready)
-        with nvtx_range("engine.step"), torch.inference_mode():
-            torch.stack([s.buf[:self.chunk] for _, s in ready], out=self._host_in[:n])
-            self._host_idx.numpy()[:n] = [s.slot for _, s in ready]
-            for _, s in ready:
-                s.buf = s.buf[self.chunk:]
-            if self.device.type == "cuda":
-                outs = self.runner.run(n, [self._host_in[:n]], self._host_idx[:n])
-            else:  # rows were written straight into the static buffers
-                outs = self.runner.run(n)
-            # static views: copy before the next step; audio leaves as float32
-            outs = [o.to(torch.float32, copy=True) if o.is_floating_point() else o.clone() for o in outs[:-1]] + [outs[-1].cpu()]
-        return self._results(ready, outs)
-
-    def _results(self, ready, outs) -> dict[int, StreamOutput]:
-        err = outs[-1].tolist()
-        names = MODE_OUTPUTS[self.mode]
-        res = {}
-        for i, (sid, s) in enumerate(ready):
-            if err[i] and s.error is None:
-                s.error = ERRORS[err[i]]
-            o = {k: v[i] for k, v in zip(names, outs)}
-            res[sid] = StreamOutput(o.get("toks"), o.get("audio"), s.error)
-        return res
+        """step_batch as stream id -> StreamOutput (4 tokens and/or 1920 samples each)."""
+        r = self.step_batch()
+        n = len(r)
+        toks = r.tokens.unbind(0) if r.tokens is not None else (None,) * n  # views, made in one call
+        audio = r.audio.unbind(0) if r.audio is not None else (None,) * n
+        return {sid: StreamOutput(t, a, ERRORS.get(e))
+                for sid, t, a, e in zip(r.ids.tolist(), toks, audio, r.errors.tolist())}
 
     def finish(self, sid: int) -> StreamOutput:
         """End a stream now: run everything it has pending (whole chunks and a zero-padded
         partial one) for that slot alone, eagerly, then close it. Like Stream.flush: one token
         per started 20 ms frame, and a last partial token group decoded as offline does."""
-        s = self._get(sid)
-        out = StreamOutput(error=s.error)
+        slot = self._get(sid)
         names = MODE_OUTPUTS[self.mode]
-        if s.buf.numel():
+        n = int(self._fill[slot])
+        if n:
+            x = np.empty((1, n), self._np_in)
+            self._take(np.array([slot]), n, x)
             with nvtx_range("engine.finish"), torch.inference_mode():
-                o = self.pipeline.run_tail(s.buf.to(self.device)[None], self._slot_ids[s.slot:s.slot + 1], names,
-                                           self.codec.segment_frames)
+                xt = torch.from_numpy(x).to(self.device, self.dtype if self.mode != "decode" else torch.long)
+                o = self.pipeline.run_tail(xt, self._slot_ids[slot:slot + 1], names, self.codec.segment_frames)
                 code = int(o["err"][0])
-                if code and s.error is None:
-                    s.error = ERRORS[code]
+            if code and not self._err[slot]:
+                self._err[slot] = code
             out = StreamOutput(o["toks"][0] if "toks" in o else None,
-                               o["audio"][0].float() if "audio" in o else None, s.error)
+                               o["audio"][0].float() if "audio" in o else None, self.error(sid))
         else:
             e = torch.zeros(0, device=self.device)
-            out.tokens = e.long() if "toks" in names else None
-            out.audio = e if "audio" in names else None
+            out = StreamOutput(e.long() if "toks" in names else None, e if "audio" in names else None, self.error(sid))
         self.close(sid)
         return out

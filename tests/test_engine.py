@@ -146,7 +146,7 @@ def test_bad_stream_is_isolated_and_reported(causal, golden_causal, poison):
     # the poisoned slot is reused by the next stream: reset in place, clean output
     e.close(ids[1])
     new = e.open()
-    assert e._streams[new].slot == 1 and e.error(new) is None
+    assert e.slot_of(new) == 1 and e.error(new) is None
     x = inputs[1][:3 * 1280]
     e.submit(new, x)
     toks, audio = [], []
@@ -172,14 +172,14 @@ def test_streams_without_a_chunk_are_untouched(causal, golden_causal):
     e.step()  # every slot now holds some state worth disturbing
     e.submit(a, x[1280:2560])
     e.submit(b, x[:700])  # not a whole chunk
-    before = {s: _rows(e, e._streams[s].slot) for s in (a, b, c)}
+    before = {s: _rows(e, e.slot_of(s)) for s in (a, b, c)}
     scratch = _rows(e, e.scratch)
     assert e.ready() == [a]
     assert list(e.step()) == [a]
     for s in (b, c):
-        assert all(torch.equal(p, q) for p, q in zip(before[s], _rows(e, e._streams[s].slot))), s
+        assert all(torch.equal(p, q) for p, q in zip(before[s], _rows(e, e.slot_of(s)))), s
     assert all(torch.equal(p, q) for p, q in zip(scratch, _rows(e, e.scratch))), "unpadded eager: scratch idle"
-    assert not all(torch.equal(p, q) for p, q in zip(before[a], _rows(e, e._streams[a].slot)))
+    assert not all(torch.equal(p, q) for p, q in zip(before[a], _rows(e, e.slot_of(a))))
     assert e.pending(b) == 700 and e.step() == {}
 
 

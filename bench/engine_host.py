@@ -1,0 +1,99 @@
+"""Host work of one StreamEngine step: everything `step()` / `step_batch()` does besides the
+pipeline step itself (gathering pending input, slot bookkeeping, outputs), and `submit` cost.
+
+The pipeline step is timed separately (synchronised) and subtracted, so the number is the
+host overhead whatever the device. Target (issue 11): <= 1 ms per step at 4,096 streams.
+Appends rows to bench/results/engine_host.jsonl.
+
+    python bench/engine_host.py                                   # tiny model, CPU, 256..4096 streams
+    python bench/engine_host.py --random-init 50hz_4k_causal --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fastfocal  # noqa: E402
+from stream_latency import machine, sync  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(engine, steps: int, batch: bool) -> dict:
+    rng = np.random.default_rng(0)
+    ids = [engine.open() for _ in range(engine.max_streams)]
+    unit = engine.chunk
+    data = (rng.standard_normal(unit * 3) * 0.1).astype(np.float32) if engine.mode != "decode" else \
+        rng.integers(0, engine.codec.codebook_size, unit * 3)
+    run = engine.runner.run
+    inner: list[float] = []
+
+    def timed_run(*a, **k):  # the device step, synchronised, so the rest is host work
+        sync()
+        t0 = time.perf_counter()
+        out = run(*a, **k)
+        sync()
+        inner.append(time.perf_counter() - t0)
+        return out
+
+    engine.runner.run = timed_run
+    sub, tot = [], []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        for sid in ids:  # one chunk per stream per step, in two uneven pieces
+            engine.submit(sid, data[: unit // 3])
+            engine.submit(sid, data[unit // 3: unit])
+        t1 = time.perf_counter()
+        out = engine.step_batch() if batch else engine.step()
+        sync()
+        t2 = time.perf_counter()
+        assert len(out) == len(ids)
+        if i >= 2:  # warm-up
+            sub.append(t1 - t0)
+            tot.append(t2 - t1)
+    engine.runner.run = run
+    host = [t - d for t, d in zip(tot, inner[2:])]
+    return {"step_ms": 1e3 * statistics.median(tot), "device_ms": 1e3 * statistics.median(inner[2:]),
+            "host_ms": 1e3 * statistics.median(host), "host_p90_ms": 1e3 * float(np.percentile(host, 90)),
+            "submit_ms_all_streams": 1e3 * statistics.median(sub)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path(__file__).parent.parent / "tests" / "data" / "tiny_causal"))
+    ap.add_argument("--random-init", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--mode", default="decode", choices=["full", "encode", "decode"])
+    ap.add_argument("--streams", default="256,1024,4096")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    codec = fastfocal.open_codec(args.model if not args.random_init else None, args.random_init, args.device, args.dtype)
+    RESULTS.mkdir(exist_ok=True)
+    info = machine()
+    print(f"{'streams':>8} {'api':>10} {'step ms':>8} {'device ms':>9} {'host ms':>8} {'host p90':>8} {'submit ms':>9}")
+    for n in map(int, args.streams.split(",")):
+        engine = fastfocal.StreamEngine(codec, n, mode=args.mode)
+        for batch in (True, False):
+            r = measure(engine, args.steps, batch)
+            for sid in list(engine.streams):
+                engine.close(sid)
+            api = "step_batch" if batch else "step"
+            row = {**info, "bench": "engine_host", "model": codec.name, "dtype": args.dtype, "mode": args.mode,
+                   "streams": n, "api": api, **{k: round(v, 3) for k, v in r.items()}}
+            with open(RESULTS / "engine_host.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{n:8d} {api:>10} {r['step_ms']:8.2f} {r['device_ms']:9.2f} {r['host_ms']:8.2f} "
+                  f"{r['host_p90_ms']:8.2f} {r['submit_ms_all_streams']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
