@@ -30,13 +30,13 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .codec import Codec
-from .engine import MODES as _ENGINE_MODES
-from .engine import EngineFull, StreamEngine, StreamOutput
+from .engine import EngineFull, StepResult, StreamEngine, StreamOutput
 from .inputs import MAX_AMPLITUDE, InputError
+from .pipeline import ERRORS, MODES as PIPELINE_MODES
 
 log = logging.getLogger("fastfocal.server")
 
-MODES = tuple(_ENGINE_MODES)  # full, encode, decode
+MODES = tuple(PIPELINE_MODES)  # full, encode, decode
 FORMATS = {"f32le": np.dtype("<f4"), "s16le": np.dtype("<i2")}
 ERROR_TYPES = ("unauthorized", "over_capacity", "bad_request", "bad_input", "bad_message", "slow_client",
                "stream", "internal")
@@ -86,18 +86,14 @@ def _pack_one(out: StreamOutput):
     return toks, audio, out.error
 
 
-def _pack(outs: dict[int, StreamOutput]) -> list:
+def _pack(r: StepResult) -> list:
     """[(sid, tokens, audio bytes, error)] for one step; one device->host copy per output kind."""
-    sids = list(outs)
-    if not sids:
+    if not len(r):
         return []
-    first = outs[sids[0]]
-    toks = None if first.tokens is None else torch.stack([outs[s].tokens for s in sids]).cpu().numpy()
-    audio = None
-    if first.audio is not None:
-        audio = torch.stack([outs[s].audio for s in sids]).float().cpu().numpy().astype("<f4", copy=False)
-    return [(s, None if toks is None else toks[i].tolist(), None if audio is None else audio[i].tobytes(),
-             outs[s].error) for i, s in enumerate(sids)]
+    toks = None if r.tokens is None else r.tokens.cpu().numpy()
+    audio = None if r.audio is None else r.audio.cpu().numpy().astype("<f4", copy=False)
+    return [(sid, None if toks is None else toks[i].tolist(), None if audio is None else audio[i].tobytes(),
+             ERRORS.get(code)) for i, (sid, code) in enumerate(zip(r.ids.tolist(), r.errors.tolist()))]
 
 
 class EngineThread:
@@ -176,7 +172,7 @@ class EngineThread:
         eng = self.engines[mode]
         t0 = time.perf_counter()
         try:
-            items = _pack(eng.step())
+            items = _pack(eng.step_batch())
         except Exception as e:  # noqa: BLE001 -- a bug or device error: fail this engine's streams, keep serving
             log.exception("engine step failed (%s)", mode)
             sids = eng.streams
