@@ -58,6 +58,12 @@ def error_code(audio: Tensor | None, out_bad: Tensor) -> Tensor:
     return code
 
 
+def stage_dtype(model: FocalCodecModel, stage: str) -> torch.dtype:
+    """The dtype a stage computes in: its weights' (a mixed-precision codec keeps the
+    compressor, whose output signs are the tokens, wider than the rest)."""
+    return next(getattr(model, stage).parameters()).dtype
+
+
 def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states: dict | None = None,
                idx: Tensor | None = None) -> dict[str, Tensor]:
     """Each stage's product ("feats", "lats", "toks", "qfeats", "audio") and "err" (B,), for
@@ -66,6 +72,9 @@ def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states:
     first = x
     for name in stages:
         st = states[name] if states is not None else None
+        dt = stage_dtype(model, name)
+        if x.is_floating_point() and x.dtype != dt:  # mixed precision: each stage in its own dtype
+            x = x.to(dt)
         if name == "compressor":  # normalise + quantize in one pass; tokens feed the decompressor
             out["lats"], x, _ = model.compressor(x, st, idx, quantize=True)
         else:
@@ -95,8 +104,8 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
         self.slots = slots
-        self.states: dict[str, StageState] = {
-            s: getattr(model, s).init_state(slots, self.device, self.dtype) for s in self.stages
+        self.states: dict[str, StageState] = {  # each stage's state in that stage's dtype
+            s: getattr(model, s).init_state(slots, self.device, dtype or stage_dtype(model, s)) for s in self.stages
         }
 
     # ------------------------------------------------------------------ sizes
@@ -119,9 +128,11 @@ class Pipeline:
         return sum(s.nbytes for s in self.states.values())
 
     @staticmethod
-    def bytes_per_slot(model: FocalCodecModel, mode: str | Sequence[str] = "full", dtype=torch.float32) -> int:
-        """State bytes of one slot, computed on the meta device (nothing allocated)."""
-        return sum(getattr(model, s).init_state(1, "meta", dtype).nbytes for s in stages_for(mode))
+    def bytes_per_slot(model: FocalCodecModel, mode: str | Sequence[str] = "full", dtype=None) -> int:
+        """State bytes of one slot, computed on the meta device (nothing allocated); dtype
+        defaults to each stage's own."""
+        return sum(getattr(model, s).init_state(1, "meta", dtype or stage_dtype(model, s)).nbytes
+                   for s in stages_for(mode))
 
     @staticmethod
     def activation_bytes_for(cfg, dtype, rows: int, frames: int) -> int:
