@@ -1,0 +1,89 @@
+"""Where reduced precision flips token signs: token agreement with float32 on real speech for
+precision variants of the encoder (WavLM) and the compressor (whose output signs are the tokens).
+
+Variants (E = encoder, C = compressor):
+  bf16 / fp16                  everything in that dtype
+  {bf16,fp16} E + fp32 C       the sign-deciding stage kept in float32
+  fp32 E + {bf16,fp16} C       the encoder kept in float32
+  autocast-fp16 E + fp32 C     the encoder's matmuls/convs in fp16 (fp32 accumulate), every
+                               activation, norm and residual in float32 (torch.autocast)
+
+fp16 runs on CPU here only for the measurement (slow there; fastfocal refuses it on CPU).
+Appends rows to bench/results/precision.jsonl.
+
+    python bench/precision.py --model tests/data/tiny_causal --files 12 --seconds 20
+    python bench/precision.py --random-init 50hz_4k_causal --files 6 --seconds 8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fastfocal  # noqa: E402
+from fastfocal.audio import read_audio  # noqa: E402
+from fastfocal.codec import Codec  # noqa: E402
+from stream_latency import machine  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--random-init", default=None)
+    ap.add_argument("--audio", default=str(Path(__file__).parent.parent.parent / "shared" / "audio"))
+    ap.add_argument("--files", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    ref = fastfocal.open_codec(args.model, args.random_init, args.device, "fp32")
+    files = sorted(glob.glob(f"{args.audio}/**/*.wav", recursive=True) + glob.glob(f"{args.audio}/**/*.flac", recursive=True))
+    xs = [torch.from_numpy(read_audio(f))[: int(16000 * args.seconds)] for f in files[: args.files]]
+    want = [ref.sig_to_toks(x) for x in xs]
+    feats32 = [ref.sig_to_feats(x) for x in xs]
+    low = {dt: Codec(copy.deepcopy(ref.model).to(dt), str(dt)) for dt in (torch.bfloat16, torch.float16)}
+
+    def variants(i):
+        x = xs[i]
+        for dt, c in low.items():
+            n = str(dt).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
+            f = c.sig_to_feats(x)
+            yield n, c.feats_to_toks(f)
+            yield f"{n} E + fp32 C", ref.feats_to_toks(f.float())
+            yield f"fp32 E + {n} C", c.feats_to_toks(feats32[i].to(dt))
+        with torch.autocast(ref.device.type, dtype=torch.float16):
+            f = ref.sig_to_feats(x)
+        yield "autocast-fp16 E + fp32 C", ref.feats_to_toks(f.float())
+
+    agree: dict[str, list[int]] = {}
+    t0 = time.time()
+    for i in range(len(xs)):
+        for name, toks in variants(i):
+            a = agree.setdefault(name, [0, 0, 0, 0])
+            a[0] += int((toks == want[i]).sum())
+            a[1] += want[i].numel()
+            bits = (toks ^ want[i]).flatten()
+            a[2] += sum(bin(int(v)).count("1") for v in bits[bits != 0])
+            a[3] += want[i].numel() * ref.code_dim
+    RESULTS.mkdir(exist_ok=True)
+    info = machine()
+    print(f"{ref.name}: {len(xs)} files x <= {args.seconds:g} s, {time.time() - t0:.0f} s")
+    print(f"{'variant':28} {'tokens':>8} {'bits':>8}")
+    for name, (ok, n, bad_bits, nb) in agree.items():
+        row = {**info, "bench": "precision", "model": ref.name, "files": len(xs), "seconds_per_file": args.seconds,
+               "variant": name, "token_agreement": round(ok / n, 5), "bit_agreement": round(1 - bad_bits / nb, 6)}
+        with open(RESULTS / "precision.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name:28} {100 * ok / n:7.2f}% {100 * (1 - bad_bits / nb):7.3f}%")
+
+
+if __name__ == "__main__":
+    main()
