@@ -12,8 +12,6 @@ replays; elsewhere the whole chunks of a push run eagerly, in segments of bounde
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -21,9 +19,6 @@ from .graphs import GraphRunner, graphs_enabled
 from .inputs import InputError, as_tensor, check_audio, check_fits, check_tokens, positive_int
 from .model import FocalCodecModel
 from .pipeline import MODE_OUTPUTS, Pipeline, check_err
-
-if TYPE_CHECKING:
-    from .codec import Codec
 
 
 def check_codec(codec) -> None:
@@ -37,7 +32,8 @@ def check_codec(codec) -> None:
 class _Session:
     mode = "full"
 
-    def __init__(self, codec: "Codec", batch_size: int = 1, cuda_graphs: bool | None = None):
+    def __init__(self, codec, batch_size: int = 1, cuda_graphs: bool | None = None):
+        """codec: a causal fastfocal.Codec (the codec builds sessions, so this module does not import it)."""
         check_codec(codec)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.codec = codec
