@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .inputs import MAX_AMPLITUDE
+from .inputs import amplitude_problem
 
 # libsndfile's header report flags a data chunk larger than the file as "data : N (should be M)"
 # (WAV, AIFF, CAF, AU; W64 and RF64 through their container size). A WAV's RIFF size alone is
@@ -47,14 +47,11 @@ def _open(source, name: str) -> sf.SoundFile:
 
 
 def check_peak(sig: np.ndarray, name: str) -> None:
-    """NaN/Inf or samples beyond ±MAX_AMPLITUDE: an AudioError naming the file (the rule of
-    fastfocal.inputs.check_amplitude, on a numpy signal)."""
-    peak = float(np.abs(sig).max()) if sig.size else 0.0
-    if not np.isfinite(peak):
-        raise AudioError(f"{name}: contains NaN or Inf samples")
-    if peak > MAX_AMPLITUDE:
-        raise AudioError(f"{name}: audio has samples of magnitude {peak:.3g}: float PCM must be within "
-                         f"±{MAX_AMPLITUDE:g} (nominally [-1, 1]); rescale it (integer PCM: x / 32768)")
+    """NaN/Inf or samples beyond fastfocal.inputs.MAX_AMPLITUDE: an AudioError naming the file (the rule of
+    fastfocal.inputs.amplitude_problem)."""
+    problem = amplitude_problem(sig)
+    if problem is not None:
+        raise AudioError(f"{name}: " + (f"{problem} samples" if "NaN" in problem else f"audio {problem}"))
 
 
 def read_audio(source, target_sr: int = 16000, name: str | None = None) -> np.ndarray:

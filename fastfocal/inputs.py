@@ -107,16 +107,31 @@ def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True
     return sig, squeeze
 
 
+def amplitude_problem(sig) -> str | None:
+    """The one rule for float PCM values, on a tensor or numpy array: what is wrong, or None."""
+    if isinstance(sig, np.ndarray):
+        peak = float(np.abs(sig).max()) if sig.size else 0.0
+        if not np.isfinite(peak):
+            return "contains NaN or Inf"
+    else:
+        if not bool(torch.isfinite(sig).all()):
+            return "contains NaN or Inf"
+        peak = float(sig.abs().amax()) if sig.numel() else 0.0
+    if peak > MAX_AMPLITUDE:
+        return (f"has samples of magnitude {peak:.3g}: float PCM must be within ±{MAX_AMPLITUDE:g} "
+                "(nominally [-1, 1]); rescale it (integer PCM: x / 32768)")
+    return None
+
+
 def check_amplitude(sig: Tensor, name: str = "audio") -> None:
     """NaN/Inf or samples beyond ±MAX_AMPLITUDE are an InputError naming the rows."""
-    bad = ~torch.isfinite(sig).all(-1)
-    if bool(bad.any()):
-        raise InputError(f"{name} contains NaN or Inf{_rows(bad)}")
-    peak = sig.abs().amax(-1)
-    loud = peak > MAX_AMPLITUDE
-    if bool(loud.any()):
-        raise InputError(f"{name} has samples of magnitude {float(peak.max()):.3g}{_rows(loud)}: float PCM must be "
-                         f"within ±{MAX_AMPLITUDE:g} (nominally [-1, 1]); rescale it (integer PCM: x / 32768)")
+    problem = amplitude_problem(sig)
+    if problem is None:
+        return
+    bad = ~torch.isfinite(sig).all(-1) if "NaN" in problem else sig.abs().amax(-1) > MAX_AMPLITUDE
+    rows = _rows(bad) if sig.dim() > 1 else ""
+    head, _, tail = problem.partition(":")
+    raise InputError(f"{name} {head}{rows}{':' + tail if tail else ''}")
 
 
 def _rows(mask: Tensor) -> str:

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .codec import Codec
 from .engine import EngineFull, StepResult, StreamEngine, StreamOutput
-from .inputs import MAX_AMPLITUDE, InputError
+from .inputs import InputError, amplitude_problem
 from .pipeline import ERRORS, MODES as PIPELINE_MODES
 
 log = logging.getLogger("fastfocal.server")
@@ -538,12 +538,9 @@ class Server:
         if conn.fmt == "s16le":
             return torch.from_numpy(raw.astype(np.float32) * np.float32(1 / 32768))  # exact: a power of two
         x = raw.astype(np.float32)  # a writable, native-order copy
-        if x.size:
-            peak = float(np.abs(x).max())
-            if not peak <= MAX_AMPLITUDE:  # NaN fails this too
-                what = ("NaN or Inf" if not np.isfinite(x).all() else
-                        f"samples of magnitude {peak:.3g} (float PCM must be within ±{MAX_AMPLITUDE:g})")
-                raise _ClientFault(f"audio contains {what}", "bad_input")
+        problem = amplitude_problem(x)
+        if problem is not None:
+            raise _ClientFault(f"audio {problem}", "bad_input")
         return torch.from_numpy(x)
 
     async def _write(self, conn: _Conn) -> None:
