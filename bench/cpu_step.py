@@ -3,8 +3,8 @@
 For each thread count (1, 2) and mode (full codec, decoder only) and dtype (fp32, bf16): the
 median wall time of `Pipeline.step` on one 80 ms chunk of real speech (full-size random weights,
 after warm-up), the floor = bytes of the weights the step reads / the single-pass read bandwidth
-(`torch.sum` over a 1 GiB tensor at the same thread count, its passes interleaved with the steps
-so a loaded machine slows both), and their ratio. With onnxruntime installed, also ONNX Runtime's
+(`torch.sum` over a 1 GiB tensor at the same thread count, one pass after every step so a loaded
+machine slows both), and their ratio: of the medians, and the median of the per-step ratios. With onnxruntime installed, also ONNX Runtime's
 step on the same weights (fp32, exported once per mode with fastfocal.onnx, cached).
 
 Appends one JSON line per row to bench/results/cpu-step.jsonl and prints a table.
@@ -104,8 +104,9 @@ def chunks_for(codec, mode: str, sig: np.ndarray) -> list[torch.Tensor]:
     return [x[:, a:a + 1280].to(codec.dtype).contiguous() for a in range(0, x.shape[1], 1280)]
 
 
-def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, bw_every: int = 5):
-    """Step times (s) after warm-up, and bandwidth samples taken between the steps."""
+def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth):
+    """Step times (s) after warm-up, each followed by a bandwidth pass: a load burst from other
+    processes then slows a step and the floor measured next to it alike (paired ratios)."""
     ts, bws = [], []
     for i in range(warmup + steps):
         x = inputs[i % len(inputs)]
@@ -114,8 +115,7 @@ def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, bw_every: i
         dt = time.perf_counter() - t
         if i >= warmup:
             ts.append(dt)
-            if (i - warmup) % bw_every == 0:
-                bws.append(bw.once())
+            bws.append(bw.once())
     return ts, bws
 
 
@@ -207,25 +207,28 @@ def main() -> int:
                     bps = statistics.median(bws)
                     wb = weight_bytes(codec, mode)
                     step_ms, floor_ms = 1e3 * statistics.median(ts), 1e3 * wb / bps
+                    paired = statistics.median(s_ * b_ / wb for s_, b_ in zip(ts, bws))  # step_i / floor_i
                     row = {**base, "threads": t, "dtype": dname, "mode": mode, "impl": impl,
                            "step_ms": round(step_ms, 2), "step_p10_ms": round(1e3 * np.percentile(ts, 10), 2),
                            "floor_ms": round(floor_ms, 2), "ratio": round(step_ms / floor_ms, 2),
+                           "ratio_paired": round(paired, 2),
                            "read_gbps": round(bps / 1e9, 1), "weight_mb": round(wb / 1e6, 1), "steps": len(ts),
                            "loadavg_1m": round(load, 2)}
                     rows.append(row)
                     print(f"  {t} thr {mode:6} {dname} {impl:11} step {step_ms:7.1f} ms  floor {floor_ms:6.1f} ms"
-                          f"  ratio {step_ms / floor_ms:5.2f}  ({bps / 1e9:.1f} GB/s, load {load:.1f})", file=sys.stderr)
+                          f"  ratio {step_ms / floor_ms:5.2f}  paired {paired:5.2f}  ({bps / 1e9:.1f} GB/s, load {load:.1f})",
+                          file=sys.stderr)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(f"\n{base['machine']}, commit {base['commit']}, torch {base['torch']}, {a.preset}, batch 1, "
           f"median of {a.steps} steps after {a.warmup} warm-up\n")
-    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | read GB/s | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | paired ratio | read GB/s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
-              f"{r['ratio']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
+              f"{r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
     return 0
 
 
