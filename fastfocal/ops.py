@@ -84,6 +84,7 @@ def _pack_ok(x: Tensor, w: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
             and w.dim() == 2 and backend() == "auto" and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
             and torch.backends.mkldnn.is_available() and not (torch.is_grad_enabled() and w.requires_grad)
+            and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
@@ -91,10 +92,11 @@ def _packed(w: Tensor) -> Tensor:
     base = w._base if w._base is not None else w
     views = _PACKED.setdefault(base, {})
     key = (w.storage_offset(), tuple(w.shape), w.stride())
+    stamp = (w._version, w.data_ptr())  # data_ptr: `param.data = other` keeps the object, not the storage
     hit = views.get(key)
-    if hit is None or hit[0] != w._version:
+    if hit is None or hit[0] != stamp:
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor: usable in and out of inference mode
-            hit = (w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 4))
+            hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 4))
         views[key] = hit
     return hit[1]
 
