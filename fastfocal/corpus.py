@@ -1,8 +1,9 @@
 """Corpus-scale encoding: many audio files -> token files + manifest, resumable and exact.
 
-Decoding and resampling run in worker processes a few batches ahead of the device. Files are
-sorted by length and batched under an audio budget; `encode_batch` gives each file exactly
-the tokens `Codec.sig_to_toks` gives it alone (see there), so batching never changes results.
+Decoding and resampling run in worker processes ahead of the device. Files join a pool of
+streaming-state slots as others leave (`SlotEncoder`, continuous batching sized from free device
+memory), and each file gets exactly the tokens `Codec.sig_to_toks` gives it alone (see `_Plan`),
+so batching never changes results.
 """
 from __future__ import annotations
 
@@ -28,64 +29,285 @@ import torch
 
 from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
-from .inputs import InputError, check_audio, token_dtype
+from .inputs import InputError, available_bytes, check_audio, token_dtype
 from .loading import open_codec, provenance
-from .pipeline import Pipeline, check_err
+from .pipeline import NumericsError, Pipeline, check_err
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 SR = 16000
+POOL_PER_ROW = 4  # slots per row of a full call
 
 
 class CorpusError(ValueError):
     """Inputs, outputs or options that stop a corpus run (reported as one line by the CLI)."""
 
 
-# =========================================================================== exact batched encoding
-def encode_batch(codec: Codec, sigs: list[np.ndarray]) -> list[np.ndarray]:
-    """Tokens (int64) of each 16 kHz signal, equal to `codec.sig_to_toks(sig)` on it alone.
+# =========================================================================== exact continuous batching
+class _Plan:
+    """Which rows run next, decided from lengths alone, so calls can be queued back to back on
+    the device without waiting for results.
 
-    Why batching is exact here: in a causal model frame t depends only on samples up to
-    320·t, and attention looks ahead only to the end of the frame's own 4-frame chunk. So a
-    signal may be zero-padded to whole frames, and rows may share a call as long as no row
-    has a partial chunk in it. Rows advance together in chunk-aligned segments (streaming
-    state, one slot per row); a row's last partial chunk runs in a call of its own length,
-    shared only with rows whose signal ends on the same frame.
+    Why this is exact: in a causal model frame t depends only on samples up to 320·t, and
+    attention looks ahead only to the end of the frame's own 4-frame chunk; each slot keeps its
+    own position. So a row may advance by any whole number of chunks in any call, next to rows
+    at other positions, and its last partial chunk (the tail: 1..chunk-1 frames) runs in a call
+    of exactly that length. A row's whole chunks are cut into pieces of `seg` frames plus the
+    binary digits of the rest (seg/2, seg/4, ... one chunk), taken in any order; a call runs
+    one piece size for the rows that owe it. Rows owing the same size meet even when their
+    lengths differ, so calls stay full while files join and leave.
     """
+
+    def __init__(self, slots: int, rows: int, seg: int, chunk: int):
+        self.slots, self.rows, self.seg, self.chunk = slots, rows, seg, chunk
+        self.call_frames = rows * seg  # activation budget of one call
+        sizes = [seg]
+        while sizes[-1] > chunk:
+            sizes.append(sizes[-1] // 2)
+        self.sizes = sizes + list(range(chunk - 1, 0, -1))  # whole-chunk pieces, then tails
+        self.owe: dict[int, dict[int, None]] = {b: {} for b in self.sizes}  # size -> slots (FIFO)
+        self.left: dict[int, list[int]] = {}  # slot -> [seg pieces, residual chunks (bits), tail frames]
+        self.free = list(range(slots - 1, -1, -1))
+
+    def add(self, frames: int) -> int:
+        slot = self.free.pop()
+        whole, tail = divmod(frames, self.chunk)
+        big, bits = divmod(whole, self.seg // self.chunk)
+        self.left[slot] = [big, bits, tail]
+        if big:
+            self.owe[self.seg][slot] = None
+        for b in self.sizes[1:]:
+            if b >= self.chunk and bits & (b // self.chunk):
+                self.owe[b][slot] = None
+        if not big and not bits:
+            self.owe[tail][slot] = None
+        return slot
+
+    def _cap(self, b: int) -> int:
+        return self.rows if b == self.seg else max(1, min(self.slots, self.call_frames // b))
+
+    def _ready(self, b: int, n: int) -> bool:
+        # full enough: a digit is owed by about half the pool, each tail length by a quarter
+        # (bars tuned on a simulated 2-15 s corpus, calls costing 5 ms + per-frame time)
+        want = self.rows if b == self.seg else self.rows * 3 // 2 if b >= self.chunk else self.rows * 3 // 4
+        return n >= max(1, min(self._cap(b), want))
+
+    def ready(self) -> bool:
+        return any(self._ready(b, len(s)) for b, s in self.owe.items() if s)
+
+    def next_call(self, force: bool) -> tuple[int, list[int], list[int]] | None:
+        """(frames, slots, slots now free) of the next call and marks it done; None when no
+        call is full and not `force` (the caller had better add rows first) or nothing is owed."""
+        cands = [(min(len(s), self._cap(b)) * b, b) for b, s in self.owe.items() if s]
+        full = [c for c in cands if self._ready(c[1], len(self.owe[c[1]]))]
+        if not (full or (force and cands)):
+            return None
+        _, b = max(full or cands)
+        owing = self.owe[b]
+        slots = [s for s, _ in zip(owing, range(self._cap(b)))]
+        freed = []
+        for s in slots:
+            left = self.left[s]
+            if b == self.seg:
+                left[0] -= 1
+                if not left[0]:
+                    del owing[s]
+            elif b >= self.chunk:
+                left[1] &= ~(b // self.chunk)
+                del owing[s]
+            else:
+                left[2] = 0
+                del owing[s]
+            if not left[0] and not left[1]:
+                if left[2] and s not in self.owe[left[2]]:
+                    self.owe[left[2]][s] = None
+                elif not left[2]:
+                    del self.left[s]
+                    self.free.append(s)
+                    freed.append(s)
+        return b, slots, freed
+
+
+@dataclass(eq=False)
+class _Row:
+    key: object
+    name: str
+    sig: torch.Tensor  # on the device, zero-padded to whole frames, in the model's input dtype
+    pos: int = 0  # frames launched
+    pending: int = 0  # launched calls not yet collected
+    launched: bool = False  # all of its calls launched
+    err: int = 0
+    parts: list = None
+
+
+def _pow2_chunks(frames: int, chunk: int) -> int:
+    """The largest chunk * 2^k <= frames (at least one chunk)."""
+    n = max(1, frames // chunk)
+    return chunk * (1 << (n.bit_length() - 1))
+
+
+class SlotEncoder:
+    """Continuous batching of whole files over a pool of streaming-state slots.
+
+    One `Pipeline` of `slots` rows is allocated once; `add` puts a file in a free slot (reset in
+    place), `step` runs one call (see `_Plan`: rows at different positions, one piece size per
+    call, at most `rows` x `segment_frames` frames) and returns the files it finished as
+    (key, tokens or exception). Tokens equal `Codec.sig_to_toks` on each file alone. On CUDA the
+    next call is queued before the previous one's tokens are read back (pinned, non-blocking),
+    so the device never waits for the host's bookkeeping. Memory is bounded by the pool: a long
+    file only holds its slot for longer.
+    """
+
+    def __init__(self, codec: Codec, slots: int, rows: int | None = None, segment_frames: int | None = None):
+        if not codec.causal:
+            raise ValueError("SlotEncoder needs a causal model (non-causal attention sees the whole file)")
+        cfg = codec.config
+        self.codec, self.hop, self.dev = codec, cfg.hop_samples, codec.device
+        self.cuda = self.dev.type == "cuda"
+        seg = _pow2_chunks(segment_frames or codec.segment_frames, cfg.chunk_frames)
+        self.plan = _Plan(slots, max(1, min(rows or slots, slots)), seg, cfg.chunk_frames)
+        self.pipe = Pipeline(codec.model, "encode", slots)
+        self.by_slot: dict[int, _Row] = {}
+        self.inflight: deque = deque()
+        self.to_reset: list[int] = []
+        self.stats = {"calls": 0, "row_calls": 0, "frames": 0, "model_s": 0.0}
+
+    @property
+    def free(self) -> int:
+        return len(self.plan.free)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.by_slot or self.inflight)
+
+    def ready(self) -> bool:
+        """A full call is waiting (else adding rows first makes fuller calls)."""
+        return self.plan.ready()
+
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        # pageable host->device copies synchronize the stream: pin, copy without blocking
+        return t.pin_memory().to(self.dev, non_blocking=True) if self.cuda else t
+
+    def add(self, key, sig, name: str = "audio") -> None:
+        """Queue one 16 kHz signal; InputError (nothing queued) for what sig_to_toks refuses."""
+        x, one = check_audio(torch.from_numpy(np.ascontiguousarray(sig, np.float32)), frame=self.hop, name=name)
+        if not one:
+            raise InputError(f"{name} must be one signal (n,), got shape {tuple(x.shape)}")
+        x = x[0]
+        if not self.plan.free:
+            raise RuntimeError("no free slot: step() until one is")
+        frames = -(-x.shape[0] // self.hop)
+        padded = torch.zeros(frames * self.hop, dtype=torch.float32)
+        padded[:x.shape[0]] = x
+        slot = self.plan.add(frames)
+        self.to_reset.append(slot)
+        self.by_slot[slot] = _Row(key, name, self._up(padded).to(self.codec.dtype), parts=[])
+
+    def step(self, force: bool = True) -> list[tuple[object, np.ndarray | Exception]]:
+        """Run the next call (a full one; with `force`, the best there is) and return the files
+        finished by earlier calls. With nothing to run, returns everything still in flight."""
+        call = self.plan.next_call(force)
+        if call is not None:
+            self._launch(*call)
+        done = []
+        while len(self.inflight) > (call is not None):
+            done += self._collect(self.inflight.popleft())
+        return done
+
+    def _launch(self, frames: int, slots: list[int], freed: list[int]) -> None:
+        if self.to_reset:
+            self.pipe.reset(self._up(torch.tensor(self.to_reset)))
+            self.to_reset = []
+        rows = [self.by_slot[s] for s in slots]
+        h = self.hop
+        x = torch.stack([r.sig[r.pos * h:(r.pos + frames) * h] for r in rows])
+        idx = self._up(torch.tensor(slots))
+        if self.cuda:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+        else:
+            t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe.run(x, idx)
+        if self.cuda:
+            t1.record()
+            toks, err = out["toks"].to("cpu", non_blocking=True), out["err"].to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            toks, err, done = out["toks"], out["err"], None
+            self.stats["model_s"] += time.perf_counter() - t0
+            t0 = t1 = None
+        self.inflight.append((rows, toks, err, done, t0, t1))
+        for r in rows:
+            r.pos += frames
+            r.pending += 1
+        for s in freed:
+            self.by_slot.pop(s).launched = True
+        self.stats["calls"] += 1
+        self.stats["row_calls"] += len(rows)
+        self.stats["frames"] += len(rows) * frames
+
+    def _collect(self, call) -> list[tuple[object, np.ndarray | Exception]]:
+        rows, toks, err, done, t0, t1 = call
+        if done is not None:
+            done.synchronize()
+            self.stats["model_s"] += t0.elapsed_time(t1) / 1000
+        toks, err = toks.numpy().copy(), err.numpy()
+        out = []
+        for j, r in enumerate(rows):
+            r.parts.append(toks[j])
+            r.err = max(r.err, int(err[j]))
+            r.pending -= 1
+            if r.launched and not r.pending:
+                try:
+                    check_err(torch.tensor([r.err]), r.name)
+                    res = np.concatenate(r.parts)
+                except (InputError, NumericsError) as e:
+                    res = e
+                out.append((r.key, res))
+        return out
+
+
+def encode_batch(codec: Codec, sigs: list[np.ndarray]) -> list[np.ndarray]:
+    """Tokens (int64) of each 16 kHz signal, equal to `codec.sig_to_toks(sig)` on it alone
+    (one `SlotEncoder` slot per signal; see `_Plan` for why batching is exact)."""
     if not codec.causal:  # whole-file attention: any padding changes tokens
         return [codec.sig_to_toks(s).cpu().numpy() for s in sigs]
-    cfg, dev = codec.config, codec.device
-    hop, cf, seg = cfg.hop_samples, cfg.chunk_frames, codec.segment_frames
+    if not sigs:
+        return []
     for i, s in enumerate(sigs):  # what sig_to_toks refuses, refused here before any work
-        check_audio(torch.from_numpy(np.asarray(s, np.float32)), frame=hop, name=f"signal {i}")
-    frames = [-(-len(s) // hop) for s in sigs]
-    x = torch.zeros(len(sigs), max(frames) * hop, dtype=torch.float32)
+        check_audio(torch.from_numpy(np.asarray(s, np.float32)), frame=codec.config.hop_samples, name=f"signal {i}")
+    enc = SlotEncoder(codec, len(sigs), segment_frames=codec.segment_frames)
     for i, s in enumerate(sigs):
-        x[i, :len(s)] = torch.from_numpy(s)
-    x = x.to(dev, codec.dtype)
-    pipe = Pipeline(codec.model, "encode", len(sigs))
-    parts: list[list[torch.Tensor]] = [[] for _ in sigs]
+        enc.add(i, s, f"signal {i}")
+    got: dict[int, np.ndarray | Exception] = {}
+    while enc.busy:
+        got.update(enc.step())
+    for i in range(len(sigs)):
+        if isinstance(got[i], Exception):
+            raise got[i]
+    return [got[i] for i in range(len(sigs))]
 
-    def run(rows, a, b):
-        idx = torch.tensor(rows, device=dev)
-        out = pipe.run_segmented(x[idx, a * hop:b * hop], idx, ["toks"], seg)
-        check_err(out["err"], "audio")
-        for j, i in enumerate(rows):
-            parts[i].append(out["toks"][j])
 
-    t = 0  # frames done by every unfinished row (a multiple of the chunk)
-    rows = list(range(len(sigs)))
-    with torch.inference_mode():
-        while rows:
-            rows = [i for i in rows if frames[i] > t]
-            tails = [i for i in rows if frames[i] - t < cf]
-            for n in sorted({frames[i] for i in tails}):
-                run([i for i in tails if frames[i] == n], t, n)
-            rows = [i for i in rows if frames[i] - t >= cf]
-            if rows:
-                end = min(t + seg, min(frames[i] // cf * cf for i in rows))
-                run(rows, t, end)
-                t = end
-    return [torch.cat(p).cpu().numpy() if p else np.zeros(0, np.int64) for p in parts]
+def pool_size(codec: Codec, seconds: list[float], batch_seconds: float | None = None,
+              max_batch: int | None = None) -> dict:
+    """Slots, rows per call and piece length for a corpus: from free device memory and the
+    length distribution. A quarter of the slots run in a full call; the others hold rows
+    waiting for their digit or tail calls (fewer, fuller calls). Defaults cap a call at 512 rows
+    on CUDA (16 on CPU, where bigger calls are not faster)."""
+    cfg, hop = codec.config, codec.config.hop_samples
+    frames = sorted(-(-int(s * SR) // hop) for s in seconds) or [1]
+    seg = min(512, max(64, _pow2_chunks(frames[len(frames) // 2], cfg.chunk_frames)))
+    cuda = codec.device.type == "cuda"
+    mean_sig = sum(frames) / len(frames) * hop * torch.finfo(codec.dtype).bits // 8
+    slot_b = Pipeline.bytes_per_slot(codec.model, "encode") + mean_sig
+    row_b = Pipeline.activation_bytes_for(cfg, codec.dtype, 1, seg)
+    budget = available_bytes(codec.device) * (0.6 if cuda else 0.25)
+    rows = int(budget // (POOL_PER_ROW * slot_b + row_b))
+    if batch_seconds:
+        rows = min(rows, int(batch_seconds * SR / hop) // seg)
+    rows = max(1, min(rows, max_batch or (512 if cuda else 16), len(frames)))
+    return {"slots": max(1, min(POOL_PER_ROW * rows, len(frames))), "rows": rows, "segment_frames": seg}
 
 
 # =========================================================================== inputs
@@ -306,7 +528,7 @@ class _NpyWriter:
         _atomic_write(self.out / rel, lambda f: np.save(f, toks.astype(self.dtype)))
         return rel
 
-    def flush(self) -> list[tuple[Item, str]]:
+    def flush(self, final: bool = False) -> list[tuple[Item, str]]:
         return []
 
 
@@ -422,20 +644,6 @@ def _executor(workers: int):
     return pool, (r, w)
 
 
-def make_batches(items: list[Item], batch_seconds: float, max_batch: int) -> list[list[Item]]:
-    """Longest first; a batch holds files of similar length, rows x longest <= budget.
-    A file longer than the budget goes alone (segments keep its memory bounded)."""
-    batches, cur = [], []
-    for it in sorted(items, key=lambda it: (-it.seconds, it.rel)):
-        if cur and (len(cur) >= max_batch or (len(cur) + 1) * cur[0].seconds > batch_seconds):
-            batches.append(cur)
-            cur = []
-        cur.append(it)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 # =========================================================================== one shard on one device
 def _progress(total_s: float, n_files: int, quiet: bool, position: int):
     from tqdm import tqdm
@@ -489,18 +697,6 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
                 man.write(json.dumps(row) + "\n")
             man.flush()
 
-        def encode(good, sigs):
-            """Tokens per file; a batch the model refuses is retried file by file, so one bad
-            file lands in errors.jsonl and never fails the others."""
-            try:
-                return list(zip(good, sigs, encode_batch(codec, sigs)))
-            except InputError as e:
-                if len(sigs) == 1:
-                    fail(good[0], f"{good[0].path}: {e}")
-                    meta.pop(good[0].rel, None)
-                    return []
-            return [r for it, sig in zip(good, sigs) for r in encode([it], [sig])]
-
         # outputs must not collide: a.wav and a.flac in one folder would both be a.npy
         by_rel: dict[str, Item] = {}
         for it in todo:
@@ -516,44 +712,80 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
             else:
                 it.seconds = r
                 probed.append(it)
-        batches = make_batches(probed, opts["batch_seconds"], opts["max_batch"])
+        # longest first: a long file never runs alone at the end
+        probed.sort(key=lambda it: (-it.seconds, it.rel))
         bar = _progress(sum(it.seconds for it in probed), len(probed), opts["quiet"], position)
         meta: dict[str, dict] = {}
+        enc = None
+        if probed and codec.causal:
+            size = pool_size(codec, [it.seconds for it in probed], opts["batch_seconds"], opts["max_batch"])
+            enc = SlotEncoder(codec, size["slots"], size["rows"], size["segment_frames"])
+            stats.update(size)
+        # decoded ahead: a few pools' worth of files, at most ~2 GiB of float32 audio in flight
+        ahead_files = (opts["prefetch"] + 1) * (enc.plan.slots if enc else 1)
+        ahead_s = float(1 << 29) / SR
         queue: deque = deque()
-        nxt = 0
+        nxt, queued_s = 0, 0.0
+
+        def finish(it: Item, toks) -> None:
+            if isinstance(toks, Exception):  # the model refused this file (e.g. NaN latents): only it fails
+                fail(it, f"{it.path}: {toks}")
+                meta.pop(it.rel, None)
+                return
+            meta[it.rel]["n_tokens"] = len(toks)
+            stats["files"] += 1
+            stats["seconds"] += meta[it.rel]["duration"]
+            name = writer.add(it, toks)
+            if name is not None:
+                record([(it, name)], meta)
+            bar.update(it.seconds)
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{stats['files'] / el:.1f} files/s, {stats['seconds'] / 3600 / el:.3g} audio-h/s")
+
+        def admit() -> None:
+            nonlocal queued_s
+            it, fut = queue.popleft()
+            queued_s -= it.seconds
+            try:
+                sig, sha = fut.result()
+            except Exception as e:  # one bad file never stops the run
+                fail(it, str(e) if isinstance(e, AudioError) else f"{it.path}: {type(e).__name__}: {e}")
+                return
+            meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, "sha256": sha}
+            try:
+                if enc is None:  # non-causal: whole-file attention, one file at a time
+                    finish(it, codec.sig_to_toks(sig).cpu().numpy())
+                else:
+                    enc.add(it, sig)
+            except InputError as e:
+                fail(it, f"{it.path}: {e}")
+                meta.pop(it.rel, None)
+
         try:
-            while nxt < len(batches) or queue:
-                while nxt < len(batches) and len(queue) <= opts["prefetch"]:  # bounded read-ahead
-                    queue.append([(it, pool.submit(_load, it.path)) for it in batches[nxt]])
+            while nxt < len(probed) or queue or (enc and enc.busy):
+                while nxt < len(probed) and len(queue) < ahead_files and (not queue or queued_s < ahead_s):
+                    queue.append((probed[nxt], pool.submit(_load, probed[nxt].path)))
+                    queued_s += probed[nxt].seconds
                     nxt += 1
-                good, sigs = [], []
-                for it, fut in queue.popleft():
-                    try:
-                        sig, sha = fut.result()
-                    except Exception as e:  # one bad file never stops the run
-                        fail(it, str(e) if isinstance(e, AudioError) else f"{it.path}: {type(e).__name__}: {e}")
-                        continue
-                    good.append(it)
-                    sigs.append(sig)
-                    meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, "sha256": sha}
-                for it, sig, toks in (encode(good, sigs) if sigs else []):
-                    meta[it.rel]["n_tokens"] = len(toks)
-                    name = writer.add(it, toks)
-                    if name is not None:
-                        record([(it, name)], meta)
-                    stats["files"] += 1
-                    stats["seconds"] += len(sig) / SR
+                if enc is None:
+                    admit()
+                    continue
+                while enc.free and queue and queue[0][1].done():
+                    admit()
+                if enc.free and queue and not enc.ready():
+                    admit()  # wait for the decoders: a fuller pool makes fuller calls
+                    continue
+                for it, toks in enc.step(force=True):
+                    finish(it, toks)
                 record(writer.flush(), meta)
-                bar.update(round(sum(it.seconds for it in good)))
-                el = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{stats['files'] / el:.1f} files/s, {stats['seconds'] / 3600 / el:.3g} audio-h/s")
-            if opts["fmt"] == "parquet":
-                record(writer.flush(final=True), meta)
+            record(writer.flush(final=opts["fmt"] == "parquet"), meta)
         finally:
             bar.close()
             pool.shutdown(wait=True, cancel_futures=True)
             for c in watch or ():
                 c.close()
+    if enc is not None:
+        stats.update(enc.stats)
     stats["wall_s"] = time.perf_counter() - t0
     return stats
 
@@ -588,8 +820,8 @@ def _rank_world() -> tuple[int, int]:
     return rank, world
 
 
-def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dtype="fp32", batch_seconds=600.0,
-                  max_batch=64, workers=4, prefetch=2, fmt="npy", quiet=False) -> dict:
+def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dtype="fp32", batch_seconds=None,
+                  max_batch=None, workers=4, prefetch=2, fmt="npy", quiet=False) -> dict:
     """Encode every audio file under `inputs` into `out`. Returns counts and timings.
 
     Sharding: torchrun's RANK/WORLD_SIZE take every WORLD_SIZE-th file; within a rank, several
@@ -601,7 +833,7 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
             import pyarrow  # noqa: F401
         except ImportError:
             raise CorpusError("--format parquet needs pyarrow: pip install pyarrow") from None
-    if batch_seconds <= 0 or max_batch < 1 or prefetch < 0:
+    if (batch_seconds is not None and batch_seconds <= 0) or (max_batch is not None and max_batch < 1) or prefetch < 0:
         raise CorpusError("--batch-seconds must be > 0, --max-batch >= 1, --prefetch >= 0")
     rank, world = _rank_world()
     items = find_inputs(inputs)[rank::world]
@@ -639,7 +871,9 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
             bad.append(f"a device process died (exit codes {[p.exitcode for p in procs]})")
         if bad:
             raise CorpusError("; ".join(bad))
-    total = {k: sum(r[k] for r in results) for k in ("files", "seconds", "skipped", "errors")}
+    total = {k: sum(r.get(k, 0) for r in results) for k in ("files", "seconds", "skipped", "errors", "calls",
+                                                            "row_calls", "frames", "model_s")}
+    total.update({k: results[0][k] for k in ("slots", "rows", "segment_frames") if k in results[0]})
     total["wall_s"] = time.perf_counter() - t0
     total["encode_s"] = max(r["wall_s"] for r in results)  # after model load, slowest device
     if not quiet:
