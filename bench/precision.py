@@ -20,6 +20,7 @@ import argparse
 import copy
 import glob
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,8 +60,14 @@ def main() -> None:
             yield n, c.feats_to_toks(f)
             yield f"{n} E + fp32 C", ref.feats_to_toks(f.float())
             yield f"fp32 E + {n} C", c.feats_to_toks(feats32[i].to(dt))
-        with torch.autocast(ref.device.type, dtype=torch.float16):
-            f = ref.sig_to_feats(x)
+        # the reference ops under autocast (the Triton epilogues would keep fp16 activations)
+        old = os.environ.get("FASTFOCAL_BACKEND")
+        os.environ["FASTFOCAL_BACKEND"] = "torch"
+        try:
+            with torch.autocast(ref.device.type, dtype=torch.float16):
+                f = ref.sig_to_feats(x)
+        finally:
+            os.environ.pop("FASTFOCAL_BACKEND") if old is None else os.environ.update(FASTFOCAL_BACKEND=old)
         yield "autocast-fp16 E + fp32 C", ref.feats_to_toks(f.float())
 
     agree: dict[str, list[int]] = {}
