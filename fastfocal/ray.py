@@ -6,23 +6,28 @@
 
 or build the pipeline yourself: `ds.map(ffr.load_row)` then
 `ds.map_batches(ffr.TokenEncoder, fn_constructor_kwargs={...}, batch_size=64, num_gpus=1, concurrency=4)`.
-Tokens equal `Codec.sig_to_toks` per file (`fastfocal.corpus.encode_batch`). `ray` is optional and
+Tokens equal `Codec.sig_to_toks` per file (`fastfocal.corpus.encode_batch`: continuous batching
+within each batch). Multi-node: `ray start --head` on one machine, `ray start --address HEAD:6379`
+on the others, then call `ray.init(address="auto")` and `encode_paths(..., num_gpus=N)` on the
+head (N = GPUs in the cluster). `ray` is optional and
 imported only inside `encode_paths`; the row function and the actor class need no ray.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .audio import AudioError, read_audio
+from .audio import AudioError, check_peak, read_audio
 from .corpus import SR, encode_batch
 from .inputs import token_dtype
 from .loading import open_codec
 
 
 def load_row(row: dict) -> dict:
-    """CPU stage: add "audio" (16 kHz float32) and "error" ("" when fine) to a row with "path"."""
+    """CPU stage: add "audio" (16 kHz float32) and "error" ("" when fine) to a row with "path".
+    Unreadable files and out-of-range audio (NaN/Inf, beyond ±8) get an error, as in encode-corpus."""
     try:
         audio, error = read_audio(row["path"], SR), ""
+        check_peak(audio, row["path"])
     except AudioError as e:
         audio, error = np.zeros(0, np.float32), str(e)
     return {**row, "audio": audio, "error": error}
@@ -33,9 +38,12 @@ class TokenEncoder:
     `load_row`) -> columns path, tokens, n_tokens, duration, error."""
 
     def __init__(self, model: str | None = None, random_init: str | None = None, device: str | None = None,
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", arrow: bool = False):
         self.codec = open_codec(model, random_init, device, dtype)
         self.dtype = token_dtype(self.codec.codebook_size)
+        # arrow: a pyarrow table with tokens as list<uint>; numpy columns would become fixed-shape
+        # tensors in batches of equal lengths and ragged ones elsewhere, which write_parquet cannot join
+        self.arrow = arrow
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
@@ -47,13 +55,19 @@ class TokenEncoder:
         toks = [np.zeros(0, self.dtype)] * len(paths)
         for i, t in zip(good, encode_batch(self.codec, [rows[i][0] for i in good]) if good else []):
             toks[i] = t.astype(self.dtype)
-        return {
+        out = {
             "path": paths,
             "tokens": toks,
             "n_tokens": np.array([len(t) for t in toks], np.int64),
             "duration": np.array([len(a) / SR for a, _ in rows], np.float64),
             "error": [e for _, e in rows],
         }
+        if not self.arrow:
+            return out
+        import pyarrow as pa
+
+        out["tokens"] = pa.array(toks, type=pa.list_(pa.from_numpy_dtype(self.dtype)))
+        return pa.table(out)
 
 
 def encode_paths(paths, model: str | None = None, random_init: str | None = None, dtype: str = "fp32",
@@ -68,7 +82,7 @@ def encode_paths(paths, model: str | None = None, random_init: str | None = None
     return ds.map_batches(
         TokenEncoder,
         fn_constructor_kwargs={"model": model, "random_init": random_init, "dtype": dtype,
-                               "device": "cuda" if num_gpus else "cpu"},
+                               "device": "cuda" if num_gpus else "cpu", "arrow": True},
         batch_size=batch_size,
         num_gpus=1 if num_gpus else 0,
         concurrency=num_gpus or num_cpu_actors,

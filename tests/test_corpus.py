@@ -276,29 +276,6 @@ def test_parquet(src, tmp_path, causal, capsys):
     assert sorted(p.name for p in out.glob("*.parquet")) == ["tokens-00000.parquet"]
 
 
-def test_ray_encoder_class(src, causal):
-    from fastfocal.ray import TokenEncoder, load_row
-
-    enc = TokenEncoder(model=TINY, device="cpu")
-    paths = [str(src / "ls/cut/a.wav"), str(src / "bad/empty.wav"), str(src / "vb/p287_007.wav")]
-    for batch in ({"path": np.array(paths)}, {k: [load_row({"path": p})[k] for p in paths] for k in ("path", "audio", "error")}):
-        res = enc(batch)
-        assert res["path"] == paths and "contains no samples" in res["error"][1] and res["n_tokens"][1] == 0
-        for i in (0, 2):
-            assert res["error"][i] == ""
-            np.testing.assert_array_equal(res["tokens"][i], causal.sig_to_toks(read_audio(paths[i])).numpy())
-
-
-def test_ray_pipeline(src, causal):
-    pytest.importorskip("ray")
-    from fastfocal.ray import encode_paths
-
-    paths = [str(src / "ls/cut/a.wav"), str(src / "ls/cut/d.wav")]
-    rows = encode_paths(paths, model=TINY).take_all()
-    for r in rows:
-        np.testing.assert_array_equal(np.asarray(r["tokens"]), causal.sig_to_toks(read_audio(r["path"])).numpy())
-
-
 # ----------------------------------------------------------------------------- bad audio (issues 9.1, 9.4)
 def _bad_audio(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
