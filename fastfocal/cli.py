@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, device=False)
     p.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 (one process each) or cpu")
     p.add_argument("--batch-seconds", type=float, default=None, help="audio seconds per model call at most (default: from free device memory)")
-    p.add_argument("--max-batch", type=int, default=None, help="files per model call at most (default: from free memory; 512 on CUDA, 16 on CPU)")
+    p.add_argument("--max-batch", type=int, default=None, help="files per model call at most (default: from free memory; 512 on CUDA, 64 on CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes per device (0: decode inline)")
     p.add_argument("--prefetch", type=int, default=2, help="slot pools decoded ahead of the device (default 2)")
     p.add_argument("--format", default="npy", choices=["npy", "parquet"], help="npy per utterance (default) or parquet shards")

@@ -294,7 +294,7 @@ def pool_size(codec: Codec, seconds: list[float], batch_seconds: float | None = 
     """Slots, rows per call and piece length for a corpus: from free device memory and the
     length distribution. A quarter of the slots run in a full call; the others hold rows
     waiting for their digit or tail calls (fewer, fuller calls). Defaults cap a call at 512 rows
-    on CUDA (16 on CPU, where bigger calls are not faster)."""
+    on CUDA and 64 on CPU."""
     cfg, hop = codec.config, codec.config.hop_samples
     frames = sorted(-(-int(s * SR) // hop) for s in seconds) or [1]
     seg = min(512, max(64, _pow2_chunks(frames[len(frames) // 2], cfg.chunk_frames)))
@@ -306,7 +306,7 @@ def pool_size(codec: Codec, seconds: list[float], batch_seconds: float | None = 
     rows = int(budget // (POOL_PER_ROW * slot_b + row_b))
     if batch_seconds:
         rows = min(rows, int(batch_seconds * SR / hop) // seg)
-    rows = max(1, min(rows, max_batch or (512 if cuda else 16), len(frames)))
+    rows = max(1, min(rows, max_batch or (512 if cuda else 64), len(frames)))
     return {"slots": max(1, min(POOL_PER_ROW * rows, len(frames))), "rows": rows, "segment_frames": seg}
 
 

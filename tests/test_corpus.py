@@ -142,7 +142,7 @@ def test_plan_cuts_every_file_into_exact_pieces():
 
 def test_pool_size_from_memory_and_lengths(causal, monkeypatch):
     got = corpus.pool_size(causal, [8.0] * 1000)
-    assert got == {"slots": 64, "rows": 16, "segment_frames": 256}  # CPU cap; median 400 frames
+    assert got == {"slots": 256, "rows": 64, "segment_frames": 256}  # CPU cap; median 400 frames
     assert corpus.pool_size(causal, [8.0] * 10)["slots"] == 10  # never more slots than files
     assert corpus.pool_size(causal, [8.0] * 1000, batch_seconds=20, max_batch=64)["rows"] == 3  # 1000 frames / 256
     per = 4 * (corpus.Pipeline.bytes_per_slot(causal.model, "encode") + 400 * 320 * 4) \
