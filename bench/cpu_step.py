@@ -8,7 +8,9 @@ machine slows both), and their ratio: of the medians, the median of the per-step
 the least-disturbed samples (p10 step over the floor at the p90 bandwidth). With onnxruntime installed, also ONNX Runtime's
 step on the same weights (fp32, exported once per mode with fastfocal.onnx, cached).
 
-Appends one JSON line per row to bench/results/cpu-step.jsonl and prints a table.
+Each row runs in a fresh process (in one process, a row measured after others can run up to 25%
+slower: bf16 after fp32 did). Appends one JSON line per row to bench/results/cpu-step.jsonl and
+prints a table.
 
     python bench/cpu_step.py                             # ~5 min on 2 cores (plus a first ONNX export)
     python bench/cpu_step.py --threads 1 --modes decode --dtypes fp32 --no-onnx
@@ -158,6 +160,39 @@ def profile(codec, mode: str, sig, warmup: int, steps: int, top: int) -> None:
     print(p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top))
 
 
+def report(a, base: dict, rows: list[dict]) -> None:
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"\n{base['machine']}, commit {base['commit']}, torch {base['torch']}, {a.preset}, batch 1, "
+          f"median of {a.steps} steps after {a.warmup} warm-up\n")
+    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | paired | p10 ratio | read GB/s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
+              f"{r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['ratio_p10']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
+
+
+def isolated(a, threads: list[int]) -> int:
+    """Each row in a fresh process (this script with --in-process for one configuration)."""
+    import tempfile
+
+    rows = []
+    for t in threads:
+        for mode in a.modes.split(","):
+            configs = [(d, "--no-onnx") for d in a.dtypes.split(",")] + ([("fp32", "--only-onnx")] if not a.no_onnx else [])
+            for dtype, flag in configs:
+                with tempfile.NamedTemporaryFile(suffix=".jsonl") as tmp:
+                    cmd = [sys.executable, __file__, "--in-process", flag, "--threads", str(t), "--modes", mode,
+                           "--dtypes", dtype, "--preset", a.preset, "--warmup", str(a.warmup), "--steps", str(a.steps),
+                           "--out", tmp.name]
+                    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+                    rows += [json.loads(line) for line in open(tmp.name)]
+    report(a, rows[0] if rows else {}, rows)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="50hz_4k_causal")
@@ -170,12 +205,18 @@ def main() -> int:
     ap.add_argument("--profile", metavar="MODE", help="print a torch.profiler table for MODE instead of timing")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=str(RESULTS / "cpu-step.jsonl"))
+    ap.add_argument("--in-process", action="store_true",
+                    help="all rows in this process (default: one fresh process per row; in one process a row "
+                         "measured after others can run up to 25%% slower, e.g. bf16 after fp32)")
+    ap.add_argument("--only-onnx", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    threads = [int(t) for t in a.threads.split(",")]
+    if not a.profile and not a.in_process:
+        return isolated(a, threads)
 
     sig = speech(30.0)
     codecs = {d: fastfocal.random_init(a.preset, seed=0, device="cpu", dtype={"fp32": "float32", "bf16": "bfloat16"}[d])
               for d in a.dtypes.split(",")}
-    threads = [int(t) for t in a.threads.split(",")]
     if a.profile:
         for t in threads:
             torch.set_num_threads(t)
@@ -199,7 +240,8 @@ def main() -> int:
         torch.set_num_threads(t)
         for mode in a.modes.split(","):
             # fastfocal rows first, ONNX Runtime last and freed after (its pool threads spin)
-            runs = [(d, "fastfocal") for d in codecs] + ([("fp32", "onnxruntime")] if have_ort else [])
+            runs = [] if a.only_onnx else [(d, "fastfocal") for d in codecs]
+            runs += [("fp32", "onnxruntime")] if have_ort else []
             for dname, impl in runs:
                 codec = codecs[dname]
                 inputs = chunks_for(codec, mode, sig)
@@ -224,17 +266,7 @@ def main() -> int:
                 print(f"  {t} thr {mode:6} {dname} {impl:11} step {step_ms:7.1f} ms  floor {floor_ms:6.1f} ms"
                       f"  ratio {step_ms / floor_ms:5.2f}  paired {paired:5.2f}  p10 {row['ratio_p10']:5.2f}"
                       f"  ({bps / 1e9:.1f} GB/s, load {load:.1f})", file=sys.stderr)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"\n{base['machine']}, commit {base['commit']}, torch {base['torch']}, {a.preset}, batch 1, "
-          f"median of {a.steps} steps after {a.warmup} warm-up\n")
-    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | paired | p10 ratio | read GB/s | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['threads']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
-              f"{r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['ratio_p10']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
+    report(a, base, rows)
     return 0
 
 
