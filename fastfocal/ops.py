@@ -80,10 +80,21 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 _PACKED = WeakIdKeyDictionary()
 
 
+def _has_pack_ops() -> bool:
+    try:  # private oneDNN ops: a torch build without them takes plain F.linear
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._reorder_linear_weight) and \
+            bool(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PACK_OPS = _has_pack_ops()
+
+
 def _pack_ok(x: Tensor, w: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
             and w.dim() == 2 and backend() == "auto" and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
-            and torch.backends.mkldnn.is_available() and not (torch.is_grad_enabled() and w.requires_grad)
+            and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 

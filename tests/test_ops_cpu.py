@@ -1,0 +1,47 @@
+"""The CPU matmul on reordered weights (ops.matmul): same results as F.linear, and the cache
+follows the weight when it changes in place, is swapped, or is a view."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastfocal import ops
+
+
+@pytest.fixture
+def wx():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(48, 40, generator=g), torch.randn(48, generator=g), torch.randn(5, 4, 40, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_equals_linear(wx, dtype):
+    w, b, x = (t.to(dtype) for t in wx)
+    got, want = ops.matmul(x, w, b), F.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_cache_follows_in_place_changes_swaps_and_views(wx):
+    w, b, x = wx
+    ops.matmul(x, w, b)  # cached
+    w.mul_(2)  # in place: version counter moves
+    assert torch.allclose(ops.matmul(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    p = torch.nn.Parameter(w.clone(), requires_grad=False)
+    ops.matmul(x, p, b)
+    p.data = torch.randn_like(w)  # same object, new storage
+    assert torch.allclose(ops.matmul(x, p, b), F.linear(x, p, b), rtol=1e-5, atol=1e-4)
+    sq = torch.randn(40, 40)
+    xt = x[..., :40]
+    for v in (sq, sq.t(), sq[:32]):  # views of one base are cached apart
+        assert torch.allclose(ops.matmul(xt, v), F.linear(xt, v), rtol=1e-5, atol=1e-4)
+
+
+def test_switch_off_gives_plain_linear(wx, monkeypatch):
+    w, b, x = wx
+    monkeypatch.setenv("FASTFOCAL_CPU_PACK", "0")
+    assert torch.equal(ops.matmul(x, w, b), F.linear(x, w, b))
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        wi = w.clone()
+    monkeypatch.setenv("FASTFOCAL_CPU_PACK", "1")
+    assert torch.equal(ops.matmul(x, wi, b), F.linear(x, wi, b))
