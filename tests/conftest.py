@@ -11,6 +11,11 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Under pytest-xdist each worker takes one core: torch's default (a thread per core in every
+# worker) oversubscribes the machine and every test slows down.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 DATA = Path(__file__).parent / "data"
 
 
