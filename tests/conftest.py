@@ -48,3 +48,12 @@ def golden_causal():
 @pytest.fixture(scope="session")
 def golden_noncausal():
     return dict(np.load(DATA / "tiny_noncausal" / "golden.npz"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model steps are op overhead: extra intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,13 +12,7 @@ from helpers import assert_close, assert_tokens
 T = torch.from_numpy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny-model steps are op overhead: extra intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(golden, n, seed):

@@ -36,13 +36,7 @@ ROOT = Path(__file__).parent.parent
 TIMEOUT = 60  # seconds any one client session may take
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny-model steps are op overhead: extra intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
