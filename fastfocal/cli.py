@@ -20,11 +20,12 @@ from .config import ConfigError
 from .corpus import CorpusError
 from .inputs import InputError, token_dtype
 from .loading import DEFAULT_MODEL, CheckpointError, open_codec, provenance
+from .pipeline import NumericsError
 from .version import __version__
 
 PIECE_SECONDS = 30  # encode pushes this much audio per progress step (tokens as in one call)
 
-USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, CorpusError, OSError)
+USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, CorpusError, OSError, NumericsError)
 
 
 class CliError(ValueError):

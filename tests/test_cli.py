@@ -257,6 +257,18 @@ def test_out_of_range_audio_names_the_file(tmp_path, capsys, causal, cmd):
     assert (tmp_path / "o" / ("clipped.npy" if cmd == "encode" else "clipped.wav")).exists()
 
 
+def test_model_overflow_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from fastfocal.codec import Codec
+    from fastfocal.pipeline import NumericsError
+
+    def overflow(self, sig):
+        raise NumericsError("the model produced NaN/Inf from audio: try float32")
+
+    monkeypatch.setattr(Codec, "sig_to_toks", overflow)
+    assert main(["encode", WAV16, "--out", str(tmp_path / "o"), *MODEL]) == 2
+    one_error_line(capsys, f"{WAV16}: the model produced NaN/Inf")
+
+
 # ----------------------------------------------------------------------------- provenance (issue 8.7)
 def test_decode_uses_the_sidecar_model_and_checks_weights(tmp_path, capsys, causal):
     import shutil
