@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 from triton.language.extra import libdevice
 
@@ -89,13 +90,30 @@ def sin(x, INTERP: tl.constexpr):
         return libdevice.sin(x)
 
 
+_F32 = WeakIdKeyDictionary()  # weight -> (version stamp, float32 copy)
+
+
+def _float32(w: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a (reduced-precision) weight, made once and redone if it changes."""
+    if w.is_inference():  # no version counter to watch: convert every time
+        return w.float()
+    stamp = (w._version, w.data_ptr())
+    hit = _F32.get(w)
+    if hit is None or hit[0] != stamp:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (stamp, w.detach().float())
+        _F32[w] = hit
+    return hit[1]
+
+
 def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
     """F.conv1d with groups > 1, safe in reduced precision on CPU.
 
     oneDNN's grouped/depthwise bf16 convolution returns garbage on AMX CPUs (relative error ~1
-    against fp32), so on CPU in bf16/fp16 the conv runs in fp32 and the result is rounded back.
+    against fp32), so on CPU in bf16/fp16 the conv runs in fp32 (weights converted once) and
+    the result is rounded back.
     """
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        b = bias.float() if bias is not None else None
-        return torch.nn.functional.conv1d(x.float(), weight.float(), b, groups=groups).to(x.dtype)
+        b = _float32(bias) if bias is not None else None
+        return torch.nn.functional.conv1d(x.float(), _float32(weight), b, groups=groups).to(x.dtype)
     return torch.nn.functional.conv1d(x, weight, bias, groups=groups)

@@ -45,3 +45,18 @@ def test_switch_off_gives_plain_linear(wx, monkeypatch):
         wi = w.clone()
     monkeypatch.setenv("FASTFOCAL_CPU_PACK", "1")
     assert torch.equal(ops.matmul(x, wi, b), F.linear(x, wi, b))
+
+
+def test_safe_grouped_conv_follows_weight_changes():
+    """bf16 grouped convs run in fp32 on CPU from a cached fp32 weight: the cache must follow."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 20, generator=g).bfloat16()
+    w = torch.randn(8, 1, 5, generator=g).bfloat16()
+    b = torch.randn(8, generator=g).bfloat16()
+
+    def want():
+        return F.conv1d(x.float(), w.float(), b.float(), groups=8).bfloat16()
+
+    assert torch.equal(ops.grouped_conv1d(x, w, b, 8), want())
+    w.mul_(-3)
+    assert torch.equal(ops.grouped_conv1d(x, w, b, 8), want())
