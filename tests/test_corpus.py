@@ -174,6 +174,12 @@ def test_corpus_tokens_manifest_errors(src, tmp_path, causal):
     assert info["model"] == TINY and info["codebook_size"] == 4096 and info["token_dtype"] == "uint16"
 
 
+def ident(out, rel):
+    """What a rewrite (temp file + rename) changes; reads change only atime, so stat() alone is flaky."""
+    st = os.stat(out / f"{rel}.npy")
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def test_resume_and_atomic_outputs(src, tmp_path, causal, capsys, monkeypatch):
     out = tmp_path / "out"
     real_save = np.save
@@ -192,17 +198,17 @@ def test_resume_and_atomic_outputs(src, tmp_path, causal, capsys, monkeypatch):
 
     assert main(["encode-corpus", str(src), "--out", str(out), "--model", TINY, "--workers", "0"]) == 0
     check_tokens(causal, src, out, GOOD)
-    stat = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    stat = {r: ident(out, r) for r in GOOD}
     capsys.readouterr()
 
     monkeypatch.chdir(DATA)  # the same model by a relative path is the same model
     assert main(["encode-corpus", str(src), "--out", str(out), "--model", "tiny_causal", "--workers", "0"]) == 0
     assert "encoded 0 files" in capsys.readouterr().err
-    assert {r: os.stat(out / f"{r}.npy") for r in GOOD} == stat  # nothing rewritten
+    assert {r: ident(out, r) for r in GOOD} == stat  # nothing rewritten
 
     (out / "ls/cut/b.npy").unlink()
     assert encode(src, out) == 0
-    new = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    new = {r: ident(out, r) for r in GOOD}
     assert [r for r in GOOD if new[r] != stat[r]] == ["ls/cut/b"]
     check_tokens(causal, src, out, ["ls/cut/b"])
     rels = [json.loads(line)["rel"] for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -394,21 +400,21 @@ def test_resume_verifies_outputs_and_cleans_stale_temp_files(src, tmp_path, caus
 
     out = tmp_path / "out"
     assert encode(src, out) == 0
-    stat = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    stat = {r: ident(out, r) for r in GOOD}
     (out / "ls/cut/a.npy").write_bytes(b"")  # 0 bytes
     raw = (out / "ls/cut/b.npy").read_bytes()
     (out / "ls/cut/b.npy").write_bytes(b"\x93NUMPX" + raw[6:])  # header corrupt
     raw = bytearray((out / "ls/cut/c.npy").read_bytes())
     raw[-1] ^= 1  # one token changed: header and size fine, sha256 not
     (out / "ls/cut/c.npy").write_bytes(bytes(raw))
-    stat = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    stat = {r: ident(out, r) for r in GOOD}
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = out / "ls" / f".x.npy.tmp{int(dead.stdout)}"
     live = out / "ls" / f".y.npy.tmp{os.getpid()}"  # a live process's temp file stays
     stale.write_bytes(b"partial")
     live.write_bytes(b"partial")
     assert encode(src, out) == 0
-    new = {r: os.stat(out / f"{r}.npy") for r in GOOD}
+    new = {r: ident(out, r) for r in GOOD}
     assert sorted(r for r in GOOD if new[r] != stat[r]) == ["ls/cut/a", "ls/cut/b", "ls/cut/c"]
     check_tokens(causal, src, out, GOOD)
     assert not stale.exists() and live.exists()
