@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import CodecConfig
 from .graphs import GraphRunner, buckets_for, graphs_enabled
-from .inputs import DTYPES, InputError, as_tensor, check_fits, positive_int
+from .inputs import DTYPES, InputError, check_fits, positive_int, stream_piece
 from .model import FocalCodecModel
 from .pipeline import ERRORS, MODE_OUTPUTS, MODES, Pipeline
 from .profiling import nvtx_range
@@ -201,7 +201,8 @@ class StreamEngine:
         """Append samples (16 kHz float, shape (n,) or (1, n)) or tokens (integers in the
         codebook) to a stream. Any n; whole chunks are stepped by step()."""
         slot = self._get(sid)
-        v = self._host_array(data, sid)
+        what = "tokens" if self.mode == "decode" else "audio"
+        v = stream_piece(data, f"{what} of stream {sid}", self.codec.codebook_size if self.mode == "decode" else None)
         n = v.shape[0]
         if not n:
             return
@@ -214,40 +215,6 @@ class StreamEngine:
         self._ring[slot, w:w + first] = v[:first]
         self._ring[slot, :n - first] = v[first:]
         self._fill[slot] = need
-
-    def _host_array(self, data, sid: int) -> np.ndarray:
-        """Validated 1-D numpy input for one stream (numpy checks: this is per message, so
-        cheap matters). NaN/Inf and out-of-range samples pass: the step flags that stream."""
-        what = "tokens" if self.mode == "decode" else "audio"
-        if isinstance(data, Tensor):
-            t = data.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            if t.dtype in (torch.bfloat16, torch.float16):
-                t = t.float()
-            elif t.dtype in (torch.uint16, torch.uint32, torch.uint64) or t.is_complex():
-                t = as_tensor(t, what)  # widened (or refused) the slow way
-            data = t.numpy()
-        elif not isinstance(data, np.ndarray):
-            as_tensor(data, what)  # raises the usual message
-        if data.ndim == 2 and data.shape[0] == 1:
-            data = data[0]
-        if data.ndim != 1:
-            raise InputError(f"{what} of stream {sid} for one stream must be (n,) or (1, n), got shape {data.shape}")
-        kind = data.dtype.kind
-        if self.mode == "decode":
-            if kind not in "iu":
-                raise InputError(f"tokens of stream {sid} must be an integer tensor, got {data.dtype}")
-            if data.size:
-                lo, hi = int(data.min()), int(data.max())
-                if lo < 0 or hi >= self.codec.codebook_size:
-                    raise InputError(f"tokens of stream {sid}: token out of range [0, {self.codec.codebook_size}): "
-                                     f"found values in [{lo}, {hi}]")
-            return data.astype(np.int64, copy=False)
-        if kind != "f":
-            raise InputError(f"audio of stream {sid} must be floating point in [-1, 1], got {data.dtype} "
-                             "(convert integer PCM with x / 32768)")
-        return data.astype(np.float32, copy=False)
 
     def _grow(self, need: int) -> None:
         """Double the rings until `need` fits, unwrapping each slot's pending input to the front."""

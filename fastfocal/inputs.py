@@ -156,10 +156,46 @@ def check_tokens(toks, codebook_size: int, name: str = "tokens") -> tuple[Tensor
         raise InputError(f"{name} are empty (shape {tuple(toks.shape)})")
     toks = toks.long()
     lo, hi = torch.aminmax(toks)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= codebook_size:
-        raise InputError(f"token out of range [0, {codebook_size}): found values in [{lo}, {hi}]")
+    _check_range(int(lo), int(hi), codebook_size, "")
     return toks, squeeze
+
+
+def _check_range(lo: int, hi: int, codebook_size: int, prefix: str) -> None:
+    if lo < 0 or hi >= codebook_size:
+        raise InputError(f"{prefix}token out of range [0, {codebook_size}): found values in [{lo}, {hi}]")
+
+
+def stream_piece(data, name: str, codebook_size: int | None = None) -> np.ndarray:
+    """One message of one stream as a checked 1-D numpy array: float32 audio, or int64 tokens
+    (codebook_size given). numpy checks: this runs per message, so cheap matters. Audio values
+    are not scanned: the engine flags NaN/Inf and out-of-range samples per stream on the device."""
+    what = "tokens" if codebook_size is not None else "audio"
+    if isinstance(data, Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        elif t.dtype in (torch.uint16, torch.uint32, torch.uint64) or t.is_complex():
+            t = as_tensor(t, name)  # widened (or refused) the slow way
+        data = t.numpy()
+    elif not isinstance(data, np.ndarray):
+        as_tensor(data, name)  # raises the usual message
+    if data.ndim == 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 1:
+        raise InputError(f"{name} for one stream must be (n,) or (1, n), got shape {data.shape}")
+    kind = data.dtype.kind
+    if codebook_size is not None:
+        if kind not in "iu":
+            raise InputError(f"{name} must be an integer tensor, got {data.dtype}")
+        if data.size:
+            _check_range(int(data.min()), int(data.max()), codebook_size, f"{name}: ")
+        return data.astype(np.int64, copy=False)
+    if kind != "f":
+        raise InputError(f"{name} must be floating point in [-1, 1], got {data.dtype} "
+                         "(convert integer PCM with x / 32768)")
+    return data.astype(np.float32, copy=False)
 
 
 def check_frames(x, dim: int, name: str) -> tuple[Tensor, bool]:
