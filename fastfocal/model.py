@@ -2,7 +2,8 @@
 
 Layout is (batch, time, channels) between modules; convolutions transpose locally.
 Causal modules take an optional streaming state and a slot-index tensor `idx`: they gather
-their cache rows, run on [cache ‖ new frames], and write the rows back. Offline causal
+their cache rows, run on [cache ‖ new frames], and write the rows back. `idx=None` means every
+slot in order (offline runs, a one-stream session): the rows are used in place, no gathers. Offline causal
 inference is the same computation run on long segments with a fresh state, so there is one
 code path for offline, single-stream and many-stream use.
 """
@@ -29,8 +30,12 @@ def _container(**mods) -> nn.Module:
     return m
 
 
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return t.index_select(0, idx)
+def _gather(t: Tensor, idx: Tensor | None) -> Tensor:
+    return ops.rows(t, idx)
+
+
+def _put(t: Tensor, idx: Tensor | None, v: Tensor) -> None:
+    ops.put_rows(t, idx, v)
 
 
 def _pad_time(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None) -> Tensor:
@@ -42,7 +47,7 @@ def _pad_time(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None) -
     if cache is None:
         left = first
     else:
-        left = torch.where(fresh[:, None, None], first, cache.to(x.dtype))
+        left = torch.where(fresh[:, None, None], first, cache.to(x.dtype)) if ops.any_rows(fresh) else cache.to(x.dtype)
     return torch.cat([left, x], 1)
 
 
@@ -136,7 +141,7 @@ class WavLM(nn.Module):
                 cache = _gather(st.fe_caches[i], idx) if st is not None else None
                 x = _pad_time(x, k - 1, cache, fresh)
                 if st is not None and k > 1:
-                    st.fe_caches[i].index_copy_(0, idx, x[:, x.shape[1] - (k - 1):].to(st.fe_caches[i].dtype))
+                    _put(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):].to(st.fe_caches[i].dtype))
             x = ops.linear(x.unfold(1, k, s_).reshape(B, -1, w.shape[1] * k), w.reshape(w.shape[0], -1), None)
             x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
@@ -148,7 +153,7 @@ class WavLM(nn.Module):
             cache = _gather(st.pos_conv_cache, idx) if st is not None else None
             xp = ops.causal_pad(xt, c.conv_pos - 1, cache, fresh, True)
             if st is not None:
-                st.pos_conv_cache.index_copy_(0, idx, xp[:, :, xp.shape[2] - (c.conv_pos - 1):])
+                _put(st.pos_conv_cache, idx, xp[:, :, xp.shape[2] - (c.conv_pos - 1):])
             p = _grouped_conv(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
         else:
             pad = c.conv_pos // 2
@@ -160,10 +165,11 @@ class WavLM(nn.Module):
         T = x.shape[1]
         start = _gather(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         layers = self.encoder.layers
+        memo: dict = {}  # what the layers of this step share (the CPU attention's position bias)
         # each residual add is fused with the norm that follows it (the next layer's LN_a)
         y = ops.layer_norm(x, layers[0].attention_norm.weight, layers[0].attention_norm.bias, 1e-5)
         for li, layer in enumerate(layers):
-            o = self._attention(layer.attention, y, start, st, idx, li)
+            o = self._attention(layer.attention, y, start, st, idx, li, memo)
             op, fn = layer.attention.out_proj, layer.feed_forward_norm
             x, y = ops.linear_residual_layer_norm(o, op.weight, op.bias, x, fn.weight, fn.bias, 1e-5)
             ff = layer.feed_forward
@@ -174,10 +180,10 @@ class WavLM(nn.Module):
             else:
                 x = ops.linear_residual(h, ff.out_proj.weight, ff.out_proj.bias, x)
         if st is not None:
-            st.pos.index_copy_(0, idx, start + T)
+            _put(st.pos, idx, start + T)
         return x
 
-    def _attention(self, att: _Attention, y: Tensor, start: Tensor, st, idx, li: int) -> Tensor:
+    def _attention(self, att: _Attention, y: Tensor, start: Tensor, st, idx, li: int, memo: dict) -> Tensor:
         """Heads' output (B, T, C) before out_proj; streaming reads and updates layer li's K/V ring."""
         c = self.cfg
         qkv = ops.linear(y, att.qkv_proj.weight, att.qkv_proj.bias)
@@ -185,7 +191,7 @@ class WavLM(nn.Module):
             qkv, y, att.gru_rel_pos_linear.weight, att.gru_rel_pos_linear.bias, att.gru_rel_pos_const,
             self.encoder.relative_embedding.weight, c.num_heads, start, self.chunk,
             c.window_size if c.causal else None, c.num_buckets, c.max_distance,
-            st.k_ring[li] if st is not None else None, st.v_ring[li] if st is not None else None, idx,
+            st.k_ring[li] if st is not None else None, st.v_ring[li] if st is not None else None, idx, memo,
         )
 
 
@@ -292,7 +298,7 @@ class FocalEncoder(nn.Module):
                 x = ops.snake(xt.transpose(1, 2), alpha)
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
         if st is not None:
-            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
+            _put(st.pos, idx, _gather(st.pos, idx) + T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
         return ops.bsq_encode(lats, 1e-12) if quantize else ops.l2_normalize(lats, 1e-12)
 
@@ -346,7 +352,7 @@ class FocalDecoder(nn.Module):
             else:
                 x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:
-            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + T_in)
+            _put(st.pos, idx, _gather(st.pos, idx) + T_in)
         if self.cfg.lookahead_size > 0:
             x = self._refine(x)
         return x
@@ -387,7 +393,7 @@ class _Backbone(nn.Module):
                 cache = _gather(cache_buf, idx) if st is not None else None
                 xp = ops.causal_pad(xt, k - 1, cache, None, replicate=False)
                 if st is not None:
-                    cache_buf.index_copy_(0, idx, xp[:, :, xp.shape[2] - (k - 1):])
+                    _put(cache_buf, idx, xp[:, :, xp.shape[2] - (k - 1):])
             else:
                 xp = F.pad(xt, ((k - 1) // 2, k // 2))
             if groups == 1:  # dense conv as unfold + GEMM: the library conv is slow for few frames
@@ -423,7 +429,7 @@ class WaveNeXt(nn.Module):
         """qfeats (B, T, C) -> sig (B, T * hop)."""
         h = self.backbone(x, self.cfg.causal, st, idx)
         if st is not None:
-            st.pos.index_copy_(0, idx, _gather(st.pos, idx) + x.shape[1])
+            _put(st.pos, idx, _gather(st.pos, idx) + x.shape[1])
         # (B, T, hop) is already the waveform's layout: frame t's samples are contiguous
         return ops.linear_clamp(h, self.head.proj.weight, self.head.proj.bias, -1.0, 1.0).reshape(x.shape[0], -1)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import cpu
 from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, modulate as mod, norm
 from .kernels._common import grouped_conv1d  # noqa: F401  (the model reaches it through ops)
 
@@ -35,6 +36,44 @@ def backend() -> str:
 def use_triton(x: Tensor) -> bool:
     b = backend()
     return b == "triton" or (b == "auto" and x.is_cuda)
+
+
+# --------------------------------------------------------------------------- state rows
+# idx=None means every slot of the state, in order (offline runs, one-stream sessions): the
+# state tensors are used in place instead of gathered and scattered back.
+def rows(state: Tensor, idx: Tensor | None) -> Tensor:
+    """Rows idx of a slot-indexed state tensor (the tensor itself for idx None)."""
+    return state if idx is None else state.index_select(0, idx)
+
+
+def put_rows(state: Tensor, idx: Tensor | None, v: Tensor) -> None:
+    """state[idx] = v in place (all rows for idx None)."""
+    if idx is None:
+        state.copy_(v)
+    else:
+        state.index_copy_(0, idx, v.to(state.dtype))
+
+
+def _all_rows(idx: Tensor | None, n: int, device) -> Tensor:
+    return torch.arange(n, device=device) if idx is None else idx
+
+
+def _host_checks_ok(t: Tensor) -> bool:
+    """A data-dependent shortcut may read t's values: on CPU, outside tracing (no device sync,
+    nothing an exporter or a CUDA graph would bake in)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
+        and not torch.jit.is_tracing()
+
+
+def _cpu_path(x: Tensor) -> bool:
+    """The CPU forms in `fastfocal.cpu` (same results as the references, less state traffic)."""
+    return backend() == "auto" and _host_checks_ok(x)
+
+
+def any_rows(mask: Tensor | None) -> bool:
+    """Whether any row of a (B,) mask is set; True whenever reading it would cost a sync, so
+    callers only skip work they know is a no-op (fresh-row patches when no row is fresh)."""
+    return mask is not None and (not _host_checks_ok(mask) or bool(mask.any()))
 
 
 # --------------------------------------------------------------------------- elementwise / norms
@@ -185,7 +224,7 @@ def causal_pad(
         left = x[:, :, :1].expand(-1, -1, pad) if replicate else x.new_zeros(x.shape[0], x.shape[1], pad)
     else:
         left = cache.to(x.dtype)
-        if replicate and fresh is not None:
+        if replicate and any_rows(fresh):
             left = torch.where(fresh[:, None, None], x[:, :, :1].expand(-1, -1, pad), left)
     return torch.cat([left, x], dim=2)
 
@@ -207,6 +246,10 @@ def focal_context(
     passes the layer's full cache tensors (S, C, K-1), rows idx updated in place, fresh (B,).
     Non-causal: L convs and the global-mean level. The kernel covers L = 2 (every preset).
     """
+    if caches is not None and _cpu_path(ctx):
+        return cpu.focal_context_stream(ctx, gates, weights, biases, caches, idx, fresh)
+    if caches is not None:
+        idx = _all_rows(idx, ctx.shape[0], ctx.device)
     if use_triton(ctx) and len(weights) == (3 if causal else 2):
         return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, fresh)
     return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, fresh)
@@ -237,10 +280,18 @@ def rel_attention(
     k_ring: Tensor | None = None,
     v_ring: Tensor | None = None,
     idx: Tensor | None = None,
+    memo: dict | None = None,
 ) -> Tensor:
     """WavLM attention core (B, T, C) from qkv = qkv_proj(y), y = LN(x): gated relative
     position bias, causal sliding window over chunks (window given) or full; streaming reads
-    and updates the K/V rings (S, H, R, d) at rows idx; start (B,) = position of frame 0."""
+    and updates the K/V rings (S, H, R, d) at rows idx (None: all, in order); start (B,) =
+    position of frame 0. memo: one dict shared by the layers of a step (the CPU path builds
+    the position bias once in it)."""
+    if k_ring is not None and window is not None and qkv.shape[1] <= cpu.MAX_STEP_FRAMES and _cpu_path(qkv):
+        return cpu.rel_attention_step(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window,
+                                      num_buckets, max_distance, k_ring, v_ring, idx, memo)
+    if k_ring is not None:
+        idx = _all_rows(idx, qkv.shape[0], qkv.device)
     fn = attention.rel_attention if use_triton(qkv) else attention.rel_attention_ref
     return fn(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window, num_buckets, max_distance,
               k_ring, v_ring, idx)
@@ -292,6 +343,8 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
                       causal: bool, cache: Tensor | None = None, idx: Tensor | None = None) -> Tensor:
     """LayerNorm(depthwise conv(x)) for x (B, T, C); causal zero left pad or cache rows idx of
     (S, C, K-1), updated in place; non-causal 'same' zero padding."""
+    if cache is not None:
+        idx = _all_rows(idx, x.shape[0], x.device)
     if use_triton(x) and x.shape[-1] <= 8192:
         return convnext.dwconv_layer_norm(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)
     return convnext.dwconv_layer_norm_ref(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)

@@ -153,7 +153,16 @@ class Pipeline:
         see run_tail), or the first stage's input (features, tokens or codes, qfeats). Returns
         each stage's product ("feats", "lats", "toks", "qfeats", "audio") and "err" (B,).
         """
-        return run_stages(self.model, stages or self.stages, x, self.states, idx)
+        return run_stages(self.model, stages or self.stages, x, self.states, self._rows(idx))
+
+    def _rows(self, idx: Tensor | None) -> Tensor | None:
+        """None (every slot, in order: the modules use the state in place) when idx is that
+        on CPU, where the check costs no device sync; idx unchanged otherwise."""
+        if idx is None or idx.device.type != "cpu" or idx.numel() != self.slots:
+            return idx
+        if self.slots == 1:
+            return None if int(idx[0]) == 0 else idx
+        return None if torch.equal(idx, torch.arange(self.slots)) else idx
 
     def step(self, x: Tensor, idx: Tensor) -> tuple[Tensor, ...]:
         """One chunk for rows idx, as static tensors (what a CUDA graph captures):
@@ -231,7 +240,6 @@ def run_offline(model: FocalCodecModel, stages: Sequence[str], x: Tensor, keep: 
     stages = stages_for(stages)
     if model.cfg.causal:
         pipe = Pipeline(model, stages, x.shape[0], device=x.device)
-        idx = torch.arange(x.shape[0], device=x.device)
-        return pipe.run_segmented(x, idx, keep, segment_frames)
+        return pipe.run_segmented(x, None, keep, segment_frames)  # idx None: every row in order
     out = run_stages(model, stages, x)
     return {k: out[k] for k in (*keep, "err")}

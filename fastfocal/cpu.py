@@ -1,0 +1,117 @@
+"""CPU forms of the two streaming ops whose references move the most state per step.
+
+A voice app steps one stream on a CPU: batch 1, 4 frames. There the references in
+`fastfocal.kernels` spend more time copying state than computing. The attention reference
+gathers each layer's K/V rings and joins them with the new frames before SDPA (two copies
+of 2 MB per layer in fp32) and rebuilds the relative-position bias in every layer. The focal
+reference patches fresh rows with a `where` over each 511-frame cache even when no row is
+fresh. These forms compute the same thing with less traffic:
+
+- attention reads the rings in place: scores against the ring and against the new frames
+  are two matmuls, softmax runs over both, and the output is two matmuls. Scores, bias and
+  softmax are fp32 in every dtype. The bucketed bias and the window mask depend only on positions,
+  so they are built once per step (`memo`) and each layer scales them by its gate;
+- the focal levels skip the fresh-row patch when no row is fresh, and with idx None (every
+  slot in order) they read and write the caches directly instead of gathering rows.
+
+`fastfocal.ops` picks these on CPU. FASTFOCAL_BACKEND=torch takes the plain references,
+which is how the tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels._common import grouped_conv1d
+from .kernels.attention import attention_gate_ref, relative_bucket_ref
+
+MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
+
+
+def _window_bias(start: Tensor, T: int, R: int, chunk: int, window: int, rel_emb: Tensor, num_buckets: int,
+                 max_distance: int) -> tuple[Tensor, Tensor]:
+    """Key order [ring slot 0..R-1 ‖ new frames]: the bucketed bias (B, H, T, R+T) fp32 and an
+    additive mask (B, 1, T, R+T), 0 where a query sees the key, -inf elsewhere."""
+    dev = start.device
+    q_pos = start[:, None] + torch.arange(T, device=dev)[None, :]
+    r = torch.arange(R, device=dev)
+    ring_pos = start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)  # slot -> position
+    k_pos = torch.cat([ring_pos, q_pos], 1)
+    rel = k_pos[:, None, :] - q_pos[:, :, None]  # B T Tk
+    bias = F.embedding(relative_bucket_ref(rel, num_buckets, max_distance), rel_emb.float()).permute(0, 3, 1, 2)
+    e = (q_pos // chunk + 1) * chunk
+    ok = (k_pos[:, None, :] < e[:, :, None]) & (k_pos[:, None, :] >= e[:, :, None] - window) & (k_pos >= 0)[:, None, :]
+    mask = torch.zeros(ok.shape, dtype=torch.float32, device=dev).masked_fill_(~ok, float("-inf"))
+    return bias.contiguous(), mask.unsqueeze(1)
+
+
+def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru_const: Tensor, rel_emb: Tensor,
+                       num_heads: int, start: Tensor, chunk: int, window: int, num_buckets: int, max_distance: int,
+                       k_ring: Tensor, v_ring: Tensor, idx: Tensor | None, memo: dict | None) -> Tensor:
+    """`rel_attention_ref` for a causal streaming step (T <= MAX_STEP_FRAMES) without joining
+    the rings to the new frames; idx None reads the rings in place. memo: a dict shared by
+    the layers of one step (same positions), or None."""
+    B, T, C3 = qkv.shape
+    H = num_heads
+    C = C3 // 3
+    d = C // H
+    R = k_ring.shape[2]
+    key = ("window_bias", T, R, rel_emb.data_ptr())  # the model shares one embedding across layers
+    if memo is not None and key in memo:
+        bias, mask = memo[key]
+    else:
+        bias, mask = _window_bias(start, T, R, chunk, window, rel_emb, num_buckets, max_distance)
+        if memo is not None:
+            memo[key] = (bias, mask)
+    kv = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).to(k_ring.dtype)  # 3 B H T d
+    q, k, v = kv[0], kv[1], kv[2]
+    kr = k_ring if idx is None else k_ring.index_select(0, idx)
+    vr = v_ring if idx is None else v_ring.index_select(0, idx)
+    gate = attention_gate_ref(y, gru_w, gru_b, gru_const, H)  # B H T fp32
+    # the matmuls read the rings in their dtype (fp32 accumulation inside); scores, bias and
+    # softmax in fp32 (the reference rounds the bias to the compute dtype)
+    s = torch.cat([torch.matmul(q, kr.transpose(2, 3)), torch.matmul(q, k.transpose(2, 3))], 3).float()
+    s = torch.addcmul(mask, bias, gate.unsqueeze(-1)).add_(s, alpha=d ** -0.5)
+    p = torch.softmax(s, dim=-1).to(vr.dtype)
+    o = torch.matmul(p[..., :R], vr).add_(torch.matmul(p[..., R:], v))  # B H T d
+    # the ring keeps the newest R frames (written after the reads above: they may overwrite them)
+    m = min(T, R)
+    slots = torch.remainder(start[:, None] + torch.arange(T - m, T, device=qkv.device)[None, :], R)
+    rows = (torch.arange(B, device=qkv.device) if idx is None else idx)[:, None].expand(B, m)
+    kv_new = qkv.view(B, T, 3, H, d)[:, T - m:]
+    k_ring[rows, :, slots] = kv_new[:, :, 1].to(k_ring.dtype)
+    v_ring[rows, :, slots] = kv_new[:, :, 2].to(v_ring.dtype)
+    return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
+
+
+def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], biases: list[Tensor],
+                         caches: list[Tensor], idx: Tensor | None, fresh: Tensor) -> Tensor:
+    """`focal_context_ref` of the causal form with caches: each level's [cache ‖ frames] is
+    built in one pass (rows read in place for idx None), fresh rows patched only if any."""
+    c = ctx.transpose(1, 2)  # B C T
+    B, C, T = c.shape
+    patch = bool(fresh.any())
+    acc = None
+    for lvl, (w, b, buf) in enumerate(zip(weights, biases, caches)):
+        P = buf.shape[2]
+        xp = c.new_empty(B, C, P + T)
+        left = xp[:, :, :P]
+        if idx is None:
+            left.copy_(buf)
+        elif buf.dtype == c.dtype:
+            torch.index_select(buf, 0, idx, out=left)
+        else:
+            left.copy_(buf.index_select(0, idx))
+        if patch:
+            torch.where(fresh[:, None, None], c[:, :, :1], left, out=left)
+        xp[:, :, P:] = c
+        # the new cache is xp's last P frames; xp is a copy, so the cache can be written now
+        if idx is None:
+            buf.copy_(xp[:, :, T:])
+        else:
+            buf.index_copy_(0, idx, xp[:, :, T:].to(buf.dtype))
+        c = F.gelu(grouped_conv1d(xp, w, b, C))
+        term = c * gates[:, :, lvl].unsqueeze(1)
+        acc = term if acc is None else acc.add_(term)
+    return acc.transpose(1, 2)

@@ -1,0 +1,133 @@
+"""The CPU forms of the streaming ops (fastfocal.cpu) against the float64 references: outputs
+close, new state bit-equal to the reference's, untouched slots unchanged; rows gathered by
+idx or used in place (idx None); fresh and wrapped rows; one memo shared by several layers.
+And the pipeline's idx None path (every slot in order) against explicit slot indices."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "kernels"))
+from kernel_checks import assert_close, assert_equal, f64  # noqa: E402
+
+from fastfocal import cpu, ops  # noqa: E402
+from fastfocal.kernels.attention import rel_attention_ref  # noqa: E402
+from fastfocal.kernels.focal_context import focal_context_ref  # noqa: E402
+
+NB, MD, CHUNK = 320, 800, 4
+TOLS = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _attn_params(H, d, dtype, g):
+    return [t.to(dtype) for t in (torch.randn(8, d, generator=g) * 0.3, torch.randn(8, generator=g) * 0.3,
+                                  torch.randn(1, H, 1, 1, generator=g), torch.randn(NB, H, generator=g))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,rows,H,d,R,T", [(3, None, 4, 32, 28, 4), (4, [2, 0], 4, 32, 28, 4),
+                                            (1, None, 16, 64, 508, 4), (2, [1], 2, 16, 20, 8)])
+def test_attention_step_equals_reference(dtype, S, rows, H, d, R, T):
+    """Several steps past the ring length, rows at different positions (one fresh), two
+    layers per step sharing one memo, each with its own rings and gate weights."""
+    g = torch.Generator().manual_seed(S * 100 + R)
+    idx = None if rows is None else torch.tensor(rows)
+    B = S if idx is None else len(rows)
+    layers = [_attn_params(H, d, dtype, g) for _ in range(2)]
+    layers[1][3] = layers[0][3]  # one relative embedding for all layers, as in the model
+    rings = [[(torch.randn(S, H, R, d, generator=g)).to(dtype) for _ in range(2)] for _ in layers]
+    untouched = [i for i in range(S) if idx is not None and i not in rows]
+    before = [[r[untouched].clone() for r in rr] for rr in rings]
+    start = torch.arange(B) * (R + 8)  # row 0 fresh, the others mid-stream and wrapped
+    ref_rows = torch.arange(S) if idx is None else idx
+    for step in range(3):
+        memo = {}
+        for li, (p, (kr, vr)) in enumerate(zip(layers, rings)):
+            qkv = torch.randn(B, T, 3 * H * d, generator=g).to(dtype)
+            y = torch.randn(B, T, H * d, generator=g).to(dtype)
+            kr64, vr64 = kr.double(), vr.double()
+            want = rel_attention_ref(*f64(qkv, y), *f64(*p), H, start, CHUNK, R + CHUNK, NB, MD, kr64, vr64, ref_rows)
+            got = cpu.rel_attention_step(qkv, y, *p, H, start, CHUNK, R + CHUNK, NB, MD, kr, vr, idx, memo)
+            assert got.dtype == dtype
+            assert_close(f"step {step} layer {li}", got, want, dtype)
+            assert_equal(f"k ring step {step} layer {li}", kr, kr64.to(dtype))  # new keys are copies
+            assert_equal(f"v ring step {step} layer {li}", vr, vr64.to(dtype))
+        assert len(memo) == 1  # the position bias was built once for both layers
+        assert_close("a layer with its own embedding", cpu.rel_attention_step(
+            qkv, y, *layers[1][:3], layers[1][3] * 2, H, start + T, CHUNK, R + CHUNK, NB, MD, kr.clone(), vr.clone(), idx, memo),
+            rel_attention_ref(*f64(qkv, y), *f64(*layers[1][:3], layers[1][3] * 2), H, start + T, CHUNK, R + CHUNK, NB, MD,
+                              kr.double(), vr.double(), ref_rows), dtype)
+        start = start + T
+    for rr, bb in zip(rings, before):
+        for r, b in zip(rr, bb):
+            assert_equal("untouched rows", r[untouched], b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,rows,T", [(3, None, 4), (4, [3, 1], 4), (2, None, 37)])
+def test_focal_stream_equals_reference(dtype, S, rows, T):
+    g = torch.Generator().manual_seed(7 * S + T)
+    C, ks = 24, [3, 5, 40]
+    idx = None if rows is None else torch.tensor(rows)
+    B = S if idx is None else len(rows)
+    ws = [(torch.randn(C, 1, k, generator=g) / k ** 0.5).to(dtype) for k in ks]
+    bs = [(torch.randn(C, generator=g) * 0.1).to(dtype) for _ in ks]
+    caches = [torch.randn(S, C, k - 1, generator=g).to(dtype) for k in ks]
+    untouched = [i for i in range(S) if idx is not None and i not in rows]
+    before = [c[untouched].clone() for c in caches]
+    ref_rows = torch.arange(S) if idx is None else idx
+    for step, fresh in enumerate(([True] + [False] * (B - 1), [False] * B, [False] * (B - 1) + [True])):
+        fresh = torch.tensor(fresh)
+        ctx = torch.randn(B, T, C, generator=g).to(dtype)
+        gates = torch.randn(B, T, 3, generator=g).to(dtype)
+        c64, same = [c.double() for c in caches], [c.clone() for c in caches]
+        want = focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), True, c64, ref_rows, fresh)
+        focal_context_ref(ctx, gates, ws, bs, True, same, ref_rows, fresh)  # same dtype: the same ops
+        got = cpu.focal_context_stream(ctx, gates, ws, bs, caches, idx, fresh)
+        assert_close(f"focal step {step}", got, want, dtype, rel=TOLS[dtype])
+        for lvl, (c, r, r64) in enumerate(zip(caches, same, c64)):
+            # level 0 caches input frames (copies); deeper levels cache the level below's output
+            assert_equal(f"cache level {lvl} step {step}", c, r)
+            assert_close(f"cache level {lvl} step {step} vs float64", c, r64, dtype, rel=TOLS[dtype])
+    for c, b in zip(caches, before):
+        assert_equal("untouched cache rows", c[untouched], b)
+
+
+def test_ops_take_the_cpu_forms_unless_forced_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "focal_context_stream", lambda *a: calls.append("cpu"))
+    C, ks = 8, [3, 5, 9]
+    args = (torch.randn(1, 4, C), torch.randn(1, 4, 3), [torch.randn(C, 1, k) for k in ks], [torch.randn(C) for _ in ks], True,
+            [torch.zeros(1, C, k - 1) for k in ks], None, torch.tensor([False]))
+    ops.focal_context(*args)
+    assert calls == ["cpu"]
+    monkeypatch.setenv("FASTFOCAL_BACKEND", "torch")
+    out = ops.focal_context(*args)  # the reference, with idx None read as every row
+    assert calls == ["cpu"] and out.shape == (1, 4, C)
+
+
+def test_any_rows():
+    assert not ops.any_rows(None) and not ops.any_rows(torch.tensor([False, False]))
+    assert ops.any_rows(torch.tensor([False, True]))
+
+
+def test_pipeline_in_place_rows_equal_explicit_slots(causal):
+    """idx None (every slot in order, state used in place) against the same slots through
+    an index that is not in order, and against one stream alone."""
+    from fastfocal.pipeline import Pipeline
+
+    model = causal.model
+    g = torch.Generator().manual_seed(3)
+    sig = (torch.randn(2, 1280 * 5, generator=g) * 0.3)
+    a, b = Pipeline(model, "full", 2), Pipeline(model, "full", 2)
+    perm = torch.tensor([1, 0])
+    assert a._rows(torch.arange(2)) is None and a._rows(perm) is perm
+    with torch.inference_mode():
+        for i in range(5):
+            x = sig[:, i * 1280:(i + 1) * 1280]
+            ta, aa, _ = a.step(x, torch.arange(2))
+            tb, ab, _ = b.step(x[perm], perm)
+            assert torch.equal(ta, tb[perm]) and torch.allclose(aa, ab[perm], atol=1e-6)
+    for sa, sb in zip(a.states.values(), b.states.values()):
+        for x, y in zip(sa.tensors(), sb.tensors()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-5)
