@@ -2,6 +2,10 @@
 
     python bench/bf16_agreement.py --model tests/data/tiny_causal
     python bench/bf16_agreement.py --random-init 50hz_4k_causal --files 4
+    python bench/bf16_agreement.py --model tests/data/tiny_causal --stream   # bf16 in 80 ms chunks
+
+fp32 tokens are the reference (offline and streaming agree exactly in fp32); --stream feeds
+the bf16 codec one 1280-sample chunk at a time (the voice-app path) instead of offline.
 """
 import argparse
 import glob
@@ -17,6 +21,7 @@ ap.add_argument("--model")
 ap.add_argument("--random-init")
 ap.add_argument("--audio", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "audio"))
 ap.add_argument("--files", type=int, default=8)
+ap.add_argument("--stream", action="store_true", help="bf16 tokens from 80 ms streaming chunks")
 ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = ap.parse_args()
 
@@ -35,12 +40,25 @@ ref = [make("float32").sig_to_toks(s) for s in sigs]
 low = make("bfloat16")
 D = low.code_dim
 n = tok = bits = 0
+
+
+def bf16_tokens(s):
+    if not args.stream:
+        return low.sig_to_toks(s)
+    enc = low.stream_encoder()
+    with torch.inference_mode():
+        parts = [enc.push(s[None, a:a + 1280]) for a in range(0, s.shape[0] - 1279, 1280)]
+        parts.append(enc.flush())
+    return torch.cat(parts, 1)[0]
+
+
 for s, r in zip(sigs, ref):
-    t = low.sig_to_toks(s)
+    t = bf16_tokens(s)
+    r = r[: t.shape[-1]] if r.dim() == 1 else r[..., : t.shape[-1]]
     n += t.numel()
     tok += int((t == r).sum())
     x = t ^ r
     bits += sum(int(((x >> i) & 1).sum()) for i in range(D))
 name = args.model or f"random-init {args.random_init}"
-print(f"{name}, {len(files)} files, {n} tokens, {args.device}: bf16 token agreement {tok / n:.4f}, "
+print(f"{name}, {len(files)} files, {n} tokens, {args.device}, {'streaming' if args.stream else 'offline'}: bf16 token agreement {tok / n:.4f}, "
       f"bit agreement {1 - bits / (n * D):.5f}")

@@ -12,7 +12,9 @@ fresh. These forms compute the same thing with less traffic:
   softmax are fp32 in every dtype. The bucketed bias and the window mask depend only on positions,
   so they are built once per step (`memo`) and each layer scales them by its gate;
 - the focal levels skip the fresh-row patch when no row is fresh, and with idx None (every
-  slot in order) they read and write the caches directly instead of gathering rows.
+  slot in order) they read and write the caches directly instead of gathering rows; the
+  ConvNeXt dwconv + LayerNorm likewise. Both compute in fp32 in every dtype: on CPU the
+  references run these convs in fp32 anyway, so bf16 only loses the casts around them.
 
 `fastfocal.ops` picks these on CPU. FASTFOCAL_BACKEND=torch takes the plain references,
 which is how the tests compare the two.
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels._common import grouped_conv1d
+from .kernels._common import float32_weight
 from .kernels.attention import attention_gate_ref, relative_bucket_ref
 
 MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
@@ -85,11 +87,17 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
 
 
+def _f32(w: Tensor | None) -> Tensor | None:
+    return None if w is None else w if w.dtype == torch.float32 else float32_weight(w)
+
+
 def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], biases: list[Tensor],
                          caches: list[Tensor], idx: Tensor | None, fresh: Tensor) -> Tensor:
     """`focal_context_ref` of the causal form with caches: each level's [cache ‖ frames] is
-    built in one pass (rows read in place for idx None), fresh rows patched only if any."""
-    c = ctx.transpose(1, 2)  # B C T
+    built in one pass (rows read in place for idx None), fresh rows patched only if any.
+    Computed in fp32 in every dtype: the reference runs its convs in fp32 on CPU anyway
+    (`grouped_conv1d`), so this only drops its casts; the caches keep their dtype."""
+    c = ctx.transpose(1, 2).float()  # B C T
     B, C, T = c.shape
     patch = bool(fresh.any())
     acc = None
@@ -99,7 +107,7 @@ def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], bias
         left = xp[:, :, :P]
         if idx is None:
             left.copy_(buf)
-        elif buf.dtype == c.dtype:
+        elif buf.dtype == torch.float32:
             torch.index_select(buf, 0, idx, out=left)
         else:
             left.copy_(buf.index_select(0, idx))
@@ -111,7 +119,24 @@ def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], bias
             buf.copy_(xp[:, :, T:])
         else:
             buf.index_copy_(0, idx, xp[:, :, T:].to(buf.dtype))
-        c = F.gelu(grouped_conv1d(xp, w, b, C))
-        term = c * gates[:, :, lvl].unsqueeze(1)
+        c = F.gelu(F.conv1d(xp, _f32(w), _f32(b), groups=C))
+        term = c * gates[:, :, lvl].float().unsqueeze(1)
         acc = term if acc is None else acc.add_(term)
-    return acc.transpose(1, 2)
+    return acc.transpose(1, 2).to(ctx.dtype)
+
+
+def dwconv_layer_norm_stream(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+                             cache: Tensor, idx: Tensor | None) -> Tensor:
+    """`dwconv_layer_norm_ref` of the causal form with a cache, in fp32 (the reference's conv
+    already is on CPU): [cache ‖ x] built in one pass, the cache read in place for idx None."""
+    B, T, C = x.shape
+    P = cache.shape[2]
+    xp = x.new_empty(B, C, P + T, dtype=torch.float32)
+    xp[:, :, :P] = cache if idx is None else cache.index_select(0, idx)
+    xp[:, :, P:] = x.transpose(1, 2)
+    if idx is None:
+        cache.copy_(xp[:, :, T:])
+    else:
+        cache.index_copy_(0, idx, xp[:, :, T:].to(cache.dtype))
+    h = F.conv1d(xp, _f32(weight), _f32(bias), groups=C).transpose(1, 2)
+    return F.layer_norm(h, (C,), _f32(ln_weight), _f32(ln_bias), eps).to(x.dtype)

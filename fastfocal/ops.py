@@ -343,6 +343,8 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
                       causal: bool, cache: Tensor | None = None, idx: Tensor | None = None) -> Tensor:
     """LayerNorm(depthwise conv(x)) for x (B, T, C); causal zero left pad or cache rows idx of
     (S, C, K-1), updated in place; non-causal 'same' zero padding."""
+    if cache is not None and causal and _cpu_path(x):
+        return cpu.dwconv_layer_norm_stream(x, weight, bias, ln_weight, ln_bias, eps, cache, idx)
     if cache is not None:
         idx = _all_rows(idx, x.shape[0], x.device)
     if use_triton(x) and x.shape[-1] <= 8192:

@@ -93,7 +93,7 @@ def sin(x, INTERP: tl.constexpr):
 _F32 = WeakIdKeyDictionary()  # weight -> (version stamp, float32 copy)
 
 
-def _float32(w: torch.Tensor) -> torch.Tensor:
+def float32_weight(w: torch.Tensor) -> torch.Tensor:
     """A float32 copy of a (reduced-precision) weight, made once and redone if it changes."""
     if w.is_inference():  # no version counter to watch: convert every time
         return w.float()
@@ -114,6 +114,6 @@ def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     the result is rounded back.
     """
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        b = _float32(bias) if bias is not None else None
-        return torch.nn.functional.conv1d(x.float(), _float32(weight), b, groups=groups).to(x.dtype)
+        b = float32_weight(bias) if bias is not None else None
+        return torch.nn.functional.conv1d(x.float(), float32_weight(weight), b, groups=groups).to(x.dtype)
     return torch.nn.functional.conv1d(x, weight, bias, groups=groups)
