@@ -158,3 +158,22 @@ def test_pipeline_in_place_rows_equal_explicit_slots(causal):
     for sa, sb in zip(a.states.values(), b.states.values()):
         for x, y in zip(sa.tensors(), sb.tensors()):
             assert torch.allclose(x.float(), y.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("T,forced,want", [(4, False, "kernel"), (64, False, "kernel"), (65, False, "ref"),
+                                           (2048, False, "ref"), (2048, True, "kernel")])
+def test_long_focal_runs_take_the_reference_on_gpu(monkeypatch, T, forced, want):
+    """On a GPU the focal kernel serves streaming steps; offline-length runs take the
+    reference's cuDNN convs (measured faster there) unless FASTFOCAL_BACKEND=triton."""
+    from fastfocal.kernels import focal_context as focal
+
+    calls = []
+    monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    monkeypatch.setattr(focal, "focal_context", lambda *a: calls.append("kernel"))
+    monkeypatch.setattr(focal, "focal_context_ref", lambda *a: calls.append("ref"))
+    if forced:
+        monkeypatch.setenv("FASTFOCAL_BACKEND", "triton")
+    C, ks = 8, [3, 5]
+    ops.focal_context(torch.randn(1, T, C), torch.randn(1, T, 3), [torch.randn(C, 1, k) for k in ks],
+                      [torch.randn(C) for _ in ks], False)
+    assert calls == [want]
