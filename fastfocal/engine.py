@@ -236,6 +236,17 @@ class StreamEngine:
         self._head[slots] = (self._head[slots] + n) % cap
         self._fill[slots] -= n
 
+    def _take_chunks(self, slots: np.ndarray, out: Tensor) -> None:
+        """_take of one chunk per slot into out (len(slots), chunk): a step's gather. Heads sit
+        on chunk boundaries (0 at open, += chunk per step, cap a multiple of chunk), so each
+        chunk is one contiguous row of the ring viewed as (slots * cap/chunk, chunk): one
+        index_select (multithreaded row copies; 21 MB at 4,096 audio streams)."""
+        n, cap = self.chunk, self._ring.shape[1]
+        rows = torch.from_numpy(slots * (cap // n) + self._head[slots] // n)
+        torch.index_select(torch.from_numpy(self._ring).view(-1, n), 0, rows, out=out)
+        self._head[slots] = (self._head[slots] + n) % cap
+        self._fill[slots] -= n
+
     # ------------------------------------------------------------------ stepping
     def _ready_slots(self) -> np.ndarray:
         return np.flatnonzero((self._sid >= 0) & (self._fill >= self.chunk))
@@ -255,7 +266,7 @@ class StreamEngine:
             return StepResult(np.zeros(0, np.int64), z.long().view(0, 4) if "toks" in names else None,
                               z.view(0, 0) if "audio" in names else None, np.zeros(0, np.int32))
         with nvtx_range("engine.step"), torch.inference_mode():
-            self._take(slots, self.chunk, self._host_in.numpy()[:n])
+            self._take_chunks(slots, self._host_in[:n])
             self._host_idx.numpy()[:n] = slots
             outs = self.runner.run(n, [self._host_in[:n]], self._host_idx[:n])
             # graph outputs are static views: copy before the next step; audio leaves as float32
