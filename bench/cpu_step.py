@@ -108,10 +108,27 @@ def chunks_for(codec, mode: str, sig: np.ndarray) -> list[torch.Tensor]:
     return [x[:, a:a + 1280].to(codec.dtype).contiguous() for a in range(0, x.shape[1], 1280)]
 
 
-def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth):
+class CoreSpeed:
+    """A fixed in-cache fp32 matmul (256 x 256 x 256, ~0.26 MB), GFLOP/s: on a shared machine
+    the core's speed moves (a busy hyperthread sibling, another tenant) while the memory floor
+    does not, so a row's step can be slow for reasons no code change fixes. Reported per row."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
+        torch.mm(self.a, self.b)
+
+    def once(self) -> float:
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.mm(self.a, self.b)
+        return 4 * 2 * 256 ** 3 / (time.perf_counter() - t)
+
+
+def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, core: CoreSpeed | None = None):
     """Step times (s) after warm-up, each followed by a bandwidth pass: a load burst from other
     processes then slows a step and the floor measured next to it alike (paired ratios)."""
-    ts, bws = [], []
+    ts, bws, cores = [], [], []
     for i in range(warmup + steps):
         x = inputs[i % len(inputs)]
         t = time.perf_counter()
@@ -120,7 +137,9 @@ def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth):
         if i >= warmup:
             ts.append(dt)
             bws.append(bw.once())
-    return ts, bws
+            if core is not None:
+                cores.append(core.once())
+    return (ts, bws, cores) if core is not None else (ts, bws)
 
 
 def fastfocal_step(codec, mode: str):
@@ -167,11 +186,12 @@ def report(a, base: dict, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
     print(f"\n{base['machine']}, commit {base['commit']}, torch {base['torch']}, {a.preset}, batch 1, "
           f"median of {a.steps} steps after {a.warmup} warm-up\n")
-    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | paired | p10 ratio | read GB/s | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| threads | mode | dtype | impl | step ms | floor ms | ratio | paired | p10 ratio | read GB/s | core GFLOP/s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | "
-              f"{r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['ratio_p10']:.2f} | {r['read_gbps']} | {r['loadavg_1m']} |")
+              f"{r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['ratio_p10']:.2f} | {r['read_gbps']} | "
+              f"{r.get('core_gflops', '')} | {r['loadavg_1m']} |")
 
 
 def isolated(a, threads: list[int]) -> int:
@@ -232,7 +252,7 @@ def main() -> int:
     # the cached graph is of these weights and this code: a change to either exports anew
     src = b"".join(p.read_bytes() for d in ("fastfocal", "kernels") for p in sorted((ROOT / d).glob("*.py")))
     key = hashlib.sha1(a.preset.encode() + b"-seed0-" + src).hexdigest()[:12]
-    bw = Bandwidth()
+    bw, core = Bandwidth(), CoreSpeed()
     base = {"machine": machine(), "commit": commit(), "torch": torch.__version__, "preset": a.preset,
             "date": time.strftime("%Y-%m-%d %H:%M"), "batch": 1}
     rows = []
@@ -247,7 +267,7 @@ def main() -> int:
                 inputs = chunks_for(codec, mode, sig)
                 step = fastfocal_step(codec, mode) if impl == "fastfocal" else onnx_step(codec, mode, t, key)
                 load = os.getloadavg()[0]
-                ts, bws = time_steps(step, inputs, a.warmup, a.steps, bw)
+                ts, bws, cores = time_steps(step, inputs, a.warmup, a.steps, bw, core)
                 bps = statistics.median(bws)
                 wb = weight_bytes(codec, mode)
                 step_ms, floor_ms = 1e3 * statistics.median(ts), 1e3 * wb / bps
@@ -259,13 +279,13 @@ def main() -> int:
                        # least-disturbed samples: p10 step over the floor at the p90 bandwidth
                        "ratio_p10": round(np.percentile(ts, 10) * np.percentile(bws, 90) / wb, 2),
                        "read_gbps": round(bps / 1e9, 1), "weight_mb": round(wb / 1e6, 1), "steps": len(ts),
-                       "loadavg_1m": round(load, 2)}
+                       "core_gflops": round(statistics.median(cores) / 1e9, 1), "loadavg_1m": round(load, 2)}
                 rows.append(row)
                 del step
                 gc.collect()
                 print(f"  {t} thr {mode:6} {dname} {impl:11} step {step_ms:7.1f} ms  floor {floor_ms:6.1f} ms"
                       f"  ratio {step_ms / floor_ms:5.2f}  paired {paired:5.2f}  p10 {row['ratio_p10']:5.2f}"
-                      f"  ({bps / 1e9:.1f} GB/s, load {load:.1f})", file=sys.stderr)
+                      f"  ({bps / 1e9:.1f} GB/s, core {row['core_gflops']} GFLOP/s, load {load:.1f})", file=sys.stderr)
     report(a, base, rows)
     return 0
 
