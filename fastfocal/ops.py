@@ -235,6 +235,8 @@ def causal_pad(
 # the reference, while streaming steps (4 frames) are the kernel's job. FASTFOCAL_BACKEND=
 # triton still takes the kernel for every length.
 FOCAL_KERNEL_FRAMES = 64
+
+
 def focal_context(
     ctx: Tensor,
     gates: Tensor,

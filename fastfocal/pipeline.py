@@ -146,13 +146,16 @@ class Pipeline:
             s.reset(slots)
 
     # ------------------------------------------------------------------ running
-    def run(self, x: Tensor, idx: Tensor, stages: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Run `stages` (default: all of this pipeline's) once over x for slots idx.
+    def run(self, x: Tensor, idx: Tensor | None, stages: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Run `stages` (default: all of this pipeline's) once over x for slots idx (None: every
+        slot in order, x one row per slot).
 
         x: audio (B, N) with N a whole number of chunks (a stream's last call may be shorter:
         see run_tail), or the first stage's input (features, tokens or codes, qfeats). Returns
         each stage's product ("feats", "lats", "toks", "qfeats", "audio") and "err" (B,).
         """
+        if idx is None and x.shape[0] != self.slots:  # None = every slot: one row each, or state copies would broadcast
+            raise ValueError(f"idx None runs every one of the {self.slots} slots, got {x.shape[0]} rows")
         return run_stages(self.model, stages or self.stages, x, self.states, self._rows(idx))
 
     def _rows(self, idx: Tensor | None) -> Tensor | None:

@@ -155,6 +155,8 @@ def test_pipeline_in_place_rows_equal_explicit_slots(causal):
             ta, aa, _ = a.step(x, torch.arange(2))
             tb, ab, _ = b.step(x[perm], perm)
             assert torch.equal(ta, tb[perm]) and torch.allclose(aa, ab[perm], atol=1e-6)
+    with pytest.raises(ValueError, match="every one of the 2 slots"):
+        a.run(sig[:1, :1280], None)  # one row for two slots: refused, never broadcast into the state
     for sa, sb in zip(a.states.values(), b.states.values()):
         for x, y in zip(sa.tensors(), sb.tensors()):
             assert torch.allclose(x.float(), y.float(), atol=1e-5)
