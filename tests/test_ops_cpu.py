@@ -60,3 +60,31 @@ def test_safe_grouped_conv_follows_weight_changes():
     assert torch.equal(ops.grouped_conv1d(x, w, b, 8), want())
     w.mul_(-3)
     assert torch.equal(ops.grouped_conv1d(x, w, b, 8), want())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
+    """On CPU, GELU and residual adds run as post-ops of the reordered-weight matmul."""
+    from fastfocal.kernels.norm import norm_ref
+
+    w, b, x = (t.to(dtype) for t in wx)
+    g = torch.Generator().manual_seed(2)
+    res = torch.randn(5, 4, 48, generator=g).to(dtype)
+    lw, lb = torch.randn(48, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    alpha = torch.tensor([0.7]).to(dtype)
+    h = F.linear(x.double(), w.double(), b.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def close(name, got, want):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * want.abs().max().item(), f"{name}: max err {err:.3g}"
+
+    close("gelu", ops.linear_gelu(x, w, b), F.gelu(h))
+    close("residual", ops.linear_residual(x, w, b, res), h + res.double())
+    xr, y = ops.linear_residual_layer_norm(x, w, b, res, lw, lb, 1e-5)
+    close("residual+LN x'", xr, h + res.double())
+    close("residual+LN y", y, norm_ref(h + res.double(), lw.double(), lb.double(), 1e-5))
+    xr, y = ops.linear_residual_dyt(x, w, b, res, alpha)
+    close("residual+DyT y", y, torch.tanh(alpha.double() * (h + res.double())))
+    close("residual with gamma (not fused)", ops.linear_residual(x, w, b, res, lw), h * lw.double() + res.double())
