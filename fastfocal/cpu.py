@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels._common import float32_weight
-from .kernels.attention import attention_gate_ref, relative_bucket_ref
+from .kernels.attention import attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
 
 MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
 
@@ -35,16 +35,12 @@ def _window_bias(start: Tensor, T: int, R: int, chunk: int, window: int, rel_emb
                  max_distance: int) -> tuple[Tensor, Tensor]:
     """Key order [ring slot 0..R-1 ‖ new frames]: the bucketed bias (B, H, T, R+T) fp32 and an
     additive mask (B, 1, T, R+T), 0 where a query sees the key, -inf elsewhere."""
-    dev = start.device
-    q_pos = start[:, None] + torch.arange(T, device=dev)[None, :]
-    r = torch.arange(R, device=dev)
-    ring_pos = start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)  # slot -> position
-    k_pos = torch.cat([ring_pos, q_pos], 1)
-    rel = k_pos[:, None, :] - q_pos[:, :, None]  # B T Tk
-    bias = F.embedding(relative_bucket_ref(rel, num_buckets, max_distance), rel_emb.float()).permute(0, 3, 1, 2)
-    e = (q_pos // chunk + 1) * chunk
-    ok = (k_pos[:, None, :] < e[:, :, None]) & (k_pos[:, None, :] >= e[:, :, None] - window) & (k_pos >= 0)[:, None, :]
-    mask = torch.zeros(ok.shape, dtype=torch.float32, device=dev).masked_fill_(~ok, float("-inf"))
+    q_pos = start[:, None] + torch.arange(T, device=start.device)[None, :]
+    ring_pos = ring_positions(start, R)
+    bias, ok = rel_bias_ref(rel_emb, q_pos, torch.cat([ring_pos, q_pos], 1),
+                            torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1),
+                            chunk, window, num_buckets, max_distance)
+    mask = torch.zeros(ok.shape, dtype=torch.float32, device=start.device).masked_fill_(~ok, float("-inf"))
     return bias.contiguous(), mask.unsqueeze(1)
 
 
@@ -78,48 +74,42 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     p = torch.softmax(s, dim=-1).to(vr.dtype)
     o = torch.matmul(p[..., :R], vr).add_(torch.matmul(p[..., R:], v))  # B H T d
     # the ring keeps the newest R frames (written after the reads above: they may overwrite them)
-    m = min(T, R)
-    slots = torch.remainder(start[:, None] + torch.arange(T - m, T, device=qkv.device)[None, :], R)
-    rows = (torch.arange(B, device=qkv.device) if idx is None else idx)[:, None].expand(B, m)
-    kv_new = qkv.view(B, T, 3, H, d)[:, T - m:]
-    k_ring[rows, :, slots] = kv_new[:, :, 1].to(k_ring.dtype)
-    v_ring[rows, :, slots] = kv_new[:, :, 2].to(v_ring.dtype)
+    write_kv_ring(qkv, start, k_ring, v_ring, torch.arange(B) if idx is None else idx, H)
     return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
 
 
+def _joined(buf: Tensor, idx: Tensor | None, x: Tensor, fresh: Tensor | None = None) -> Tensor:
+    """[cache rows ‖ x] (B, C, P+T) in fp32 for x (B, C, T): one pass over the cache (read in
+    place for idx None); fresh rows replicate x's first frame if `fresh` marks any. The cache
+    is written with the last P frames at once: the result is a copy, so the conv may follow."""
+    B, C, T = x.shape
+    P = buf.shape[2]
+    xp = x.new_empty(B, C, P + T, dtype=torch.float32)
+    left = xp[:, :, :P]
+    left.copy_(buf if idx is None else buf.index_select(0, idx))
+    if fresh is not None and bool(fresh.any()):
+        torch.where(fresh[:, None, None], x[:, :, :1].float(), left, out=left)
+    xp[:, :, P:] = x
+    if idx is None:
+        buf.copy_(xp[:, :, T:])
+    else:
+        buf.index_copy_(0, idx, xp[:, :, T:].to(buf.dtype))
+    return xp
+
+
 def _f32(w: Tensor | None) -> Tensor | None:
-    return None if w is None else w if w.dtype == torch.float32 else float32_weight(w)
+    return None if w is None else float32_weight(w)
 
 
 def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], biases: list[Tensor],
                          caches: list[Tensor], idx: Tensor | None, fresh: Tensor) -> Tensor:
-    """`focal_context_ref` of the causal form with caches: each level's [cache ‖ frames] is
-    built in one pass (rows read in place for idx None), fresh rows patched only if any.
-    Computed in fp32 in every dtype: the reference runs its convs in fp32 on CPU anyway
-    (`grouped_conv1d`), so this only drops its casts; the caches keep their dtype."""
+    """`focal_context_ref` of the causal form with caches, each level's input built by
+    `_joined`. Computed in fp32 in every dtype: the reference runs its convs in fp32 on CPU
+    anyway (`grouped_conv1d`), so this only drops its casts; the caches keep their dtype."""
     c = ctx.transpose(1, 2).float()  # B C T
-    B, C, T = c.shape
-    patch = bool(fresh.any())
     acc = None
     for lvl, (w, b, buf) in enumerate(zip(weights, biases, caches)):
-        P = buf.shape[2]
-        xp = c.new_empty(B, C, P + T)
-        left = xp[:, :, :P]
-        if idx is None:
-            left.copy_(buf)
-        elif buf.dtype == torch.float32:
-            torch.index_select(buf, 0, idx, out=left)
-        else:
-            left.copy_(buf.index_select(0, idx))
-        if patch:
-            torch.where(fresh[:, None, None], c[:, :, :1], left, out=left)
-        xp[:, :, P:] = c
-        # the new cache is xp's last P frames; xp is a copy, so the cache can be written now
-        if idx is None:
-            buf.copy_(xp[:, :, T:])
-        else:
-            buf.index_copy_(0, idx, xp[:, :, T:].to(buf.dtype))
-        c = F.gelu(F.conv1d(xp, _f32(w), _f32(b), groups=C))
+        c = F.gelu(F.conv1d(_joined(buf, idx, c, fresh), _f32(w), _f32(b), groups=c.shape[1]))
         term = c * gates[:, :, lvl].float().unsqueeze(1)
         acc = term if acc is None else acc.add_(term)
     return acc.transpose(1, 2).to(ctx.dtype)
@@ -127,16 +117,8 @@ def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], bias
 
 def dwconv_layer_norm_stream(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
                              cache: Tensor, idx: Tensor | None) -> Tensor:
-    """`dwconv_layer_norm_ref` of the causal form with a cache, in fp32 (the reference's conv
-    already is on CPU): [cache ‖ x] built in one pass, the cache read in place for idx None."""
-    B, T, C = x.shape
-    P = cache.shape[2]
-    xp = x.new_empty(B, C, P + T, dtype=torch.float32)
-    xp[:, :, :P] = cache if idx is None else cache.index_select(0, idx)
-    xp[:, :, P:] = x.transpose(1, 2)
-    if idx is None:
-        cache.copy_(xp[:, :, T:])
-    else:
-        cache.index_copy_(0, idx, xp[:, :, T:].to(cache.dtype))
-    h = F.conv1d(xp, _f32(weight), _f32(bias), groups=C).transpose(1, 2)
+    """`dwconv_layer_norm_ref` of the causal form with a cache (zero-free: the cache holds the
+    left context), in fp32 like the reference's conv on CPU."""
+    C = x.shape[2]
+    h = F.conv1d(_joined(cache, idx, x.transpose(1, 2)), _f32(weight), _f32(bias), groups=C).transpose(1, 2)
     return F.layer_norm(h, (C,), _f32(ln_weight), _f32(ln_bias), eps).to(x.dtype)

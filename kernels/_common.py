@@ -94,7 +94,10 @@ _F32 = WeakIdKeyDictionary()  # weight -> (version stamp, float32 copy)
 
 
 def float32_weight(w: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of a (reduced-precision) weight, made once and redone if it changes."""
+    """A float32 copy of a (reduced-precision) weight, made once and redone if it changes
+    (a float32 weight is itself)."""
+    if w.dtype == torch.float32:
+        return w
     if w.is_inference():  # no version counter to watch: convert every time
         return w.float()
     stamp = (w._version, w.data_ptr())

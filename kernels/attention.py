@@ -243,11 +243,11 @@ def rel_attention(
         PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=8,
     )
     if has_ring and not write_ring:
-        _write_ring(qkv, start, k_ring, v_ring, idx, H)
+        write_kv_ring(qkv, start, k_ring, v_ring, idx, H)
     return out
 
 
-def _write_ring(qkv: Tensor, start: Tensor, k_ring: Tensor, v_ring: Tensor, idx: Tensor, H: int) -> None:
+def write_kv_ring(qkv: Tensor, start: Tensor, k_ring: Tensor, v_ring: Tensor, idx: Tensor, H: int) -> None:
     """The ring keeps the newest R frames of this layer's keys and values."""
     B, T, C3 = qkv.shape
     R = k_ring.shape[2]
@@ -283,23 +283,36 @@ def attention_gate_ref(y: Tensor, gru_w: Tensor, gru_b: Tensor, gru_const: Tenso
     return a * (b * gru_const.view(1, num_heads, 1).float() - 1.0) + 2.0
 
 
-def gated_rel_attention_ref(q, k, v, gate, rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance):
-    """One block of queries against the given keys, with the bias and mask built explicitly.
+def ring_positions(start: Tensor, R: int) -> Tensor:
+    """Absolute position held by each ring slot (B, R) when frame `start` is next: slot
+    p mod R holds frame p; negative before the ring has filled."""
+    r = torch.arange(R, device=start.device)
+    return start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)
 
-    q (B, H, Tq, d); k, v (B, H, Tk, d); gate (B, H, Tq) float32; q_pos (B, Tq), k_pos (B, Tk)
-    absolute positions; k_valid (B, Tk) bool or None. Causal (window not None): query p sees
-    keys j with e - window <= j < e, e = chunk * (p // chunk + 1).
-    """
+
+def rel_bias_ref(rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance):
+    """The ungated bucketed bias (B, H, Tq, Tk) float32 and where each query may see each key
+    (B, Tq, Tk) bool. Causal (window not None): query p sees keys j with e - window <= j < e,
+    e = chunk * (p // chunk + 1); k_valid (B, Tk) bool or None."""
     rel = k_pos[:, None, :] - q_pos[:, :, None]  # B Tq Tk
-    bias = F.embedding(relative_bucket_ref(rel, num_buckets, max_distance), rel_emb.float())  # B Tq Tk H
-    bias = bias.permute(0, 3, 1, 2) * gate.unsqueeze(-1)  # B H Tq Tk
+    bias = F.embedding(relative_bucket_ref(rel, num_buckets, max_distance), rel_emb.float()).permute(0, 3, 1, 2)
     allowed = torch.ones_like(rel, dtype=torch.bool)
     if window is not None:
         e = (q_pos // chunk + 1) * chunk
         allowed = (k_pos[:, None, :] < e[:, :, None]) & (k_pos[:, None, :] >= e[:, :, None] - window)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, :]
-    bias = bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    return bias, allowed
+
+
+def gated_rel_attention_ref(q, k, v, gate, rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance):
+    """One block of queries against the given keys, with the bias and mask built explicitly.
+
+    q (B, H, Tq, d); k, v (B, H, Tk, d); gate (B, H, Tq) float32; q_pos (B, Tq), k_pos (B, Tk)
+    absolute positions; k_valid and the window as in `rel_bias_ref`.
+    """
+    bias, allowed = rel_bias_ref(rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance)
+    bias = (bias * gate.unsqueeze(-1)).masked_fill(~allowed.unsqueeze(1), float("-inf"))  # B H Tq Tk
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
 
@@ -352,8 +365,7 @@ def rel_attention_ref(
     if k_ring is not None:
         R = k_ring.shape[2]
         R0 = R
-        r = torch.arange(R, device=qkv.device)
-        ring_pos = start[:, None] - R + torch.remainder(r[None, :] - start[:, None], R)
+        ring_pos = ring_positions(start, R)
         keys = _join_ring(k_ring, idx, k)
         vals = _join_ring(v_ring, idx, v)
         k_pos = torch.cat([ring_pos, q_pos], 1)
