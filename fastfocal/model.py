@@ -30,14 +30,6 @@ def _container(**mods) -> nn.Module:
     return m
 
 
-def _gather(t: Tensor, idx: Tensor | None) -> Tensor:
-    return ops.rows(t, idx)
-
-
-def _put(t: Tensor, idx: Tensor | None, v: Tensor) -> None:
-    ops.put_rows(t, idx, v)
-
-
 def _pad_time(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None) -> Tensor:
     """Causal left pad of a time-major x (B, T, C): replicate the first frame offline and for
     fresh streams, else the cached last `pad` input frames (B, pad, C)."""
@@ -129,7 +121,7 @@ class WavLM(nn.Module):
         """sig (B, N) -> feats (B, T, dim). Causal with a state: one streaming step."""
         c = self.cfg
         B = sig.shape[0]
-        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
         # time-major (B, T, C) throughout: each conv is an unfold + GEMM, LayerNorm needs no transpose
         x = sig.unsqueeze(-1)
         if not c.causal and x.shape[1] < self.min_samples():
@@ -138,10 +130,10 @@ class WavLM(nn.Module):
             w = layer.conv.weight  # (C_out, C_in, k): reshaped to (C_out, C_in*k) matches unfold's (C, k)
             k, s_ = c.kernel_sizes[i], c.strides[i]
             if c.causal:
-                cache = _gather(st.fe_caches[i], idx) if st is not None else None
+                cache = ops.rows(st.fe_caches[i], idx) if st is not None else None
                 x = _pad_time(x, k - 1, cache, fresh)
                 if st is not None and k > 1:
-                    _put(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):].to(st.fe_caches[i].dtype))
+                    ops.put_rows(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):])
             x = ops.linear(x.unfold(1, k, s_).reshape(B, -1, w.shape[1] * k), w.reshape(w.shape[0], -1), None)
             x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
@@ -150,10 +142,10 @@ class WavLM(nn.Module):
         pconv = self.encoder.positional_embedding.conv
         xt = x.transpose(1, 2)
         if c.causal:
-            cache = _gather(st.pos_conv_cache, idx) if st is not None else None
+            cache = ops.rows(st.pos_conv_cache, idx) if st is not None else None
             xp = ops.causal_pad(xt, c.conv_pos - 1, cache, fresh, True)
             if st is not None:
-                _put(st.pos_conv_cache, idx, xp[:, :, xp.shape[2] - (c.conv_pos - 1):])
+                ops.put_rows(st.pos_conv_cache, idx, xp[:, :, xp.shape[2] - (c.conv_pos - 1):])
             p = _grouped_conv(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
         else:
             pad = c.conv_pos // 2
@@ -163,7 +155,7 @@ class WavLM(nn.Module):
         x = x + ops.gelu(p).transpose(1, 2)
 
         T = x.shape[1]
-        start = _gather(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        start = ops.rows(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         layers = self.encoder.layers
         memo: dict = {}  # what the layers of this step share (the CPU attention's position bias)
         # each residual add is fused with the norm that follows it (the next layer's LN_a)
@@ -180,7 +172,7 @@ class WavLM(nn.Module):
             else:
                 x = ops.linear_residual(h, ff.out_proj.weight, ff.out_proj.bias, x)
         if st is not None:
-            _put(st.pos, idx, start + T)
+            ops.put_rows(st.pos, idx, start + T)
         return x
 
     def _attention(self, att: _Attention, y: Tensor, start: Tensor, st, idx, li: int, memo: dict) -> Tensor:
@@ -284,7 +276,7 @@ class FocalEncoder(nn.Module):
     def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None, quantize: bool = False):
         """feats (B, T, C) -> normalised latents (B, T', D); with quantize, (lats, toks, codes)
         from one pass over the latents (what ops.bsq_quantize(lats) would give)."""
-        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
         T_in = x.shape[1]
         for li, layer in enumerate(self.layers):
             conv = layer.downscale.downscale
@@ -298,7 +290,7 @@ class FocalEncoder(nn.Module):
                 x = ops.snake(xt.transpose(1, 2), alpha)
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
         if st is not None:
-            _put(st.pos, idx, _gather(st.pos, idx) + T_in)
+            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
         return ops.bsq_encode(lats, 1e-12) if quantize else ops.l2_normalize(lats, 1e-12)
 
@@ -335,7 +327,7 @@ class FocalDecoder(nn.Module):
     def forward(self, codes: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
         """codes (B, T, D), or tokens (B, T) int, -> qfeats (B, T', output_dim). Streaming steps
         must be whole groups except the last one of a stream."""
-        fresh = (_gather(st.pos, idx) == 0) if st is not None else None
+        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
         T_in = codes.shape[1]
         w, b = self.in_proj.weight, self.in_proj.bias
         if codes.is_floating_point():
@@ -352,7 +344,7 @@ class FocalDecoder(nn.Module):
             else:
                 x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:
-            _put(st.pos, idx, _gather(st.pos, idx) + T_in)
+            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + T_in)
         if self.cfg.lookahead_size > 0:
             x = self._refine(x)
         return x
@@ -390,10 +382,10 @@ class _Backbone(nn.Module):
         def conv(xt, w, b, groups, cache_buf):
             k = w.shape[-1]
             if causal:
-                cache = _gather(cache_buf, idx) if st is not None else None
+                cache = ops.rows(cache_buf, idx) if st is not None else None
                 xp = ops.causal_pad(xt, k - 1, cache, None, replicate=False)
                 if st is not None:
-                    _put(cache_buf, idx, xp[:, :, xp.shape[2] - (k - 1):])
+                    ops.put_rows(cache_buf, idx, xp[:, :, xp.shape[2] - (k - 1):])
             else:
                 xp = F.pad(xt, ((k - 1) // 2, k // 2))
             if groups == 1:  # dense conv as unfold + GEMM: the library conv is slow for few frames
@@ -429,7 +421,7 @@ class WaveNeXt(nn.Module):
         """qfeats (B, T, C) -> sig (B, T * hop)."""
         h = self.backbone(x, self.cfg.causal, st, idx)
         if st is not None:
-            _put(st.pos, idx, _gather(st.pos, idx) + x.shape[1])
+            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + x.shape[1])
         # (B, T, hop) is already the waveform's layout: frame t's samples are contiguous
         return ops.linear_clamp(h, self.head.proj.weight, self.head.proj.bias, -1.0, 1.0).reshape(x.shape[0], -1)
 

@@ -163,15 +163,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return matmul(x, weight, bias)
 
 
-def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,
-               **rest) -> Tensor | None:
-    """GELU or a residual add as a post-op of the CPU matmul (one call instead of two; fp32
-    gives the same bits as the separate ops, bf16 rounds once instead of twice). None when
-    the epilogue has other parts."""
-    if rest or not _pack_ok(x, weight) or (act, res is None) not in (("gelu", True), ("none", False)):
+def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none",
+               res: Tensor | None = None) -> Tensor | None:
+    """GELU or a residual add (one, not both) as a post-op of the CPU matmul: one call instead
+    of two; fp32 gives the same bits as the separate ops, bf16 rounds once instead of twice.
+    None where it does not apply (then the caller runs matmul + epilogue)."""
+    if not _pack_ok(x, weight) or (act == "gelu") == (res is not None) or act not in ("gelu", "none"):
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    if act == "gelu":
+    if res is None:
         y = torch.ops.mkldnn._linear_pointwise(x2, _packed(weight), bias, "gelu", [], "none")
     elif res.dtype != x.dtype or res.shape != (*x.shape[:-1], weight.shape[0]):
         return None
@@ -180,12 +180,13 @@ def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none"
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, **kw) -> Tensor:
+def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,
+         **rest) -> Tensor:
     if use_triton(x):
         h = F.linear(x, weight)
-        return epilogue.epilogue(h, bias, out=h, **kw)
-    y = _fused_cpu(x, weight, bias, **{k: v for k, v in kw.items() if v is not None})
-    return y if y is not None else epilogue.epilogue_ref(matmul(x, weight, bias), **kw)
+        return epilogue.epilogue(h, bias, out=h, act=act, res=res, **rest)
+    y = None if any(v is not None for v in rest.values()) else _fused_cpu(x, weight, bias, act, res)
+    return y if y is not None else epilogue.epilogue_ref(matmul(x, weight, bias), act=act, res=res, **rest)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

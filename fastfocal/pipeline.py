@@ -163,8 +163,6 @@ class Pipeline:
         on CPU, where the check costs no device sync; idx unchanged otherwise."""
         if idx is None or idx.device.type != "cpu" or idx.numel() != self.slots:
             return idx
-        if self.slots == 1:
-            return None if int(idx[0]) == 0 else idx
         return None if torch.equal(idx, torch.arange(self.slots)) else idx
 
     def step(self, x: Tensor, idx: Tensor) -> tuple[Tensor, ...]:
