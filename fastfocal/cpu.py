@@ -4,16 +4,17 @@ A voice app steps one stream on a CPU: batch 1, 4 frames. There the references i
 `fastfocal.kernels` spend more time copying state than computing. The attention reference
 gathers each layer's K/V rings and joins them with the new frames before SDPA (two copies
 of 2 MB per layer in fp32) and rebuilds the relative-position bias in every layer. The focal
-reference patches fresh rows with a `where` over each 511-frame cache even when no row is
-fresh. These forms compute the same thing with less traffic:
+reference gathers each level's window out of its ring by an index per frame. These forms
+compute the same thing with less traffic:
 
 - attention reads the rings in place: scores against the ring and against the new frames
   are two matmuls, softmax runs over both, and the output is two matmuls. Scores, bias and
   softmax are fp32 in every dtype. The bucketed bias and the window mask depend only on positions,
   so they are built once per step (`memo`) and each layer scales them by its gate;
-- the focal levels skip the fresh-row patch when no row is fresh, and with idx None (every
-  slot in order) they read and write the caches directly instead of gathering rows; the
-  ConvNeXt dwconv + LayerNorm likewise. Both compute in fp32 in every dtype: on CPU the
+- the focal levels read each level's window out of its ring as (at most two) slices when
+  the rows share a ring phase (one stream always does), in place for idx None (every slot in
+  order), and write back only the step's frames; the ConvNeXt dwconv + LayerNorm reads and
+  writes its (shift) cache in place likewise. Both compute in fp32 in every dtype: on CPU the
   references run these convs in fp32 anyway, so bf16 only loses the casts around them.
 
 `fastfocal.ops` picks these on CPU. FASTFOCAL_BACKEND=torch takes the plain references,
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .kernels._common import float32_weight
 from .kernels.attention import attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
+from .kernels.focal_context import ring_window, ring_write
 
 MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
 
@@ -78,17 +80,14 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
 
 
-def _joined(buf: Tensor, idx: Tensor | None, x: Tensor, fresh: Tensor | None = None) -> Tensor:
-    """[cache rows ‖ x] (B, C, P+T) in fp32 for x (B, C, T): one pass over the cache (read in
-    place for idx None); fresh rows replicate x's first frame if `fresh` marks any. The cache
-    is written with the last P frames at once: the result is a copy, so the conv may follow."""
+def _joined(buf: Tensor, idx: Tensor | None, x: Tensor) -> Tensor:
+    """[cache rows ‖ x] (B, C, P+T) in fp32 for x (B, C, T) and a shift cache (B, C, P): one
+    pass over the cache (read in place for idx None). The cache is written with the last P
+    frames at once: the result is a copy, so the conv may follow."""
     B, C, T = x.shape
     P = buf.shape[2]
     xp = x.new_empty(B, C, P + T, dtype=torch.float32)
-    left = xp[:, :, :P]
-    left.copy_(buf if idx is None else buf.index_select(0, idx))
-    if fresh is not None and bool(fresh.any()):
-        torch.where(fresh[:, None, None], x[:, :, :1].float(), left, out=left)
+    xp[:, :, :P] = buf if idx is None else buf.index_select(0, idx)
     xp[:, :, P:] = x
     if idx is None:
         buf.copy_(xp[:, :, T:])
@@ -101,15 +100,54 @@ def _f32(w: Tensor | None) -> Tensor | None:
     return None if w is None else float32_weight(w)
 
 
+def _spans(f0: int, n: int, R: int) -> list[tuple[int, int, int]]:
+    """Frames f0 .. f0+n-1 (f0 >= 0) of a ring of R slots as (slot lo, slot hi, offset) pieces."""
+    a = f0 % R
+    first = min(n, R - a)
+    return [(a, a + first, 0)] + ([(0, n - first, first)] if n > first else [])
+
+
+def _ring_joined(buf: Tensor, idx: Tensor | None, start: Tensor, x: Tensor, P: int) -> Tensor:
+    """[frames start-P .. start-1 ‖ x] (B, C, P+T) in fp32 for x (B, C, T), from ring rows idx
+    (every row for None; frames before 0 are frame 0, a fresh row's x's first), then x's frames
+    written into the ring. Rows that share a ring phase read and write slices in place."""
+    B, C, T = x.shape
+    R = buf.shape[2]
+    xp = x.new_empty(B, C, P + T, dtype=torch.float32)
+    left = xp[:, :, :P]
+    s0 = int(start[0])
+    if B == 1 or bool((start == s0).all()):
+        rows = slice(None) if idx is None else idx
+        if s0 == 0:
+            left.copy_(x[:, :, :1].expand(-1, -1, P))
+        else:
+            lead = max(P - s0, 0)  # frames before the stream's first: its first (slot 0)
+            if lead:
+                left[:, :, :lead] = buf[rows, :, :1]
+            for lo, hi, off in _spans(max(s0 - P, 0), P - lead, R):
+                left[:, :, lead + off:lead + off + hi - lo] = buf[rows, :, lo:hi]
+        xp[:, :, P:] = x
+        m = min(T, R)
+        for lo, hi, off in _spans(s0 + T - m, m, R):
+            buf[rows, :, lo:hi] = x[:, :, T - m + off:T - m + off + hi - lo].to(buf.dtype)
+        return xp
+    rows = torch.arange(B, device=x.device) if idx is None else idx
+    fresh = start == 0
+    left.copy_(torch.where(fresh[:, None, None], x[:, :, :1].float(), ring_window(buf, rows, start, P).float()))
+    xp[:, :, P:] = x
+    ring_write(buf, rows, start, x)
+    return xp
+
+
 def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], biases: list[Tensor],
-                         caches: list[Tensor], idx: Tensor | None, fresh: Tensor) -> Tensor:
-    """`focal_context_ref` of the causal form with caches, each level's input built by
-    `_joined`. Computed in fp32 in every dtype: the reference runs its convs in fp32 on CPU
-    anyway (`grouped_conv1d`), so this only drops its casts; the caches keep their dtype."""
+                         caches: list[Tensor], idx: Tensor | None, start: Tensor) -> Tensor:
+    """`focal_context_ref` of the causal form with rings, each level's input built by
+    `_ring_joined`. Computed in fp32 in every dtype: the reference runs its convs in fp32 on
+    CPU anyway (`grouped_conv1d`), so this only drops its casts; the rings keep their dtype."""
     c = ctx.transpose(1, 2).float()  # B C T
     acc = None
     for lvl, (w, b, buf) in enumerate(zip(weights, biases, caches)):
-        c = F.gelu(F.conv1d(_joined(buf, idx, c, fresh), _f32(w), _f32(b), groups=c.shape[1]))
+        c = F.gelu(F.conv1d(_ring_joined(buf, idx, start, c, w.shape[-1] - 1), _f32(w), _f32(b), groups=c.shape[1]))
         term = c * gates[:, :, lvl].float().unsqueeze(1)
         acc = term if acc is None else acc.add_(term)
     return acc.transpose(1, 2).to(ctx.dtype)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import CodecConfig, FocalDecoderConfig, FocalEncoderConfig, VocosConfig, WavLMConfig, WaveNeXtConfig
+from .kernels.focal_context import ring_len
 from .state import DecoderState, EncoderState, FocalState
 
 
@@ -204,15 +205,15 @@ class FocalModulation(nn.Module):
         self.context_proj = nn.Conv1d(dim, dim, 1)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, caches: list[Tensor] | None, idx: Tensor | None, fresh: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, caches: list[Tensor] | None, idx: Tensor | None, start: Tensor | None) -> Tensor:
         """q * context_proj(acc), before out_proj (the caller fuses out_proj with its residual).
-        caches: this layer's full state tensors, rows idx updated in place."""
+        caches: this layer's full ring tensors, rows idx updated in place; start: their frame counts."""
         C = x.shape[-1]
         h = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
         q, ctx, gates = h[..., :C], h[..., C:2 * C], h[..., 2 * C:]
         acc = ops.focal_context(
             ctx, gates, [l[0].weight for l in self.layers], [l[0].bias for l in self.layers],
-            self.causal, caches, idx, fresh,
+            self.causal, caches, idx, start,
         )
         return ops.modulate(q, acc, self.context_proj.weight[:, :, 0], self.context_proj.bias)
 
@@ -230,8 +231,8 @@ class FocalBlock(nn.Module):
     def _norm(self, n, x):
         return ops.dyt(x, n.alpha) if self.causal else ops.layer_norm(x, n.weight, n.bias, 1e-5)
 
-    def forward(self, x, caches=None, idx=None, fresh=None):
-        u = self.modulation(self._norm(self.modulation_norm, x), caches, idx, fresh)
+    def forward(self, x, caches=None, idx=None, start=None):
+        u = self.modulation(self._norm(self.modulation_norm, x), caches, idx, start)
         op, n = self.modulation.out_proj, self.feed_forward_norm
         if self.causal:
             x, y = ops.linear_residual_dyt(u, op.weight, op.bias, x, n.alpha)
@@ -247,9 +248,10 @@ def _block_kernels(part, window: int) -> list[int]:
 
 
 def _focal_state(part, slots: int, device, dtype, windows: list[int]) -> FocalState:
-    """Per layer, per focal level (window level last): the last k-1 input frames."""
+    """Per layer, per focal level (window level last): a ring of the level's input frames
+    (frame f in slot f mod ring_len(k), at least the last k-1)."""
     return FocalState.zeros(slots, device, dtype, caches=[
-        [(c, k - 1) for k in _block_kernels(part, w)] for c, w in zip(part.hidden_dims, windows)])
+        [(c, ring_len(k)) for k in _block_kernels(part, w)] for c, w in zip(part.hidden_dims, windows)])
 
 
 class FocalEncoder(nn.Module):
@@ -276,7 +278,7 @@ class FocalEncoder(nn.Module):
     def forward(self, x: Tensor, st: FocalState | None = None, idx: Tensor | None = None, quantize: bool = False):
         """feats (B, T, C) -> normalised latents (B, T', D); with quantize, (lats, toks, codes)
         from one pass over the latents (what ops.bsq_quantize(lats) would give)."""
-        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
+        start = ops.rows(st.pos, idx) if st is not None else None
         T_in = x.shape[1]
         for li, layer in enumerate(self.layers):
             conv = layer.downscale.downscale
@@ -288,9 +290,9 @@ class FocalEncoder(nn.Module):
                 xt = x.transpose(1, 2)
                 xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
                 x = ops.snake(xt.transpose(1, 2), alpha)
-            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
+            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, start)
         if st is not None:
-            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + T_in)
+            ops.put_rows(st.pos, idx, start + T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
         return ops.bsq_encode(lats, 1e-12) if quantize else ops.l2_normalize(lats, 1e-12)
 
@@ -327,7 +329,7 @@ class FocalDecoder(nn.Module):
     def forward(self, codes: Tensor, st: FocalState | None = None, idx: Tensor | None = None) -> Tensor:
         """codes (B, T, D), or tokens (B, T) int, -> qfeats (B, T', output_dim). Streaming steps
         must be whole groups except the last one of a stream."""
-        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
+        start = ops.rows(st.pos, idx) if st is not None else None
         T_in = codes.shape[1]
         w, b = self.in_proj.weight, self.in_proj.bias
         if codes.is_floating_point():
@@ -335,7 +337,7 @@ class FocalDecoder(nn.Module):
         else:  # in_proj of ±1/sqrt(D) codes is a signed sum of weight columns: no codes needed
             x = ops.token_proj(codes, self.cfg.input_dim, w, b, w.dtype)
         for li, layer in enumerate(self.layers):
-            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, fresh)
+            x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, start)
             x = ops.snake(x, layer.upscale.activation.alpha[:, 0])
             conv = layer.upscale.upscale
             f = conv.stride[0]
@@ -344,7 +346,7 @@ class FocalDecoder(nn.Module):
             else:
                 x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:
-            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + T_in)
+            ops.put_rows(st.pos, idx, start + T_in)
         if self.cfg.lookahead_size > 0:
             x = self._refine(x)
         return x

@@ -270,21 +270,22 @@ def focal_context(
     causal: bool,
     caches: list[Tensor] | None = None,
     idx: Tensor | None = None,
-    fresh: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """All focal levels of one modulation layer -> acc (B, T, C).
 
     ctx (B, T, C), gates (B, T, L+1). Causal: L+1 convs, the last the window conv; streaming
-    passes the layer's full cache tensors (S, C, K-1), rows idx updated in place, fresh (B,).
-    Non-causal: L convs and the global-mean level. The kernel covers L = 2 (every preset).
+    passes the layer's full cache rings (S, C, ring_len(K)), rows idx updated in place, and
+    start (B,), each row's frames before this step (0: a fresh stream). Non-causal: L convs and
+    the global-mean level. The kernel covers L = 2 (every preset).
     """
     if caches is not None and _cpu_path(ctx):
-        return cpu.focal_context_stream(ctx, gates, weights, biases, caches, idx, fresh)
+        return cpu.focal_context_stream(ctx, gates, weights, biases, caches, idx, start)
     if caches is not None:
         idx = _all_rows(idx, ctx.shape[0], ctx.device)
     if use_triton(ctx) and len(weights) == (3 if causal else 2) and (backend() == "triton" or ctx.shape[1] <= FOCAL_KERNEL_FRAMES):
-        return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, fresh)
-    return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, fresh)
+        return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, start)
+    return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, start)
 
 
 def modulate(q: Tensor, acc: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -3,16 +3,25 @@
     acc = sum_l gates[l] * y_l,   y_l = GELU(dwconv_l(y_{l-1})),  y_{-1} = ctx
 
 Causal: levels (14, 18 taps) then the window conv (512 taps), each left-padded with its own
-cache (last K-1 input frames, (S, C, K-1) rows picked by a slot index) or, for a fresh stream
-or offline, with its first input frame repeated. Non-causal: "same" zero padding for the two
-levels, then GELU(mean over time of y_1) as the last level.
+cache or, for a fresh stream or offline, with its first input frame repeated. A level's cache
+is a ring (S, C, R) of its input frames, R = `ring_len(K)` >= K-1: frame f of a stream lives
+in slot f mod R, so a step reads the K-1 frames before `start` (the stream's frame count) in
+place and writes only its T new frames, never shifting the other R-T. Frames before a
+stream's first are its first (the replicate rule): frame 0 on a stream's first step, ring
+slot 0 while later steps still reach back before it (R >= K-1 keeps it there that long). Non-causal: "same"
+zero padding for the two levels, then GELU(mean over time of y_1) as the last level.
 
 One program owns (row, channel block) and walks time in tiles: level l of a tile reads level
 l-1's output of this and earlier tiles, so it goes through a float32 scratch (B, C, T),
-re-read within a few tiles of being written (L2 hits). The window level dominates (512 taps); levels 0/1 and the cache shift are small.
-At the end the program shifts its own cache rows in place (all reads of them are done).
+re-read within a few tiles of being written (L2 hits). Streaming steps (T <= 4 frames) read
+each ring once, in slot order, as 16-byte rows: output t's tap for slot r is a function of
+(r - start) mod R, so the weights are gathered (cached, shared by every row) instead of the
+ring. At the end the program writes its rows' new frames into the rings (all reads of them
+are done).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,82 +31,140 @@ from torch import Tensor
 
 from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2
 
+STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
+
+
+def ring_len(k: int) -> int:
+    """Slots of a K-tap causal conv's cache ring: K-1 rounded up to a power of two (slot
+    arithmetic is a mask; 512-frame rows stay 16-byte aligned)."""
+    return pow2(k - 1)
+
 
 @triton.jit
-def _conv_gelu(new_ptr, new_st, new_sc, cache_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T, newlo,
-               K: tl.constexpr, PADL: tl.constexpr, CAUSAL: tl.constexpr, HAS_CACHE: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """GELU(depthwise conv + bias) for output frames t0..t0+BLOCK_T of one channel block.
+def _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
+          K: tl.constexpr, K_LO: tl.constexpr, PADL: tl.constexpr, R: tl.constexpr,
+          CAUSAL: tl.constexpr, HAS_CACHE: tl.constexpr, NEW_ONLY: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over taps K_LO..K-1 of w * input frame tau = t + k - PADL, for output frames
+    t0..t0+BLOCK_T of one channel block (no bias).
 
-    Input frame tau = t + k - PADL comes from the new frames when tau >= newlo (newlo is 0, or
-    very negative for a fresh row: clamped to frame 0, the replicate rule), else from the cache
-    row; non-causal pads with zeros on both sides.
+    Causal: step frame tau is stream frame g = max(start + tau, 0) (frames before a stream's
+    first are its first: the replicate rule), a new frame (g - start) when g >= start, else
+    ring slot g mod R (without a ring, nothing). NEW_ONLY: the new frames alone (tau >= 0).
+    Non-causal pads with zeros on both sides.
     """
     t = t0 + tl.arange(0, BLOCK_T)
     c3 = offs_c[:, None, None]
     ok3 = cmask[:, None, None] & (t < T)[None, :, None]
     acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(K_LO, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < K
         w = tl.load(w_ptr + offs_c[:, None] * K + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
         tau = t[None, :, None] + kk[None, None, :] - PADL
         ok = ok3 & kmask[None, None, :]
         if CAUSAL:
-            use_new = tau >= newlo
-            x = tl.load(new_ptr + tl.maximum(tau, 0) * new_st + c3 * new_sc, mask=ok & use_new, other=0.0).to(tl.float32)
+            g = tl.maximum(start + tau, 0)
+            use_new = g >= start
+            if NEW_ONLY:
+                use_new = use_new & (tau >= 0)
+            x = tl.load(new_ptr + (g - start) * new_st + c3 * new_sc, mask=ok & use_new, other=0.0).to(tl.float32)
             if HAS_CACHE:
-                ci = tl.minimum(tau + (K - 1), K - 2)
-                xc = tl.load(cache_ptr + c3 * (K - 1) + ci, mask=ok & (~use_new), other=0.0)
+                xc = tl.load(ring_ptr + c3 * R + (g & (R - 1)), mask=ok & (~use_new), other=0.0)
                 x = x + xc.to(tl.float32)
         else:
             inr = (tau >= 0) & (tau < T)
             x = tl.load(new_ptr + tau * new_st + c3 * new_sc, mask=ok & inr, other=0.0).to(tl.float32)
         acc += tl.sum(w.to(tl.float32)[:, None, :] * x, axis=2)
+    return acc
+
+
+@triton.jit
+def _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, first,
+               K: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """The taps on frames before the step for outputs 0..BLOCK_T-1, reading the ring once in
+    slot order (a whole window per iteration: many loads in flight). Slot r holds frame
+    f = start - R + d, d = (r - start) mod R; its tap for output t is k = d - (R - K + 1) - t.
+    Frames f < 0 are the stream's first (`first`, (BLOCK_C,)), so those slots are not used."""
+    out = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+    tc = tl.arange(0, BLOCK_T)[None, :]
+    c2 = offs_c[:, None]
+    rp = ring_ptr + c2 * R + tl.arange(0, BLOCK_R)[None, :]
+    # whole 16-byte rows (a mask varying along r would split them): select after the load;
+    # the next slots' load is issued before this iteration's math (two in flight)
+    nxt = tl.load(rp, mask=cmask[:, None], other=0.0)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        x = nxt.to(tl.float32)
+        nxt = tl.load(rp + (r0 + BLOCK_R), mask=cmask[:, None] & (r0 + BLOCK_R < R), other=0.0)
+        d = (r - start) & (R - 1)
+        k = d - (R - K + 1)
+        m = cmask[:, None] & (k >= 0)[None, :]
+        x = tl.where(m, tl.where((d >= R - start)[None, :], x, first[:, None]), 0.0)
+        for t in tl.static_range(BLOCK_T):
+            w = tl.load(w_ptr + c2 * K + (k - t)[None, :], mask=m & (k >= t)[None, :], other=0.0).to(tl.float32)
+            out = tl.where(tc == t, out + tl.sum(x * w, axis=1)[:, None], out)
+    return out
+
+
+@triton.jit
+def _level(new_ptr, new_st, new_sc, ring_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T, start,
+           K: tl.constexpr, R: tl.constexpr, HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
+           BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+           INTERP: tl.constexpr):
+    """GELU(causal depthwise conv + bias) of one level for output frames t0..t0+BLOCK_T."""
+    if STREAM:  # new frames: taps K-BLOCK_T.. only; earlier frames: the ring in slot order
+        # the stream's first frame: new frame 0 on its first step, else ring slot 0 (kept
+        # while any step still reads frames before it, since R >= K-1)
+        sc = offs_c * 0 + start  # (a vector mask: the interpreter refuses scalar ones)
+        f_new = tl.load(new_ptr + offs_c * new_sc, mask=cmask & (sc == 0), other=0.0).to(tl.float32)
+        f_ring = tl.load(ring_ptr + offs_c * R, mask=cmask & (sc > 0) & (sc < K - 1), other=0.0).to(tl.float32)
+        acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
+                    K, max(K - BLOCK_T, 0), K - 1, R, True, False, True, BLOCK_C, BLOCK_T, BLOCK_K)
+        acc += _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
+    else:
+        acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
+                    K, 0, K - 1, R, True, HAS_CACHE, False, BLOCK_C, BLOCK_T, BLOCK_K)
     bias = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     return gelu(acc + bias[:, None], INTERP)
 
 
 @triton.jit
-def _shift_cache(cache_ptr, new_ptr, new_st, new_sc, offs_c, cmask, T, newlo,
-                 K: tl.constexpr, BLOCK_U: tl.constexpr):
-    """cache <- last K-1 frames of [cache (or first frame if fresh) ‖ new], in place."""
+def _ring_write(ring_ptr, new_ptr, new_st, new_sc, offs_c, cmask, T, start,
+                R: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The step's new frames (the newest R of them) into their slots, frame f at f mod R."""
     c2 = offs_c[:, None]
-    for u0 in range(0, K - 1, BLOCK_U):
-        i = u0 + tl.arange(0, BLOCK_U)
-        m = cmask[:, None] & (i < K - 1)[None, :]
-        tau = i - (K - 1) + T  # frame of [old cache ‖ new] that lands in slot i
-        use_new = (tau >= newlo)[None, :]
-        xn = tl.load(new_ptr + tl.maximum(tau, 0)[None, :] * new_st + c2 * new_sc, mask=m & use_new, other=0.0)
-        xc = tl.load(cache_ptr + c2 * (K - 1) + tl.minimum(i + T, K - 2)[None, :], mask=m & (~use_new), other=0.0)
-        v = tl.where(use_new, xn.to(tl.float32), xc.to(tl.float32))
-        tl.debug_barrier()  # reads of this chunk (other threads) before its writes
-        tl.store(cache_ptr + c2 * (K - 1) + i[None, :], v.to(cache_ptr.dtype.element_ty), mask=m)
+    for u0 in range(tl.maximum(T - R, 0), T, BLOCK_U):
+        u = u0 + tl.arange(0, BLOCK_U)
+        m = cmask[:, None] & (u < T)[None, :]
+        v = tl.load(new_ptr + u[None, :] * new_st + c2 * new_sc, mask=m, other=0.0)
+        tl.store(ring_ptr + c2 * R + ((start + u) & (R - 1))[None, :], v.to(ring_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _focal_causal_kernel(
     ctx_ptr, ctx_sb, ctx_st, g_ptr, g_sb, g_st,
     w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    c0_ptr, c1_ptr, c2_ptr, idx_ptr, fresh_ptr,
+    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr,
     s0_ptr, s1_ptr, out_ptr, T, C,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HAS_CACHE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
-    BLOCK_U: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, INTERP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     if HAS_CACHE:
         slot = tl.load(idx_ptr + b).to(tl.int64)
-        # fresh rows read frame max(tau, 0) for every tau: the first frame repeated
-        newlo = tl.load(fresh_ptr + b).to(tl.int32) * -1073741824
-    else:
+        start = tl.load(start_ptr + b).to(tl.int32)
+    else:  # offline: a fresh stream
         slot = b * 0
-        newlo = -1073741824
-    c0 = c0_ptr + slot * C * (K0 - 1)
-    c1 = c1_ptr + slot * C * (K1 - 1)
-    c2 = c2_ptr + slot * C * (K2 - 1)
+        start = 0
+    c0 = c0_ptr + slot * C * R0
+    c1 = c1_ptr + slot * C * R1
+    c2 = c2_ptr + slot * C * R2
     ctx = ctx_ptr + b * ctx_sb
     s0 = s0_ptr + b * C * T
     s1 = s1_ptr + b * C * T
@@ -105,16 +172,16 @@ def _focal_causal_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         m2 = cmask[:, None] & (t < T)[None, :]
         sp = offs_c[:, None] * T + t[None, :]
-        y0 = _conv_gelu(ctx, ctx_st, 1, c0, w0_ptr, b0_ptr, offs_c, cmask, t0, T, newlo,
-                        K0, K0 - 1, True, HAS_CACHE, BLOCK_C, BLOCK_T, BK0, INTERP)
+        y0 = _level(ctx, ctx_st, 1, c0, w0_ptr, b0_ptr, offs_c, cmask, t0, T, start,
+                    K0, R0, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK0, min(R0, BLOCK_R), INTERP)
         tl.store(s0 + sp, y0, mask=m2)
         tl.debug_barrier()
-        y1 = _conv_gelu(s0, 1, T, c1, w1_ptr, b1_ptr, offs_c, cmask, t0, T, newlo,
-                        K1, K1 - 1, True, HAS_CACHE, BLOCK_C, BLOCK_T, BK1, INTERP)
+        y1 = _level(s0, 1, T, c1, w1_ptr, b1_ptr, offs_c, cmask, t0, T, start,
+                    K1, R1, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK1, min(R1, BLOCK_R), INTERP)
         tl.store(s1 + sp, y1, mask=m2)
         tl.debug_barrier()
-        y2 = _conv_gelu(s1, 1, T, c2, w2_ptr, b2_ptr, offs_c, cmask, t0, T, newlo,
-                        K2, K2 - 1, True, HAS_CACHE, BLOCK_C, BLOCK_T, BK2, INTERP)
+        y2 = _level(s1, 1, T, c2, w2_ptr, b2_ptr, offs_c, cmask, t0, T, start,
+                    K2, R2, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK2, min(R2, BLOCK_R), INTERP)
         gp = g_ptr + b * g_sb + t * g_st
         tm = t < T
         g0 = tl.load(gp, mask=tm, other=0.0).to(tl.float32)[None, :]
@@ -123,10 +190,19 @@ def _focal_causal_kernel(
         acc = y0 * g0 + y1 * g1 + y2 * g2
         tl.store(out_ptr + b * T * C + t[None, :] * C + offs_c[:, None], acc.to(out_ptr.dtype.element_ty), mask=m2)
     if HAS_CACHE:
-        tl.debug_barrier()
-        _shift_cache(c0, ctx, ctx_st, 1, offs_c, cmask, T, newlo, K0, BLOCK_U)
-        _shift_cache(c1, s0, 1, T, offs_c, cmask, T, newlo, K1, BLOCK_U)
-        _shift_cache(c2, s1, 1, T, offs_c, cmask, T, newlo, K2, BLOCK_U)
+        tl.debug_barrier()  # every read of this program's ring rows is done
+        _ring_write(c0, ctx, ctx_st, 1, offs_c, cmask, T, start, R0, BLOCK_U)
+        _ring_write(c1, s0, 1, T, offs_c, cmask, T, start, R1, BLOCK_U)
+        _ring_write(c2, s1, 1, T, offs_c, cmask, T, start, R2, BLOCK_U)
+
+
+@triton.jit
+def _same_gelu(x_ptr, x_st, x_sc, w_ptr, b_ptr, offs_c, cmask, t0, T,
+               K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    acc = _taps(x_ptr, x_st, x_sc, x_ptr, w_ptr, offs_c, cmask, t0, T, 0,
+                K, 0, (K - 1) // 2, 1, False, False, False, BLOCK_C, BLOCK_T, BLOCK_K)
+    bias = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    return gelu(acc + bias[:, None], INTERP)
 
 
 @triton.jit
@@ -145,16 +221,14 @@ def _focal_same_kernel(
     # level 1 looks K1//2 frames ahead, so level 0 must be complete first
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        y0 = _conv_gelu(ctx, ctx_st, 1, ctx, w0_ptr, b0_ptr, offs_c, cmask, t0, T, 0,
-                        K0, (K0 - 1) // 2, False, False, BLOCK_C, BLOCK_T, BK0, INTERP)
+        y0 = _same_gelu(ctx, ctx_st, 1, w0_ptr, b0_ptr, offs_c, cmask, t0, T, K0, BLOCK_C, BLOCK_T, BK0, INTERP)
         tl.store(s0 + offs_c[:, None] * T + t[None, :], y0, mask=cmask[:, None] & (t < T)[None, :])
     tl.debug_barrier()
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         m2 = cmask[:, None] & (t < T)[None, :]
-        y1 = _conv_gelu(s0, 1, T, s0, w1_ptr, b1_ptr, offs_c, cmask, t0, T, 0,
-                        K1, (K1 - 1) // 2, False, False, BLOCK_C, BLOCK_T, BK1, INTERP)
+        y1 = _same_gelu(s0, 1, T, w1_ptr, b1_ptr, offs_c, cmask, t0, T, K1, BLOCK_C, BLOCK_T, BK1, INTERP)
         tl.store(s1 + offs_c[:, None] * T + t[None, :], y1, mask=m2)
         total += tl.sum(tl.where(m2, y1, 0.0), axis=1)
     glob = gelu(total / T, INTERP)[:, None]
@@ -175,14 +249,29 @@ def _focal_same_kernel(
 
 
 def _blocks(T: int, C: int, ks: list[int]):
-    """(BLOCK_C, BLOCK_T, taps per iteration, warps). The (channels x frames x taps) product
-    of one iteration (and the cache-shift chunk) is kept at 1024 elements over 8 warps: ptxas
-    (sm_90) then needs 117 registers for a streaming step and 122 for 32-frame tiles, no
-    spills; 4096 elements over 4 warps took 255."""
+    """(BLOCK_C, BLOCK_T, taps per iteration, ring slots per iteration, warps).
+
+    Longer runs: the (channels x frames x taps) product of one iteration is kept at 1024
+    elements over 8 warps; ptxas (sm_90) then needs no spills (4096 over 4 warps took 255
+    registers). Streaming steps: 8 channels x 128 ring slots over 4 warps, 127 registers, the
+    window ring read as 16-byte loads, two iterations' loads in flight: chosen by ptxas's
+    counts, not yet timed on a GPU. FASTFOCAL_FOCAL_TILE="channels,slots,warps" overrides a
+    streaming step's tile (for sweeps on the device)."""
     block_t = min(pow2(T), 32)
-    block_c = min(pow2(C), 128 if INTERPRET else 16)
+    block_c, block_r, warps = min(pow2(C), 128 if INTERPRET else 16), 128, 8
+    if T <= STREAM_FRAMES and not INTERPRET:
+        block_c, block_r, warps = 8, 128, 4
+        tile = os.environ.get("FASTFOCAL_FOCAL_TILE")
+        if tile:
+            block_c, block_r, warps = (int(v) for v in tile.split(","))
     budget = max(1, (TILE if INTERPRET else 1024) // (block_c * block_t))
-    return block_c, block_t, [min(pow2(k), budget) for k in ks], 8
+    return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
+
+
+def check_rings(caches: list[Tensor], ks: list[int], C: int) -> None:
+    for c, k in zip(caches, ks):
+        check(c.dim() == 3 and tuple(c.shape[1:]) == (C, ring_len(k)) and c.is_contiguous(),
+              f"cache must be a contiguous ring (S, {C}, {ring_len(k)}) for {k} taps, got {tuple(c.shape)}")
 
 
 def focal_context(
@@ -193,10 +282,10 @@ def focal_context(
     causal: bool,
     caches: list[Tensor] | None = None,
     idx: Tensor | None = None,
-    fresh: Tensor | None = None,
+    start: Tensor | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Triton launcher; same contract as `focal_context_ref` (caches updated in place)."""
+    """Triton launcher; same contract as `focal_context_ref` (rings updated in place)."""
     B, T, C = ctx.shape
     n = 3 if causal else 2
     check(len(weights) == n and len(biases) == n, f"{'causal' if causal else 'non-causal'} focal context takes {n} conv levels, got {len(weights)}")
@@ -210,27 +299,28 @@ def focal_context(
     has_cache = caches is not None
     if has_cache:
         check(causal, "caches only exist for the causal form")
-        check(idx is not None and fresh is not None and idx.shape == (B,) and fresh.shape == (B,), "streaming needs idx (B,) and fresh (B,)")
+        check(idx is not None and start is not None and idx.shape == (B,) and start.shape == (B,), "streaming needs idx (B,) and start (B,)")
         check(min(ks) >= 2, "causal convs with caches need kernels of at least 2 taps")
-        for c, k in zip(caches, ks):
-            check(c.dim() == 3 and c.shape[1:] == (C, k - 1) and c.is_contiguous(), f"cache must be contiguous (S, {C}, {k - 1}), got {tuple(c.shape)}")
-        check_device(ctx, gates, idx, fresh, *caches, *weights)
+        check_rings(caches, ks, C)
+        check_device(ctx, gates, idx, start, *caches, *weights)
     else:
         check_device(ctx, gates, *weights)
     out = out_or_new(out, (B, T, C), ctx.dtype, ctx.device)
     scratch = torch.empty(2, B, C, T, device=ctx.device, dtype=torch.float32)
-    bc, bt, bks, warps = _blocks(T, C, ks)
+    bc, bt, bks, br, warps = _blocks(T, C, ks)
     grid = (B, triton.cdiv(C, bc))
     if causal:
         c0, c1, c2 = caches if has_cache else (ctx, ctx, ctx)
+        rs = [ring_len(k) for k in ks]
         _focal_causal_kernel[grid](
             ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
             weights[0], biases[0], weights[1], biases[1], weights[2], biases[2],
-            c0, c1, c2, idx if has_cache else ctx, fresh if has_cache else ctx,
+            c0, c1, c2, idx if has_cache else ctx, start if has_cache else ctx,
             scratch[0], scratch[1], out, T, C,
-            K0=ks[0], K1=ks[1], K2=ks[2], HAS_CACHE=has_cache, BLOCK_C=bc, BLOCK_T=bt,
-            BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_U=min(pow2(max(ks) - 1), bks[2] * bt), INTERP=INTERPRET,
-            num_warps=warps,
+            K0=ks[0], K1=ks[1], K2=ks[2], R0=rs[0], R1=rs[1], R2=rs[2],
+            HAS_CACHE=has_cache, STREAM=has_cache and T <= STREAM_FRAMES, BLOCK_C=bc, BLOCK_T=bt,
+            BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_R=br, BLOCK_U=min(pow2(T), 64),
+            INTERP=INTERPRET, num_warps=warps,
         )
     else:
         _focal_same_kernel[grid](
@@ -252,20 +342,23 @@ def _causal_pad(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None)
     return torch.cat([left, x], dim=2)
 
 
-def _pad_from_cache(x: Tensor, buf: Tensor, idx: Tensor, fresh: Tensor) -> Tensor:
-    """_causal_pad(x, K-1, buf rows idx, fresh), the rows gathered straight into the result and
-    the fresh rows patched in place: one pass over the cache instead of three (index_select,
-    where, cat). The window level's cache is 511 frames, so this is most of the level's traffic."""
-    if buf.dtype != x.dtype or torch.compiler.is_exporting():  # exporters want the plain form
-        return _causal_pad(x, buf.shape[2], buf.index_select(0, idx), fresh)
-    B, C, T = x.shape
-    P = buf.shape[2]
-    xp = x.new_empty(B, C, P + T)
-    left = xp[:, :, :P]
-    torch.index_select(buf, 0, idx, out=left)
-    torch.where(fresh[:, None, None], x[:, :, :1], left, out=left)
-    xp[:, :, P:] = x
-    return xp
+def ring_slots(start: Tensor, first: int, n: int, R: int) -> Tensor:
+    """(B, n) ring slots of stream frames start+first .. start+first+n-1 (frames before 0: frame 0's)."""
+    f = start[:, None] + first + torch.arange(n, device=start.device)[None, :]
+    return torch.remainder(f.clamp(min=0), R)
+
+
+def ring_window(buf: Tensor, idx: Tensor, start: Tensor, P: int) -> Tensor:
+    """(B, C, P) frames start-P .. start-1 of ring rows idx (slot f mod R holds frame f;
+    frames before 0 read frame 0). Meaningless for fresh rows (start 0): nothing is there yet."""
+    return buf[idx[:, None], :, ring_slots(start, -P, P, buf.shape[2])].transpose(1, 2)
+
+
+def ring_write(buf: Tensor, idx: Tensor, start: Tensor, x: Tensor) -> None:
+    """The step's frames x (B, C, T) into ring rows idx: the newest min(T, R), frame f in slot f mod R."""
+    T, R = x.shape[2], buf.shape[2]
+    m = min(T, R)
+    buf[idx[:, None], :, ring_slots(start, T - m, m, R)] = x[:, :, T - m:].transpose(1, 2).to(buf.dtype)
 
 
 def focal_context_ref(
@@ -276,25 +369,27 @@ def focal_context_ref(
     causal: bool,
     caches: list[Tensor] | None = None,
     idx: Tensor | None = None,
-    fresh: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """All focal levels of one modulation layer.
 
     ctx (B, T, C), gates (B, T, L+1); weights (C, 1, K_l), biases (C,). Causal: L+1 convs, the
     last one the window conv. Non-causal: L convs, the last level is GELU(mean_t). Streaming:
-    caches are the full state tensors (S, C, K_l - 1), rows idx (B,) read and updated in place;
-    fresh (B,) marks first chunks. Returns acc (B, T, C).
+    caches are the full ring tensors (S, C, ring_len(K_l)), rows idx (B,) read and updated in
+    place; start (B,) counts each row's earlier frames (0: a fresh stream). Returns acc (B, T, C).
     """
     c = ctx.transpose(1, 2)
     acc = None
     n_levels = gates.shape[-1]
     new = []
+    fresh = None if caches is None else (start == 0)
     for lvl, (w, b) in enumerate(zip(weights, biases)):
         k = w.shape[-1]
         if causal:
-            xp = _pad_from_cache(c, caches[lvl], idx, fresh) if caches is not None else _causal_pad(c, k - 1, None, None)
+            win = None if caches is None else ring_window(caches[lvl], idx, start, k - 1)
+            xp = _causal_pad(c, k - 1, win, fresh)
             if caches is not None:
-                new.append(xp[:, :, xp.shape[2] - (k - 1):])
+                new.append(c)
             c = grouped_conv1d(xp, w, b, c.shape[1])
         else:
             c = grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1])
@@ -304,6 +399,6 @@ def focal_context_ref(
     if not causal:
         glob = F.gelu(c.mean(dim=2, keepdim=True))
         acc = acc + glob * gates[:, :, n_levels - 1].unsqueeze(1)
-    for buf, nc in zip(caches or [], new):
-        buf.index_copy_(0, idx, nc)
+    for buf, x in zip(caches or [], new):  # after every read: the writes may overwrite them
+        ring_write(buf, idx, start, x)
     return acc.transpose(1, 2)

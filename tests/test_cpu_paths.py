@@ -14,7 +14,7 @@ from kernel_checks import assert_close, assert_equal, f64  # noqa: E402
 from fastfocal import cpu, ops  # noqa: E402
 from fastfocal.kernels.attention import rel_attention_ref  # noqa: E402
 from fastfocal.kernels.convnext import dwconv_layer_norm_ref  # noqa: E402
-from fastfocal.kernels.focal_context import focal_context_ref  # noqa: E402
+from fastfocal.kernels.focal_context import focal_context_ref, ring_len  # noqa: E402
 
 NB, MD, CHUNK = 320, 800, 4
 TOLS = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -65,35 +65,39 @@ def test_attention_step_equals_reference(dtype, S, rows, H, d, R, T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("S,rows,T", [(3, None, 4), (4, [3, 1], 4), (2, None, 37)])
-def test_focal_stream_equals_reference(dtype, S, rows, T):
-    g = torch.Generator().manual_seed(7 * S + T)
+@pytest.mark.parametrize("S,rows,T,starts", [
+    (1, None, 4, [0]), (1, None, 4, [30]), (1, None, 4, [203]),  # fresh / inside the window / wrapped
+    (3, None, 4, [0, 0, 0]), (3, None, 4, [0, 8, 97]),  # one phase (slices) / several (gathers)
+    (4, [3, 1], 4, [61, 61]), (4, [3, 1], 4, [0, 12]), (2, None, 37, [0, 70]), (1, None, 70, [5])])
+def test_focal_stream_equals_reference(dtype, S, rows, T, starts):
+    g = torch.Generator().manual_seed(7 * S + T + starts[-1])
     C, ks = 24, [3, 5, 40]
     idx = None if rows is None else torch.tensor(rows)
     B = S if idx is None else len(rows)
     ws = [(torch.randn(C, 1, k, generator=g) / k ** 0.5).to(dtype) for k in ks]
     bs = [(torch.randn(C, generator=g) * 0.1).to(dtype) for _ in ks]
-    caches = [torch.randn(S, C, k - 1, generator=g).to(dtype) for k in ks]
+    caches = [torch.randn(S, C, ring_len(k), generator=g).to(dtype) for k in ks]
     untouched = [i for i in range(S) if idx is not None and i not in rows]
     before = [c[untouched].clone() for c in caches]
     ref_rows = torch.arange(S) if idx is None else idx
-    for step, fresh in enumerate(([True] + [False] * (B - 1), [False] * B, [False] * (B - 1) + [True])):
-        fresh = torch.tensor(fresh)
+    start = torch.tensor(starts)
+    for step in range(3):
         ctx = torch.randn(B, T, C, generator=g).to(dtype)
         gates = torch.randn(B, T, 3, generator=g).to(dtype)
         c64, same = [c.double() for c in caches], [c.clone() for c in caches]
-        want = focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), True, c64, ref_rows, fresh)
-        focal_context_ref(ctx, gates, ws, bs, True, same, ref_rows, fresh)  # same dtype: the same ops
-        got = cpu.focal_context_stream(ctx, gates, ws, bs, caches, idx, fresh)
+        want = focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), True, c64, ref_rows, start)
+        focal_context_ref(ctx, gates, ws, bs, True, same, ref_rows, start)  # same dtype: the same ops
+        got = cpu.focal_context_stream(ctx, gates, ws, bs, caches, idx, start)
         assert_close(f"focal step {step}", got, want, dtype, rel=TOLS[dtype])
         for lvl, (c, r, r64) in enumerate(zip(caches, same, c64)):
-            # level 0 caches input frames (copies); deeper levels cache the level below's
+            # level 0 rings hold input frames (copies); deeper levels the level below's
             # output, which the CPU form keeps in fp32 until it is stored (bf16: rounded once)
             if lvl == 0 or dtype == torch.float32:
-                assert_equal(f"cache level {lvl} step {step}", c, r)
-            assert_close(f"cache level {lvl} step {step} vs float64", c, r64, dtype, rel=TOLS[dtype])
+                assert_equal(f"ring level {lvl} step {step}", c, r)
+            assert_close(f"ring level {lvl} step {step} vs float64", c, r64, dtype, rel=TOLS[dtype])
+        start = start + T
     for c, b in zip(caches, before):
-        assert_equal("untouched cache rows", c[untouched], b)
+        assert_equal("untouched ring rows", c[untouched], b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,7 +129,7 @@ def test_ops_take_the_cpu_forms_unless_forced_to_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "focal_context_stream", lambda *a: calls.append("cpu"))
     C, ks = 8, [3, 5, 9]
     args = (torch.randn(1, 4, C), torch.randn(1, 4, 3), [torch.randn(C, 1, k) for k in ks], [torch.randn(C) for _ in ks], True,
-            [torch.zeros(1, C, k - 1) for k in ks], None, torch.tensor([False]))
+            [torch.zeros(1, C, ring_len(k)) for k in ks], None, torch.tensor([0]))
     ops.focal_context(*args)
     assert calls == ["cpu"]
     monkeypatch.setenv("FASTFOCAL_BACKEND", "torch")

@@ -1,5 +1,7 @@
 """Focal context (all levels of one modulation layer): streaming steps of 4 frames with the
-ring caches (14, 18 and 512 taps) read and shifted in place, and offline passes.
+ring caches (14, 18 and 512 taps; rows at random ring phases) read in place and only the new
+frames written, and offline passes. Bytes counted: what a step must move (each level's K-1
+window frames read once, the new frames written once, inputs, outputs, weights).
 
     python bench/kernels/bench_focal_context.py [--quick] [--dtypes bfloat16 float32] [--no-compile]
 """
@@ -38,12 +40,12 @@ def make(case, dtype, device):
     out = torch.empty(B, T, C, device=device, dtype=dtype)
     nbytes = (B * T * (2 * C + gates.shape[-1]) + sum(C * (k + 1) for k in ks)) * e
     if mode == "stream":
-        caches = [torch.randn(B, C, k - 1, device=device, dtype=dtype) for k in ks]
+        caches = [torch.randn(B, C, fc.ring_len(k), device=device, dtype=dtype) for k in ks]
         idx = torch.arange(B, device=device)
-        fresh = torch.zeros(B, dtype=torch.bool, device=device)
-        nbytes += 2 * B * C * sum(k - 1 for k in ks) * e
-        impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, True, caches, idx, fresh, out=out),
-                 "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, True, caches, idx, fresh)}
+        start = torch.randint(1000, 2000, (B,), device=device)  # fixed: every call the same phases
+        nbytes += B * C * sum(k - 1 + T for k in ks) * e
+        impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, True, caches, idx, start, out=out),
+                 "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, True, caches, idx, start)}
     else:
         impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, causal, out=out),
                  "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, causal)}

@@ -71,13 +71,13 @@ def record(quick: bool) -> dict:
     r = torch.randn
     for dt in dtypes:
         # focal context: streaming steps (C = 1024 and 256), an offline segment, non-causal
-        for B, T, C, cache in ((4, 4, 1024, True), (4, 4, 256, True), (2, 2048, 1024, False)):
+        for B, T, C, cache in ((4, 4, 1024, True), (4, 4, 256, True), (4, 37, 1024, True), (2, 2048, 1024, False)):
             h = r(B, T, 2 * C + 3, dtype=dt)
             ks = [14, 18, 512]
             ws, bs = [r(C, 1, k, dtype=dt) for k in ks], [r(C, dtype=dt) for _ in ks]
-            caches = [r(B, C, k - 1, dtype=dt) for k in ks] if cache else None
-            idx, fresh = torch.arange(B), torch.zeros(B, dtype=torch.bool)
-            focal_context.focal_context(h[..., C:2 * C], h[..., 2 * C:], ws, bs, True, caches, idx if cache else None, fresh if cache else None)
+            caches = [r(B, C, focal_context.ring_len(k), dtype=dt) for k in ks] if cache else None
+            idx, start = torch.arange(B), torch.full((B,), 1000)
+            focal_context.focal_context(h[..., C:2 * C], h[..., 2 * C:], ws, bs, True, caches, idx if cache else None, start if cache else None)
         h = r(2, 500, 2 * 256 + 3, dtype=dt)
         focal_context.focal_context(h[..., 256:512], h[..., 512:], [r(256, 1, k, dtype=dt) for k in (14, 18)], [r(256, dtype=dt)] * 2, False)
         # attention: streaming step on the ring, long causal input, full attention

@@ -1,11 +1,11 @@
 """Focal context kernel vs the float64 reference: offline, long, and streaming steps with
-caches read and shifted in place for rows picked by a slot index."""
+rings read and written in place for rows picked by a slot index, at every ring phase."""
 import pytest
 import torch
 from conftest import DEVICE
 from kernel_checks import DTYPES, assert_close, assert_equal, f64
 
-from fastfocal.kernels.focal_context import focal_context, focal_context_ref
+from fastfocal.kernels.focal_context import focal_context, focal_context_ref, ring_len
 
 
 def make(B, T, C, ks, causal, dtype, seed=0):
@@ -18,36 +18,53 @@ def make(B, T, C, ks, causal, dtype, seed=0):
     return h[..., C:2 * C], h[..., 2 * C:], ws, bs
 
 
-def ref64(ctx, gates, ws, bs, causal, caches=None, idx=None, fresh=None):
-    return focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), causal, caches, idx, fresh)
+def ref64(ctx, gates, ws, bs, causal, caches=None, idx=None, start=None):
+    return focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), causal, caches, idx, start)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,C,W", [(2, 1, 12, 32), (3, 4, 96, 32), (2, 37, 12, 24), (1, 4, 145, 512)])
+@pytest.mark.parametrize("B,T,C,W", [(2, 1, 12, 32), (3, 4, 96, 32), (3, 3, 20, 24), (2, 37, 12, 24), (1, 4, 145, 512)])
 def test_causal_stream_steps(dtype, B, T, C, W):
+    """Rows at different ring phases: fresh (0), inside the first window (frames before the
+    stream's first are read from slot 0), and long past it (the ring has wrapped)."""
     ks = [14, 18, W]
     S = B + 3
     g = torch.Generator().manual_seed(1)
-    caches = [torch.randn(S, C, k - 1, generator=g).to(DEVICE, dtype) for k in ks]
+    caches = [torch.randn(S, C, ring_len(k), generator=g).to(DEVICE, dtype) for k in ks]
     idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
     untouched = [i for i in range(S) if i not in idx.tolist()]
     before = [c[untouched].clone() for c in caches]
-    fresh = torch.zeros(B, dtype=torch.bool, device=DEVICE)
-    fresh[0] = True  # first chunk of row 0's stream: replicate, ignore its cache
+    start = torch.tensor([1000 + W, 0, 5][:B], device=DEVICE)
     for step in range(3):
         ctx, gates, ws, bs = make(B, T, C, ks, True, dtype, seed=step)
         prev = [c.clone() for c in caches]
-        out = focal_context(ctx, gates, ws, bs, True, caches, idx, fresh)
-        assert_close(f"acc step {step}", out, ref64(ctx, gates, ws, bs, True, [c.to(torch.float64) for c in prev], idx, fresh), dtype)
+        out = focal_context(ctx, gates, ws, bs, True, caches, idx, start)
+        assert_close(f"acc step {step}", out, ref64(ctx, gates, ws, bs, True, [c.to(torch.float64) for c in prev], idx, start), dtype)
         same = [c.clone() for c in prev]
-        focal_context_ref(ctx, gates, ws, bs, True, same, idx, fresh)
-        # level 0 caches ctx frames: a pure copy, bit for bit; deeper levels cache computed values
-        assert_equal(f"level-0 cache step {step}", caches[0], same[0])
+        focal_context_ref(ctx, gates, ws, bs, True, same, idx, start)
+        # level 0 rings hold ctx frames: a pure copy, bit for bit; deeper levels hold computed values
+        assert_equal(f"level-0 ring step {step}", caches[0], same[0])
         for lvl in (1, 2):
-            assert_close(f"level-{lvl} cache step {step}", caches[lvl], same[lvl], dtype)
-        fresh = torch.zeros_like(fresh)
+            assert_close(f"level-{lvl} ring step {step}", caches[lvl], same[lvl], dtype)
+        start = start + T
     for lvl in range(3):
         assert_equal(f"untouched slots, level {lvl}", caches[lvl][untouched], before[lvl])
+
+
+def test_stream_equals_one_long_run():
+    """Chunks of 1, 4 and 3 frames through the rings, 130 steps past the 32-frame window,
+    give what the whole signal gives offline."""
+    C, ks = 12, [14, 18, 32]
+    ctx, gates, ws, bs = make(1, 300, C, ks, True, torch.float32, seed=3)
+    want = focal_context(ctx, gates, ws, bs, True)
+    caches = [torch.zeros(2, C, ring_len(k), device=DEVICE) for k in ks]
+    idx, t, got = torch.tensor([1], device=DEVICE), 0, []
+    sizes = [1, 4, 3] * 100
+    while t < 300:
+        n = min(sizes.pop(), 300 - t)
+        got.append(focal_context(ctx[:, t:t + n], gates[:, t:t + n], ws, bs, True, caches, idx, torch.tensor([t], device=DEVICE)))
+        t += n
+    assert_close("chunked vs offline", torch.cat(got, 1), want, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -60,10 +77,10 @@ def test_causal_offline(dtype, B, T, C):
 def test_offline_equals_fresh_stream():
     """Offline (no cache) is a fresh stream: the replicate rule at every level."""
     ctx, gates, ws, bs = make(2, 37, 12, [14, 18, 32], True, torch.float32)
-    caches = [torch.randn(2, 12, k - 1, device=DEVICE) for k in (14, 18, 32)]
+    caches = [torch.randn(2, 12, ring_len(k), device=DEVICE) for k in (14, 18, 32)]
     idx = torch.tensor([1, 0], device=DEVICE)
     a = focal_context(ctx, gates, ws, bs, True)
-    b = focal_context(ctx, gates, ws, bs, True, caches, idx, torch.ones(2, dtype=torch.bool, device=DEVICE))
+    b = focal_context(ctx, gates, ws, bs, True, caches, idx, torch.zeros(2, dtype=torch.long, device=DEVICE))
     assert_close("offline vs fresh", a, b, rel=1e-6)
 
 
@@ -89,9 +106,9 @@ def test_rejects_bad_input():
     ctx, gates, ws, bs = make(1, 4, 12, [14, 18, 32], True, torch.float32)
     with pytest.raises(ValueError, match="conv levels"):
         focal_context(ctx, gates, ws[:2], bs[:2], True)
-    with pytest.raises(ValueError, match="cache must be"):
-        focal_context(ctx, gates, ws, bs, True, [torch.zeros(2, 12, 5, device=DEVICE)] * 3,
-                      torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="cache must be a contiguous ring"):
+        focal_context(ctx, gates, ws, bs, True, [torch.zeros(2, 12, k - 1, device=DEVICE) for k in (14, 18, 32)],
+                      torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE))
 
 
 @pytest.mark.gpu
@@ -99,17 +116,18 @@ def test_rejects_bad_input():
 @pytest.mark.parametrize("C", [256, 512, 1024])
 def test_gpu_full_size_stream(dtype, C):
     B, S, ks = 64, 80, [14, 18, 512]
-    caches = [torch.randn(S, C, k - 1, device="cuda", dtype=dtype) for k in ks]
+    caches = [torch.randn(S, C, ring_len(k), device="cuda", dtype=dtype) for k in ks]
     ref = [c.clone() for c in caches]
     idx = torch.randperm(S, device="cuda")[:B]
-    fresh = torch.rand(B, device="cuda") < 0.2
+    start = torch.randint(0, 2000, (B,), device="cuda") * (torch.rand(B, device="cuda") > 0.2)
     for step in range(3):
         ctx, gates, ws, bs = make(B, 4, C, ks, True, dtype, seed=step)
         r64 = [c.to(torch.float64) for c in ref]
-        want = ref64(ctx, gates, ws, bs, True, r64, idx, fresh)
-        assert_close("acc", focal_context(ctx, gates, ws, bs, True, caches, idx, fresh), want, dtype)
+        want = ref64(ctx, gates, ws, bs, True, r64, idx, start)
+        assert_close("acc", focal_context(ctx, gates, ws, bs, True, caches, idx, start), want, dtype)
         for lvl in range(3):
-            assert_close(f"cache {lvl}", caches[lvl], r64[lvl], dtype)
+            assert_close(f"ring {lvl}", caches[lvl], r64[lvl], dtype)
         ref = [c.clone() for c in caches]
+        start = start + 4
     ctx, gates, ws, bs = make(8, 2048, C, ks, True, dtype)
     assert_close("offline 2048", focal_context(ctx, gates, ws, bs, True), ref64(ctx, gates, ws, bs, True), dtype)
