@@ -40,6 +40,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 step tests          python -m pytest -q -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml"
 step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl"
+for tile in ${FOCAL_TILES:-8,128,4 16,64,4 16,128,8 4,256,4 8,256,8}; do  # the ring kernel's streaming tile
+    step "focal-$tile" env FASTFOCAL_FOCAL_TILE=$tile python bench/kernels/bench_focal_context.py --quick --dtypes bfloat16 --out "$OUT/kernels.jsonl"
+done
 step e2e            python bench/e2e.py $Q
 step stream-latency python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q

@@ -5,6 +5,7 @@ window frames read once, the new frames written once, inputs, outputs, weights).
 
     python bench/kernels/bench_focal_context.py [--quick] [--dtypes bfloat16 float32] [--no-compile]
 """
+import os
 import sys
 
 import torch
@@ -49,7 +50,8 @@ def make(case, dtype, device):
     else:
         impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, causal, out=out),
                  "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, causal)}
-    return impls, nbytes, f"{mode} B={B} T={T} C={C}"
+    tile = os.environ.get("FASTFOCAL_FOCAL_TILE")  # streaming tile override (kernels/focal_context._blocks)
+    return impls, nbytes, f"{mode} B={B} T={T} C={C}" + (f" tile={tile}" if tile and mode == "stream" else "")
 
 
 if __name__ == "__main__":
