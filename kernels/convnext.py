@@ -4,7 +4,8 @@ x is time-major (B, T, C). Causal: left pad K-1 from the block's cache (S, C, K-
 picked by a slot index; the cache starts as zeros (WaveNeXt pads with zeros, not by
 replication) and offline is the same with no cache. Non-causal ("same", Vocos): zeros on both
 sides. A program owns a tile of frames with all channels (the LayerNorm needs whole rows).
-A streaming step is one tile, so that program also shifts the cache in place; longer inputs
+A streaming step is one tile, so that program also shifts the cache in place (BLOCK_T slots
+at a time); longer inputs
 copy their last K-1 frames into the cache after the kernel.
 """
 from __future__ import annotations
@@ -50,16 +51,19 @@ def _dwconv_ln_kernel(x_ptr, w_ptr, b_ptr, lw_ptr, lb_ptr, cache_ptr, idx_ptr, o
     y = d * rstd[:, None] * lw[None, :] + lb[None, :]
     tl.store(out_ptr + b * T * C + t[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
     if WRITE_CACHE:
-        # one tile holds the whole step: cache <- last K-1 frames of [cache ‖ x]
-        i = tl.arange(0, BLOCK_T)  # reuse BLOCK_T >= K-1 lanes for the cache slots
-        im = i < K - 1
-        tau = i - (K - 1) + T
-        cm2 = im[:, None] & cm[None, :]
-        vn = tl.load(xb + tl.maximum(tau, 0)[:, None] * C + c[None, :], mask=cm2 & (tau >= 0)[:, None], other=0.0)
-        vc = tl.load(cb + c[None, :] * (K - 1) + tl.minimum(i + T, K - 2)[:, None], mask=cm2 & (tau < 0)[:, None], other=0.0)
-        v = tl.where((tau >= 0)[:, None], vn.to(tl.float32), vc.to(tl.float32))
-        tl.debug_barrier()  # the conv above read the old cache
-        tl.store(cb + c[None, :] * (K - 1) + i[:, None], v.to(cache_ptr.dtype.element_ty), mask=cm2)
+        # one tile holds the whole step: cache <- last K-1 frames of [cache ‖ x], BLOCK_T slots
+        # at a time (all reads first: the conv above read the old cache)
+        tl.debug_barrier()
+        for i0 in tl.static_range(0, K - 1, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            im = i < K - 1
+            tau = i - (K - 1) + T
+            cm2 = im[:, None] & cm[None, :]
+            vn = tl.load(xb + tl.maximum(tau, 0)[:, None] * C + c[None, :], mask=cm2 & (tau >= 0)[:, None], other=0.0)
+            vc = tl.load(cb + c[None, :] * (K - 1) + tl.minimum(i + T, K - 2)[:, None], mask=cm2 & (tau < 0)[:, None], other=0.0)
+            v = tl.where((tau >= 0)[:, None], vn.to(tl.float32), vc.to(tl.float32))
+            tl.debug_barrier()  # this chunk's reads (other threads) before its writes
+            tl.store(cb + c[None, :] * (K - 1) + i[:, None], v.to(cache_ptr.dtype.element_ty), mask=cm2)
 
 
 def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
@@ -82,12 +86,10 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
         check_device(x, weight)
     out = out_or_new(out, (B, T, C), x.dtype, x.device)
     bc = pow2(C)
-    bt = min(pow2(T), max(pow2(K - 1), 2 * TILE // bc))
+    bt = min(pow2(T), max(1, TILE // bc))  # 4096 elements a program: 8192 spilled (sm_90, with a cache)
     n_t = triton.cdiv(T, bt)
     check(n_t < 65536, f"at most {65535 * bt} frames per call, got {T}")
     write = has_cache and n_t == 1
-    if write:
-        bt = max(bt, pow2(K - 1))  # the cache shift uses BLOCK_T lanes for its K-1 slots
     _dwconv_ln_kernel[(B, n_t)](
         x, weight, bias, ln_weight, ln_bias, cache if has_cache else x, idx if has_cache else x, out, T, C, float(eps),
         K=K, PADL=K - 1 if causal else (K - 1) // 2, HAS_CACHE=has_cache, WRITE_CACHE=write,
