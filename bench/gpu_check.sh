@@ -43,6 +43,9 @@ step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl
 for tile in ${FOCAL_TILES:-8,128,4 16,64,4 16,128,8 4,256,4 8,256,8}; do  # the ring kernel's streaming tile
     step "focal-$tile" env FASTFOCAL_FOCAL_TILE=$tile python bench/kernels/bench_focal_context.py --quick --dtypes bfloat16 --out "$OUT/kernels.jsonl"
 done
+for tile in ${ATTN_TILES:-32,8,3 64,8,3 32,4,3 64,4,4 32,8,4}; do  # the attention ring loop's streaming tile
+    step "attn-$tile" env FASTFOCAL_ATTN_TILE=$tile python bench/kernels/bench_attention.py --quick --dtypes bfloat16 --out "$OUT/kernels.jsonl"
+done
 step e2e            python bench/e2e.py $Q
 step stream-latency python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q

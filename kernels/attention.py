@@ -20,6 +20,7 @@ window of this step's first queries). Longer inputs write the ring after the ker
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +228,12 @@ def rel_attention(
     # from ptxas on sm_90 (tests/kernels/sm90_compile.py): 64-key blocks need 229-255 registers
     # and spill at 64 queries; 32-key blocks with 8 warps take 106 (16 queries) to 202 (64)
     block_m = 16 if T <= 16 else 64
-    block_n = 32
+    block_n, warps, stages = 32, 8, 3
+    # a streaming step's ring loop is cp.async-pipelined (3 stages, 94 registers); its tile is
+    # not yet tuned on a GPU: FASTFOCAL_ATTN_TILE="keys,warps,stages" overrides it for sweeps
+    tile = os.environ.get("FASTFOCAL_ATTN_TILE")
+    if tile and T <= 16 and not INTERPRET:
+        block_n, warps, stages = (int(v) for v in tile.split(","))
     n_m = triton.cdiv(T, block_m)
     write_ring = has_ring and n_m == 1
     # fp32 stays IEEE (the exact path); bf16/fp16 use tensor cores. The interpreter's bf16 dot
@@ -240,7 +246,7 @@ def rel_attention(
         start if has_ring else qkv, out, T, R, H, LOG2E / math.sqrt(D),
         D=D, MD=max_distance, CHUNK=chunk, WINDOW=window or 0, CAUSAL=window is not None,
         HAS_RING=has_ring, WRITE_RING=write_ring, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(D),
-        PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=8,
+        PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
     if has_ring and not write_ring:
         write_kv_ring(qkv, start, k_ring, v_ring, idx, H)

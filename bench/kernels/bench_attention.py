@@ -3,6 +3,7 @@ ring, offline causal (window 512) and full (non-causal) attention.
 
     python bench/kernels/bench_attention.py [--quick] [--dtypes ...] [--no-compile]
 """
+import os
 import sys
 
 import torch
@@ -51,7 +52,8 @@ def make(case, dtype, device):
         start = torch.zeros(B, dtype=torch.long, device=device)
         impls = {"triton": lambda: at.rel_attention(qkv, y, *p, H, start, CHUNK, window, 320, 800, out=out),
                  "torch": lambda: at.rel_attention_ref(qkv, y, *p, H, start, CHUNK, window, 320, 800)}
-    return impls, nbytes, f"{mode} B={B} T={T}"
+    tile = os.environ.get("FASTFOCAL_ATTN_TILE")  # streaming tile override (kernels/attention.rel_attention)
+    return impls, nbytes, f"{mode} B={B} T={T}" + (f" tile={tile}" if tile and T <= 16 else "")
 
 
 if __name__ == "__main__":

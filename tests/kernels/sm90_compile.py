@@ -60,8 +60,8 @@ class Recorder:
                     sig[p.name] = _ty(v)
             # what the JIT specializes on: 16-byte-aligned pointers, integers divisible by 16
             div = tuple(i for i, p in enumerate(self.fn.params) if not p.is_constexpr and _div16(vals[p.name]))
-            key = (self.fn.__name__, tuple(sig.items()), tuple(consts.items()), num_warps, div)
-            self.log.setdefault(key, (self.fn, sig, consts, num_warps, div))
+            key = (self.fn.__name__, tuple(sig.items()), tuple(consts.items()), num_warps, num_stages, div)
+            self.log.setdefault(key, (self.fn, sig, consts, num_warps, div, num_stages))
         return launch
 
 
@@ -137,13 +137,13 @@ def main(argv=None) -> int:
     configs = record(args.quick)
     failed = 0
     print(f"{len(configs)} kernel configurations for sm_{args.arch}")
-    for (name, *_), (fn, sig, c, nw, div) in sorted(configs.items(), key=lambda kv: kv[0][0]):
+    for (name, *_), (fn, sig, c, nw, div, ns) in sorted(configs.items(), key=lambda kv: kv[0][0]):
         t = time.time()
         short = " ".join(f"{k}={v}" for k, v in c.items() if k != "INTERP")
         dtypes = sorted({v for v in sig.values() if v.startswith("*") and v[1:] in ("fp32", "bf16", "fp16")})
         try:
             attrs = {(i,): [["tt.divisibility", 16]] for i in div}
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c, attrs=attrs), target=target, options={"num_warps": nw})
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c, attrs=attrs), target=target, options={"num_warps": nw, **({"num_stages": ns} if ns else {})})
         except Exception as e:  # report every failure, not just the first
             failed += 1
             print(f"FAIL {name} {dtypes} {short}: {type(e).__name__}: {str(e)[:400]}")
