@@ -90,23 +90,28 @@ def sin(x, INTERP: tl.constexpr):
         return libdevice.sin(x)
 
 
-_F32 = WeakIdKeyDictionary()  # weight -> (version stamp, float32 copy)
+_DERIVED = WeakIdKeyDictionary()  # weight -> {tag: (version stamp, derived tensor)}
+
+
+def derived(w: torch.Tensor, tag, make):
+    """make(w), computed once per weight and tag and redone if the weight changes (inference
+    tensors have no version counter to watch: computed every time)."""
+    if w.is_inference():
+        return make(w)
+    stamp = (w._version, w.data_ptr())
+    cache = _DERIVED.setdefault(w, {})
+    hit = cache.get(tag)
+    if hit is None or hit[0] != stamp:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (stamp, make(w.detach()))
+        cache[tag] = hit
+    return hit[1]
 
 
 def float32_weight(w: torch.Tensor) -> torch.Tensor:
     """A float32 copy of a (reduced-precision) weight, made once and redone if it changes
     (a float32 weight is itself)."""
-    if w.dtype == torch.float32:
-        return w
-    if w.is_inference():  # no version counter to watch: convert every time
-        return w.float()
-    stamp = (w._version, w.data_ptr())
-    hit = _F32.get(w)
-    if hit is None or hit[0] != stamp:
-        with torch.inference_mode(False), torch.no_grad():
-            hit = (stamp, w.detach().float())
-        _F32[w] = hit
-    return hit[1]
+    return w if w.dtype == torch.float32 else derived(w, "float32", lambda t: t.float())
 
 
 def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:

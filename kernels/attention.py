@@ -8,10 +8,10 @@ softmax: first the K/V ring of the stream's slot (positions start-R..start-1, sl
 the position congruent to r mod R), then the new frames. Bias and mask come from positions
 on the fly; nothing T x T is built, memory is O(T * d).
 
-Buckets come from a lookup table over offsets [-max_distance, max_distance] computed by the
-reference `relative_bucket` itself (offsets beyond saturate), so they are identical to the
-reference's by construction: the float32 log lands within 4e-5 of an integer at offset 713,
-where a fast device log could round the other way.
+Biases come from a table over offsets [-max_distance, max_distance] (offsets beyond saturate):
+E at the bucket the reference `relative_bucket` itself gives each offset, built once per
+embedding, so they are identical to the reference's by construction: the float32 log lands
+within 4e-5 of an integer at offset 713, where a fast device log could round the other way.
 
 When one query block covers all new frames (a streaming step), the same program then writes
 the new K/V into its ring row (after a barrier: the oldest ring entries are still in the
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, out_or_new, pow2
+from ._common import INTERPRET, check, check_device, derived, out_or_new, pow2
 
 LOG2E = 1.4426950408889634
 ATTN_BLOCK = 256  # reference: query frames per block, bounds memory at O(block * window)
@@ -46,14 +46,13 @@ def bucket_lut(num_buckets: int, max_distance: int, device) -> Tensor:
 
 
 @triton.jit
-def _scores(q, k, koff, kvalid, qoff, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off,
+def _scores(q, k, koff, kvalid, qoff, gate, tab_ptr, h, H, scale_log2e, lo_off, hi_off,
             MD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
     """log2-scaled scores of one key block with bias and mask (-inf where not allowed).
     Positions are int32 offsets from the row's start (a [BLOCK_M, BLOCK_N] int64 tile spills)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2e
     rel = tl.minimum(tl.maximum(koff[None, :] - qoff[:, None], -MD), MD)
-    bucket = tl.load(lut_ptr + rel + MD)
-    bias = tl.load(emb_ptr + bucket * H + h).to(tl.float32)
+    bias = tl.load(tab_ptr + (rel + MD) * H + h).to(tl.float32)
     s += gate[:, None] * bias * 1.4426950408889634
     ok = kvalid[None, :]
     if CAUSAL:
@@ -77,7 +76,7 @@ def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr, DOT_F32: tl.constexpr
 @triton.jit
 def _attn_kernel(
     qkv_ptr, qkv_sb, qkv_st, y_ptr, y_sb, y_st,
-    gw_ptr, gb_ptr, gc_ptr, emb_ptr, lut_ptr,
+    gw_ptr, gb_ptr, gc_ptr, tab_ptr,
     kr_ptr, vr_ptr, idx_ptr, start_ptr, out_ptr,
     T, R, H, scale_log2e,
     D: tl.constexpr, MD: tl.constexpr, CHUNK: tl.constexpr, WINDOW: tl.constexpr,
@@ -148,7 +147,7 @@ def _attn_kernel(
                 v = tl.load(vr_ptr + kp, mask=km, other=0.0)
                 if DOT_F32:
                     k = k.to(tl.float32)
-                s = _scores(q, k, koff, kvalid, offs_m, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
+                s = _scores(q, k, koff, kvalid, offs_m, gate, tab_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, DOT_F32)
 
     if CAUSAL:
@@ -167,7 +166,7 @@ def _attn_kernel(
         v = tl.load(kp + 2 * C, mask=km, other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        s = _scores(q, k, j, jmask, offs_m, gate, emb_ptr, lut_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
+        s = _scores(q, k, j, jmask, offs_m, gate, tab_ptr, h, H, scale_log2e, lo_off, hi_off, MD, CAUSAL, PREC)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC, DOT_F32)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -223,7 +222,10 @@ def rel_attention(
     else:
         R = 1
         check_device(qkv, y, rel_emb)
-    lut = bucket_lut(num_buckets, max_distance, qkv.device)
+    # E[bucket(offset), h] for every offset in [-max_distance, max_distance]: one gather per
+    # score instead of two dependent ones (bucket, then embedding); the same values
+    tab = derived(rel_emb, ("bias_by_offset", num_buckets, max_distance),
+                  lambda e: e[bucket_lut(num_buckets, max_distance, e.device).long()].contiguous())
     out = out_or_new(out, (B, T, C), qkv.dtype, qkv.device)
     # from ptxas on sm_90 (tests/kernels/sm90_compile.py): 64-key blocks need 229-255 registers
     # and spill at 64 queries; 32-key blocks with 8 warps take 106 (16 queries) to 202 (64)
@@ -241,7 +243,7 @@ def rel_attention(
     prec = "ieee" if (qkv.dtype == torch.float32 or INTERPRET) else "tf32"
     _attn_kernel[(B * H, n_m)](
         qkv, qkv.stride(0), qkv.stride(1), y, y.stride(0), y.stride(1),
-        gru_w, gru_b, gru_const.reshape(-1), rel_emb, lut,
+        gru_w, gru_b, gru_const.reshape(-1), tab,
         k_ring if has_ring else qkv, v_ring if has_ring else qkv, idx if has_ring else qkv,
         start if has_ring else qkv, out, T, R, H, LOG2E / math.sqrt(D),
         D=D, MD=max_distance, CHUNK=chunk, WINDOW=window or 0, CAUSAL=window is not None,
