@@ -31,19 +31,6 @@ def _container(**mods) -> nn.Module:
     return m
 
 
-def _pad_time(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None) -> Tensor:
-    """Causal left pad of a time-major x (B, T, C): replicate the first frame offline and for
-    fresh streams, else the cached last `pad` input frames (B, pad, C)."""
-    if pad == 0:
-        return x
-    first = x[:, :1].expand(-1, pad, -1)
-    if cache is None:
-        left = first
-    else:
-        left = torch.where(fresh[:, None, None], first, cache.to(x.dtype)) if ops.any_rows(fresh) else cache.to(x.dtype)
-    return torch.cat([left, x], 1)
-
-
 def _grouped_conv(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Tensor:
     """Grouped conv of an already padded xp (B, C, T+k-1). For a few output frames (a streaming
     step) a batched GEMM over unfolded windows is ~8x faster than the library conv on CPU."""
@@ -132,7 +119,7 @@ class WavLM(nn.Module):
             k, s_ = c.kernel_sizes[i], c.strides[i]
             if c.causal:
                 cache = ops.rows(st.fe_caches[i], idx) if st is not None else None
-                x = _pad_time(x, k - 1, cache, fresh)
+                x = ops.causal_pad(x, k - 1, cache, fresh, True, dim=1)
                 if st is not None and k > 1:
                     ops.put_rows(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):])
             x = ops.linear(x.unfold(1, k, s_).reshape(B, -1, w.shape[1] * k), w.reshape(w.shape[0], -1), None)

@@ -236,22 +236,24 @@ def causal_pad(
     cache: Tensor | None,
     fresh: Tensor | None,
     replicate: bool,
+    dim: int = 2,
 ) -> Tensor:
-    """Left-pad x (B, C, T) by `pad` frames along time.
+    """Left-pad x along time (dim 2 of (B, C, T), or dim 1 of a time-major (B, T, C)) by `pad` frames.
 
     Offline (cache None): replicate the first frame, or zeros.
-    Streaming: the cache (B, C, pad) holds the previous input frames; rows that are `fresh`
-    (first chunk of a stream) use the first frame instead when `replicate`.
+    Streaming: the cache (pad frames, laid out like x) holds the previous input frames; rows that
+    are `fresh` (first chunk of a stream) use the first frame instead when `replicate`.
     """
     if pad == 0:
         return x
+    first = x.narrow(dim, 0, 1).expand(*[pad if d == dim else -1 for d in range(x.dim())])
     if cache is None:
-        left = x[:, :, :1].expand(-1, -1, pad) if replicate else x.new_zeros(x.shape[0], x.shape[1], pad)
+        left = first if replicate else torch.zeros_like(first)
     else:
         left = cache.to(x.dtype)
         if replicate and any_rows(fresh):
-            left = torch.where(fresh[:, None, None], x[:, :, :1].expand(-1, -1, pad), left)
-    return torch.cat([left, x], dim=2)
+            left = torch.where(fresh[:, None, None], first, left)
+    return torch.cat([left, x], dim=dim)
 
 
 # --------------------------------------------------------------------------- focal modulation
