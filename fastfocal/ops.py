@@ -54,8 +54,19 @@ def put_rows(state: Tensor, idx: Tensor | None, v: Tensor) -> None:
         state.index_copy_(0, idx, v.to(state.dtype))
 
 
+_ARANGE: dict = {}
+
+
 def _all_rows(idx: Tensor | None, n: int, device) -> Tensor:
-    return torch.arange(n, device=device) if idx is None else idx
+    """idx, or for None the index of every row (cached: no arange launch per call, and a
+    static tensor a captured CUDA graph may keep)."""
+    if idx is not None:
+        return idx
+    key = (n, str(device))
+    if key not in _ARANGE:
+        with torch.inference_mode(False):
+            _ARANGE[key] = torch.arange(n, device=device)
+    return _ARANGE[key]
 
 
 def _host_checks_ok(t: Tensor) -> bool:

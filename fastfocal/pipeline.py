@@ -171,7 +171,7 @@ class Pipeline:
         out = self.run(x, idx)
         return tuple(out[k] for k in MODE_OUTPUTS[self.mode]) + (out["err"],)
 
-    def run_segmented(self, x: Tensor, idx: Tensor, keep: Sequence[str], segment_frames: int = SEGMENT_FRAMES,
+    def run_segmented(self, x: Tensor, idx: Tensor | None, keep: Sequence[str], segment_frames: int = SEGMENT_FRAMES,
                       stages: Sequence[str] | None = None) -> dict[str, Tensor]:
         """`run` over time segments of `segment_frames` frames (memory bounded whatever the
         length); the kept outputs are joined along time, "err" is the worst per row."""
@@ -190,7 +190,7 @@ class Pipeline:
         res["err"] = err
         return res
 
-    def run_tail(self, x: Tensor, idx: Tensor, keep: Sequence[str],
+    def run_tail(self, x: Tensor, idx: Tensor | None, keep: Sequence[str],
                  segment_frames: int = SEGMENT_FRAMES) -> dict[str, Tensor]:
         """A stream's end: all of x (B, n) for any n. Audio is zero-padded to whole chunks and
         gives one token per started frame; a partial token group is decoded as offline does."""

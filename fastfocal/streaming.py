@@ -42,16 +42,17 @@ class _Session:
         self.pipeline = Pipeline(codec.model, self.mode, batch_size)
         self.outputs = MODE_OUTPUTS[self.mode]
         self.chunk = self.pipeline.chunk
-        self.idx = torch.arange(batch_size, device=codec.device)
+        # a session steps every slot in order: idx None, so the modules use the state in place
+        # (no row gathers and scatters; on a GPU that is ~25 fewer launches a step)
+        self.idx = None
         self._in_dtype = codec.dtype if self.pipeline.takes_audio else torch.long
         self._buf = torch.zeros(batch_size, self.chunk, dtype=self._in_dtype, device=codec.device)
         self._fill = 0
         self._graph = None
         if graphs_enabled(codec.device, cuda_graphs):
-            r = GraphRunner(self.pipeline.step, [((self.chunk,), self._in_dtype)], [batch_size], codec.device, 0,
-                            use_graphs=True)
-            if r.capture():  # warm-up and capture stepped slot 0 for real: start over
-                r.idx.copy_(self.idx)
+            r = GraphRunner(lambda x, idx: self.pipeline.step(x, None), [((self.chunk,), self._in_dtype)], [batch_size],
+                            codec.device, 0, use_graphs=True)
+            if r.capture():  # warm-up and capture stepped the state for real: start over
                 self._graph = r
                 self.reset()
 

@@ -1,0 +1,131 @@
+"""Device launches of one batch-1 streaming step, counted on the CPU: the GPU code path (Triton
+kernels under TRITON_INTERPRET=1, everything else as the aten ops that would each be a CUDA
+kernel) with its launches listed by name. At batch 1 the step's bytes take ~0.1 ms on an H200
+(bench/ROOFLINE.md), so launches set the time: a graph replay costs a few microseconds per node.
+
+    TRITON_INTERPRET=1 python bench/launch_count.py [--mode full] [--preset 50hz_4k_causal]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    sys.exit("set TRITON_INTERPRET=1 (the Triton kernels run under the interpreter here)")
+os.environ["FASTFOCAL_BACKEND"] = "triton"  # the GPU path on CPU tensors
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+import fastfocal  # noqa: E402
+from fastfocal import kernels, ops  # noqa: E402
+from fastfocal.pipeline import Pipeline  # noqa: E402
+
+# no device kernel: views, metadata, and the host-side scalars CUDA graphs bake in
+FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+        "squeeze", "as_strided", "alias", "detach", "reshape", "unfold", "split", "split_with_sizes",
+        "narrow", "unbind", "chunk", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty",
+        "is_nonzero", "_local_scalar_dense", "sym_size", "sym_stride", "_reshape_alias", "diagonal"}
+
+
+STATE = {"counting": False, "in_kernel": False}
+
+
+class Count(TorchDispatchMode):
+    """aten ops outside the Triton launches (the interpreter's own tensor traffic is not a launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        if STATE["counting"] and not STATE["in_kernel"] and name not in FREE and not _aliases(name, out, args):
+            self.ops[name] += 1
+        return out
+
+
+def _aliases(name: str, out, args) -> bool:
+    """An out-of-place op whose result shares an input's storage is a view (no kernel)."""
+    if name.endswith("_") or not isinstance(out, torch.Tensor):
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="50hz_4k_causal")
+    ap.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
+    args = ap.parse_args()
+    codec = fastfocal.random_init(args.preset, seed=0, device="cpu", dtype="float32")
+    # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
+    ops._host_checks_ok = lambda t: False
+    launches: collections.Counter = collections.Counter()
+    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "modulate", "norm")]
+    for m in mods:
+        for name in dir(m):
+            if name.endswith("_kernel"):
+                setattr(m, name, _Counted(getattr(m, name), name, launches))
+    results = {}
+    # an engine row: state rows gathered and scattered by a slot index (slot 1 of 2); a
+    # session: every slot in order, idx None, state used in place
+    for label, slots, idx in (("engine row (index)", 2, torch.tensor([1])), ("session (in place)", 1, None)):
+        pipe = Pipeline(codec.model, args.mode, slots)
+        T = codec.config.chunk_frames
+        x = torch.randn(1, pipe.chunk) * 0.1 if pipe.takes_audio else torch.randint(0, 4096, (1, T))
+        launches.clear()
+        with torch.inference_mode():
+            pipe.step(x, idx)  # not the first chunk
+            mode = Count()
+            with mode:
+                STATE["counting"] = True
+                pipe.step(x, idx)
+                STATE["counting"] = False
+        results[label] = (collections.Counter(launches), mode.ops)
+    print(f"# Launches of one batch-1 streaming step ({args.preset}, mode {args.mode})\n")
+    print(f"`TRITON_INTERPRET=1 python bench/launch_count.py --mode {args.mode}`\n")
+    print("| step | Triton kernels | other device ops (aten: a kernel or a cuBLAS call each) | total |\n|---|---|---|---|")
+    for label, (tk, at) in results.items():
+        print(f"| {label} | {sum(tk.values())} | {sum(at.values())} | {sum(tk.values()) + sum(at.values())} |")
+    tk, at = results["engine row (index)"]
+    print("\nEngine row, by kind:\n\n| Triton kernel | launches |\n|---|---|")
+    for k, v in tk.most_common():
+        print(f"| {k} | {v} |")
+    sess = results["session (in place)"][1]
+    print("\n| aten op | engine row | session |\n|---|---|---|")
+    for k in sorted(set(at) | set(sess), key=lambda k: -max(at.get(k, 0), sess.get(k, 0))):
+        print(f"| {k} | {at.get(k, 0)} | {sess.get(k, 0)} |")
+
+
+class _Counted:
+    """Stands in for a kernel: counts fn[grid](...) launches, and keeps the interpreter's own
+    tensor traffic out of the aten count."""
+
+    def __init__(self, fn, name, counter):
+        self.fn, self.name, self.counter = fn, name, counter
+
+    def __getitem__(self, grid):
+        run = self.fn[grid]
+
+        def go(*a, **k):
+            if STATE["counting"]:
+                self.counter[self.name] += 1
+            STATE["in_kernel"] = True
+            try:
+                return run(*a, **k)
+            finally:
+                STATE["in_kernel"] = False
+        return go
+
+    def __getattr__(self, attr):
+        return getattr(self.fn, attr)
+
+
+if __name__ == "__main__":
+    main()
