@@ -159,3 +159,23 @@ def test_rings_wrap(causal, golden_causal):
     assert int(st.states["encoder"].pos[0]) == 200
     assert st.states["encoder"].k_ring[0].shape[2] == 28
     assert not np.allclose(st.states["encoder"].k_ring[0].numpy(), 0)
+
+
+def test_session_steps_its_state_in_place(causal, golden_causal, monkeypatch):
+    """A session steps every slot in order, so it runs the pipeline with idx None (the state
+    used in place on every device, no row gathers: launches that matter at batch 1 on a GPU)
+    and gets the same tokens as an explicit index."""
+    from fastfocal.pipeline import Pipeline
+
+    seen = []
+    run = Pipeline.run
+    monkeypatch.setattr(Pipeline, "run", lambda self, x, idx, *a: seen.append(idx) or run(self, x, idx, *a))
+    sig = T(golden_causal["sig"][:, :6400])
+    s = causal.stream(batch_size=2)
+    toks, _ = s.push(sig)
+    toks = torch.cat([toks, s.flush()[0]], 1)
+    assert seen and all(i is None for i in seen), seen
+    p = Pipeline(causal.model, "full", 3)  # rows 2, 0 of three slots: gathered by index
+    with torch.inference_mode():
+        got = torch.cat([p.step(sig[:, a:a + 1280], torch.tensor([2, 0]))[0] for a in range(0, 6400, 1280)], 1)
+    assert_tokens("index vs in place", got, toks)
