@@ -37,6 +37,18 @@ def test_bucket_lut_is_the_reference():
     assert_equal("buckets", lut[rel.clamp(-MD, MD) + MD].long(), relative_bucket_ref(rel, NB, MD))
 
 
+def test_bias_table_follows_the_embedding():
+    """The kernel's bias comes from a table built once per embedding: changing the embedding
+    in place must rebuild it (a stale table would give the old bias)."""
+    p = params(4, 32, torch.float32)
+    qkv, y = inputs(2, 37, 4, 32, torch.float32, 0)
+    start = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    rel_attention(qkv, y, *p, 4, start, CHUNK, 32, NB, MD)
+    p[3].mul_(-3.0)
+    out = rel_attention(qkv, y, *p, 4, start, CHUNK, 32, NB, MD)
+    assert_close("after the embedding changed", out, ref64(qkv, y, p, 4, start, 32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,H,d,window", [(2, 1, 4, 32, 32), (2, 4, 4, 32, 32), (2, 37, 3, 24, 32),
                                             (1, 100, 2, 32, 24), (2, 37, 4, 32, None), (1, 100, 2, 16, None)])
