@@ -40,12 +40,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 step tests          python -m pytest -q -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml"
 step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl"
-for tile in ${FOCAL_TILES:-8,128,4 16,64,4 16,128,8 4,256,4 8,256,8}; do  # the ring kernel's streaming tile
-    step "focal-$tile" env FASTFOCAL_FOCAL_TILE=$tile python bench/kernels/bench_focal_context.py --quick --dtypes bfloat16 --out "$OUT/kernels.jsonl"
-done
-for tile in ${ATTN_TILES:-32,8,3 64,8,3 32,4,3 64,4,4 32,8,4}; do  # the attention ring loop's streaming tile
-    step "attn-$tile" env FASTFOCAL_ATTN_TILE=$tile python bench/kernels/bench_attention.py --quick --dtypes bfloat16 --out "$OUT/kernels.jsonl"
-done
+step tile-sweep     env PYTHON=python bash bench/kernels/tile_sweep.sh "$OUT/kernels.jsonl"
 step e2e            python bench/e2e.py $Q
 step stream-latency python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q
@@ -79,7 +74,7 @@ echo "==================== gpu_check summary ===================="
 echo "device:   $DEVICE ($CORES CPU cores; tests: OMP_NUM_THREADS=$OMP_NUM_THREADS ${XDIST[*]:-serial})"
 echo "versions: $VERSIONS; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "tests:    $TESTS"
-for name in tests kernels e2e stream-latency serve-capacity bf16-agreement engine-host corpus precision readme-perf; do
+for name in tests kernels tile-sweep e2e stream-latency serve-capacity bf16-agreement engine-host corpus precision readme-perf; do
     status=ok
     [ -n "${SECONDS_OF[$name]:-}" ] || status="not run"
     for f in "${FAILED[@]:-}"; do [ "$f" = "$name" ] && status=FAILED; done

@@ -29,6 +29,7 @@ from torch import Tensor
 from .kernels._common import float32_weight
 from .kernels.attention import attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
 from .kernels.focal_context import ring_window, ring_write
+from .state import all_rows
 
 MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
 
@@ -76,7 +77,7 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     p = torch.softmax(s, dim=-1).to(vr.dtype)
     o = torch.matmul(p[..., :R], vr).add_(torch.matmul(p[..., R:], v))  # B H T d
     # the ring keeps the newest R frames (written after the reads above: they may overwrite them)
-    write_kv_ring(qkv, start, k_ring, v_ring, torch.arange(B) if idx is None else idx, H)
+    write_kv_ring(qkv, start, k_ring, v_ring, all_rows(idx, B, qkv.device), H)
     return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
 
 
@@ -107,35 +108,32 @@ def _spans(f0: int, n: int, R: int) -> list[tuple[int, int, int]]:
     return [(a, a + first, 0)] + ([(0, n - first, first)] if n > first else [])
 
 
-def _ring_joined(buf: Tensor, idx: Tensor | None, start: Tensor, x: Tensor, P: int) -> Tensor:
+def _ring_joined(buf: Tensor, idx: Tensor | None, start: Tensor, s0: int | None, x: Tensor, P: int) -> Tensor:
     """[frames start-P .. start-1 ‖ x] (B, C, P+T) in fp32 for x (B, C, T), from ring rows idx
     (every row for None; frames before 0 are frame 0, a fresh row's x's first), then x's frames
-    written into the ring. Rows that share a ring phase read and write slices in place."""
+    written into the ring. s0: the rows' common start, read slices in place; None: starts differ."""
     B, C, T = x.shape
     R = buf.shape[2]
     xp = x.new_empty(B, C, P + T, dtype=torch.float32)
     left = xp[:, :, :P]
-    s0 = int(start[0])
-    if B == 1 or bool((start == s0).all()):
-        rows = slice(None) if idx is None else idx
-        if s0 == 0:
-            left.copy_(x[:, :, :1].expand(-1, -1, P))
-        else:
-            lead = max(P - s0, 0)  # frames before the stream's first: its first (slot 0)
-            if lead:
-                left[:, :, :lead] = buf[rows, :, :1]
-            for lo, hi, off in _spans(max(s0 - P, 0), P - lead, R):
-                left[:, :, lead + off:lead + off + hi - lo] = buf[rows, :, lo:hi]
-        xp[:, :, P:] = x
-        m = min(T, R)
-        for lo, hi, off in _spans(s0 + T - m, m, R):
-            buf[rows, :, lo:hi] = x[:, :, T - m + off:T - m + off + hi - lo].to(buf.dtype)
-        return xp
-    rows = torch.arange(B, device=x.device) if idx is None else idx
-    fresh = start == 0
-    left.copy_(torch.where(fresh[:, None, None], x[:, :, :1].float(), ring_window(buf, rows, start, P).float()))
     xp[:, :, P:] = x
-    ring_write(buf, rows, start, x)
+    if s0 is None:
+        rows = all_rows(idx, B, x.device)
+        left.copy_(torch.where((start == 0)[:, None, None], x[:, :, :1].float(), ring_window(buf, rows, start, P).float()))
+        ring_write(buf, rows, start, x)
+        return xp
+    rows = slice(None) if idx is None else idx
+    if s0 == 0:
+        left.copy_(x[:, :, :1].expand(-1, -1, P))
+    else:
+        lead = max(P - s0, 0)  # frames before the stream's first: its first (slot 0)
+        if lead:
+            left[:, :, :lead] = buf[rows, :, :1]
+        for lo, hi, off in _spans(max(s0 - P, 0), P - lead, R):
+            left[:, :, lead + off:lead + off + hi - lo] = buf[rows, :, lo:hi]
+    m = min(T, R)
+    for lo, hi, off in _spans(s0 + T - m, m, R):
+        buf[rows, :, lo:hi] = x[:, :, T - m + off:T - m + off + hi - lo].to(buf.dtype)
     return xp
 
 
@@ -144,10 +142,13 @@ def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], bias
     """`focal_context_ref` of the causal form with rings, each level's input built by
     `_ring_joined`. Computed in fp32 in every dtype: the reference runs its convs in fp32 on
     CPU anyway (`grouped_conv1d`), so this only drops its casts; the rings keep their dtype."""
+    s0 = int(start[0])  # one host read per layer, shared by its levels
+    if start.shape[0] > 1 and not bool((start == s0).all()):
+        s0 = None
     c = ctx.transpose(1, 2).float()  # B C T
     acc = None
     for lvl, (w, b, buf) in enumerate(zip(weights, biases, caches)):
-        c = F.gelu(F.conv1d(_ring_joined(buf, idx, start, c, w.shape[-1] - 1), _f32(w), _f32(b), groups=c.shape[1]))
+        c = F.gelu(F.conv1d(_ring_joined(buf, idx, start, s0, c, w.shape[-1] - 1), _f32(w), _f32(b), groups=c.shape[1]))
         term = c * gates[:, :, lvl].float().unsqueeze(1)
         acc = term if acc is None else acc.add_(term)
     return acc.transpose(1, 2).to(ctx.dtype)

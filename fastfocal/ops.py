@@ -23,6 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import cpu
 from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, modulate as mod, norm
 from .kernels._common import grouped_conv1d  # noqa: F401  (the model reaches it through ops)
+from .state import all_rows
 
 
 def backend() -> str:
@@ -52,21 +53,6 @@ def put_rows(state: Tensor, idx: Tensor | None, v: Tensor) -> None:
         state.copy_(v)
     else:
         state.index_copy_(0, idx, v.to(state.dtype))
-
-
-_ARANGE: dict = {}
-
-
-def _all_rows(idx: Tensor | None, n: int, device) -> Tensor:
-    """idx, or for None the index of every row (cached: no arange launch per call, and a
-    static tensor a captured CUDA graph may keep)."""
-    if idx is not None:
-        return idx
-    key = (n, str(device))
-    if key not in _ARANGE:
-        with torch.inference_mode(False):
-            _ARANGE[key] = torch.arange(n, device=device)
-    return _ARANGE[key]
 
 
 def _host_checks_ok(t: Tensor) -> bool:
@@ -295,7 +281,7 @@ def focal_context(
     if caches is not None and _cpu_path(ctx):
         return cpu.focal_context_stream(ctx, gates, weights, biases, caches, idx, start)
     if caches is not None:
-        idx = _all_rows(idx, ctx.shape[0], ctx.device)
+        idx = all_rows(idx, ctx.shape[0], ctx.device)
     if use_triton(ctx) and len(weights) == (3 if causal else 2) and (backend() == "triton" or ctx.shape[1] <= FOCAL_KERNEL_FRAMES):
         return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, start)
     return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, start)
@@ -337,7 +323,7 @@ def rel_attention(
         return cpu.rel_attention_step(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window,
                                       num_buckets, max_distance, k_ring, v_ring, idx, memo)
     if k_ring is not None:
-        idx = _all_rows(idx, qkv.shape[0], qkv.device)
+        idx = all_rows(idx, qkv.shape[0], qkv.device)
     fn = attention.rel_attention if use_triton(qkv) else attention.rel_attention_ref
     return fn(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window, num_buckets, max_distance,
               k_ring, v_ring, idx)
@@ -392,7 +378,7 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
     if cache is not None and causal and _cpu_path(x):
         return cpu.dwconv_layer_norm_stream(x, weight, bias, ln_weight, ln_bias, eps, cache, idx)
     if cache is not None:
-        idx = _all_rows(idx, x.shape[0], x.device)
+        idx = all_rows(idx, x.shape[0], x.device)
     if use_triton(x) and x.shape[-1] <= 8192:
         return convnext.dwconv_layer_norm(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)
     return convnext.dwconv_layer_norm_ref(x, weight, bias, ln_weight, ln_bias, eps, causal, cache, idx)

@@ -14,6 +14,21 @@ import torch
 from torch import Tensor
 
 
+_ARANGE: dict = {}
+
+
+def all_rows(idx: Tensor | None, n: int, device) -> Tensor:
+    """idx, or for None (every slot in order) the index of all n rows: cached, so no arange
+    per call, and a static tensor a captured CUDA graph may keep."""
+    if idx is not None:
+        return idx
+    key = (n, str(device))
+    if key not in _ARANGE:
+        with torch.inference_mode(False):
+            _ARANGE[key] = torch.arange(n, device=device)
+    return _ARANGE[key]
+
+
 def _flat(v) -> list[Tensor]:
     # FocalState.caches nests lists (layer -> level): recurse, or reset/nbytes miss them
     if isinstance(v, Tensor):

@@ -32,6 +32,8 @@ from ._common import INTERPRET, check, check_device, derived, out_or_new, pow2
 
 LOG2E = 1.4426950408889634
 ATTN_BLOCK = 256  # reference: query frames per block, bounds memory at O(block * window)
+# streaming tile override "keys,warps,stages", for device sweeps (one process per tile)
+_TILE_OVERRIDE = os.environ.get("FASTFOCAL_ATTN_TILE")
 
 _LUTS: dict = {}
 
@@ -233,9 +235,8 @@ def rel_attention(
     block_n, warps, stages = 32, 8, 3
     # a streaming step's ring loop is cp.async-pipelined (3 stages, 94 registers); its tile is
     # not yet tuned on a GPU: FASTFOCAL_ATTN_TILE="keys,warps,stages" overrides it for sweeps
-    tile = os.environ.get("FASTFOCAL_ATTN_TILE")
-    if tile and T <= 16 and not INTERPRET:
-        block_n, warps, stages = (int(v) for v in tile.split(","))
+    if _TILE_OVERRIDE and T <= 16 and not INTERPRET:
+        block_n, warps, stages = (int(v) for v in _TILE_OVERRIDE.split(","))
     n_m = triton.cdiv(T, block_m)
     write_ring = has_ring and n_m == 1
     # fp32 stays IEEE (the exact path); bf16/fp16 use tensor cores. The interpreter's bf16 dot

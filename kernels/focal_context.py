@@ -32,6 +32,8 @@ from torch import Tensor
 from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2
 
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
+# streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
+_TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_TILE")
 
 
 def ring_len(k: int) -> int:
@@ -261,9 +263,8 @@ def _blocks(T: int, C: int, ks: list[int]):
     block_c, block_r, warps = min(pow2(C), 128 if INTERPRET else 16), 128, 8
     if T <= STREAM_FRAMES and not INTERPRET:
         block_c, block_r, warps = 8, 128, 4
-        tile = os.environ.get("FASTFOCAL_FOCAL_TILE")
-        if tile:
-            block_c, block_r, warps = (int(v) for v in tile.split(","))
+        if _TILE_OVERRIDE:
+            block_c, block_r, warps = (int(v) for v in _TILE_OVERRIDE.split(","))
     budget = max(1, (TILE if INTERPRET else 1024) // (block_c * block_t))
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 

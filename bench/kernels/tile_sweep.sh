@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The streaming tiles of the focal ring kernel and the attention ring loop, one process per
+# tile (the launchers read their override at import), appended to OUT_JSONL.
+#   bash bench/kernels/tile_sweep.sh OUT_JSONL      (FOCAL_TILES / ATTN_TILES: space-separated lists)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT_JSONL=$1
+PY=${PYTHON:-python3}
+rc=0
+for tile in ${FOCAL_TILES:-8,128,4 16,64,4 16,128,8 4,256,4 8,256,8}; do  # channels,slots,warps
+    echo "-- focal_context tile $tile"
+    FASTFOCAL_FOCAL_TILE=$tile timeout 90 $PY bench/kernels/bench_focal_context.py --quick --dtypes bfloat16 --out "$OUT_JSONL" || rc=1
+done
+for tile in ${ATTN_TILES:-32,8,3 64,8,3 32,4,3 64,4,4 32,8,4}; do  # keys,warps,stages
+    echo "-- attention tile $tile"
+    FASTFOCAL_ATTN_TILE=$tile timeout 90 $PY bench/kernels/bench_attention.py --quick --dtypes bfloat16 --out "$OUT_JSONL" || rc=1
+done
+exit $rc
