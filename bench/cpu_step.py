@@ -125,9 +125,10 @@ class CoreSpeed:
         return 4 * 2 * 256 ** 3 / (time.perf_counter() - t)
 
 
-def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, core: CoreSpeed | None = None):
-    """Step times (s) after warm-up, each followed by a bandwidth pass: a load burst from other
-    processes then slows a step and the floor measured next to it alike (paired ratios)."""
+def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, core: CoreSpeed):
+    """Step times (s) after warm-up, each followed by a bandwidth pass and a core-speed probe:
+    a load burst from other processes then slows a step and the floor measured next to it
+    alike (paired ratios). Returns (step times, bandwidths, core speeds)."""
     ts, bws, cores = [], [], []
     for i in range(warmup + steps):
         x = inputs[i % len(inputs)]
@@ -137,9 +138,8 @@ def time_steps(step, inputs, warmup: int, steps: int, bw: Bandwidth, core: CoreS
         if i >= warmup:
             ts.append(dt)
             bws.append(bw.once())
-            if core is not None:
-                cores.append(core.once())
-    return (ts, bws, cores) if core is not None else (ts, bws)
+            cores.append(core.once())
+    return ts, bws, cores
 
 
 def fastfocal_step(codec, mode: str):
