@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .inputs import MAX_AMPLITUDE, InputError
 from .model import FocalCodecModel
-from .state import StageState
+from .state import StageState, all_rows
 
 STAGES = ("encoder", "compressor", "decompressor", "decoder")
 MODES = {"full": STAGES, "encode": STAGES[:2], "decode": STAGES[2:]}
@@ -163,9 +163,9 @@ class Pipeline:
         on CPU, where the check costs no device sync; idx unchanged otherwise."""
         if idx is None or idx.device.type != "cpu" or idx.numel() != self.slots:
             return idx
-        return None if torch.equal(idx, torch.arange(self.slots)) else idx
+        return None if torch.equal(idx, all_rows(None, self.slots, "cpu")) else idx
 
-    def step(self, x: Tensor, idx: Tensor) -> tuple[Tensor, ...]:
+    def step(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, ...]:
         """One chunk for rows idx, as static tensors (what a CUDA graph captures):
         full -> (toks, audio, err), encode -> (toks, err), decode -> (audio, err)."""
         out = self.run(x, idx)

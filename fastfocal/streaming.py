@@ -43,7 +43,7 @@ class _Session:
         self.outputs = MODE_OUTPUTS[self.mode]
         self.chunk = self.pipeline.chunk
         # a session steps every slot in order: idx None, so the modules use the state in place
-        # (no row gathers and scatters; on a GPU that is ~25 fewer launches a step)
+        # (no row gathers: 14 fewer launches a full step on a GPU, bench/launch_count.py)
         self.idx = None
         self._in_dtype = codec.dtype if self.pipeline.takes_audio else torch.long
         self._buf = torch.zeros(batch_size, self.chunk, dtype=self._in_dtype, device=codec.device)
