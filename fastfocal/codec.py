@@ -6,6 +6,9 @@ features, latents and codes keep the compute dtype.
 """
 from __future__ import annotations
 
+import copy
+import logging
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,12 +20,13 @@ from . import ops
 from .config import CodecConfig
 from .inputs import InputError, check_amplitude, check_audio, check_fits, check_frames, check_tokens
 from .model import FocalCodecModel, num_params
-from .pipeline import SEGMENT_FRAMES, Pipeline, check_err, run_offline
+from .pipeline import ERR_NONFINITE_OUTPUT, SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
 if TYPE_CHECKING:
     from .streaming import Stream, StreamDecoder, StreamEncoder
 
 SAMPLE_RATE_INPUT = 16000
+log = logging.getLogger("fastfocal")
 
 
 class Codec:
@@ -40,6 +44,9 @@ class Codec:
         self.name = name
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.fp32_rows = 0  # rows that overflowed in float16 and were recomputed in float32
+        self._wide: FocalCodecModel | None = None
+        self._wide_lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -116,9 +123,44 @@ class Codec:
             check_amplitude(x, name)
         with torch.inference_mode():
             out = run_offline(self.model, stages, x, [keep], self.segment_frames)
+            if keep == "audio":
+                out["audio"] = out["audio"].float()
+            if self.dtype == torch.float16:
+                self._redo_overflowed(stages, x, out, keep, name)
         check_err(out["err"], name)
-        y = out[keep].float() if keep == "audio" else out[keep]
-        return y[0] if squeeze else y
+        return out[keep][0] if squeeze else out[keep]
+
+    def _redo_overflowed(self, stages: Sequence[str], x: Tensor, out: dict, keep: str, name: str) -> None:
+        """float16 has 5 exponent bits, so a loud input can overflow where bfloat16 and float32
+        cannot. Rows whose float16 run gave NaN/Inf are run again in float32 on the same
+        weights (float16 values are exact in float32), in place in `out`; other rows keep
+        their float16 results. A value that fits float32 but not a float16 output stays an error."""
+        bad = (out["err"] == ERR_NONFINITE_OUTPUT).nonzero().flatten()  # one sync, as check_err's
+        if not bad.numel():
+            return
+        o = run_offline(self.float32_model(), stages, x[bad].float(), [keep], self.segment_frames)
+        y = out[keep]
+        y[bad] = o[keep].to(y.dtype)
+        err = o["err"]
+        if y.is_floating_point():
+            err = torch.where(torch.isfinite(y[bad]).flatten(1).all(1), err, ERR_NONFINITE_OUTPUT)
+        out["err"][bad] = err.to(out["err"].dtype)
+        self.fp32_rows += bad.numel()
+        rows = bad.tolist()
+        log.warning("float16 overflowed on %s%s; recomputed in float32", name,
+                    f" (rows {rows[:8]})" if x.shape[0] > 1 else "")
+
+    def float32_model(self) -> FocalCodecModel:
+        """This codec's weights in float32 (the model itself for a float32 codec; for a reduced-
+        precision one a copy, built once, on first use: it holds 4 bytes per parameter)."""
+        if self.dtype == torch.float32:
+            return self.model
+        with self._wide_lock:
+            if self._wide is None:
+                check_fits(sum(p.numel() for p in self.model.parameters()) * 4, self.device,
+                           "a float32 copy of the weights (to recompute rows that overflowed in float16)")
+                self._wide = copy.deepcopy(self.model).float()
+            return self._wide
 
     # ------------------------------------------------------------------ offline API
     def sig_to_feats(self, sig) -> Tensor:

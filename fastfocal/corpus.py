@@ -31,7 +31,7 @@ from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
 from .inputs import InputError, available_bytes, check_audio, token_dtype
 from .loading import open_codec, provenance
-from .pipeline import NumericsError, Pipeline, check_err
+from .pipeline import ERR_NONFINITE_OUTPUT, NumericsError, Pipeline, check_err
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 SR = 16000
@@ -169,7 +169,8 @@ class SlotEncoder:
         self.by_slot: dict[int, _Row] = {}
         self.inflight: deque = deque()
         self.to_reset: list[int] = []
-        self.stats = {"calls": 0, "row_calls": 0, "frames": 0, "model_s": 0.0}
+        self.stats = {"calls": 0, "row_calls": 0, "frames": 0, "model_s": 0.0, "fp32_files": 0}
+        self.recomputed: dict = {}  # id(key) -> key of files recomputed in float32 (float16 overflowed)
 
     @property
     def free(self) -> int:
@@ -260,8 +261,14 @@ class SlotEncoder:
             r.pending -= 1
             if r.launched and not r.pending:
                 try:
-                    check_err(torch.tensor([r.err]), r.name)
-                    res = np.concatenate(r.parts)
+                    if r.err == ERR_NONFINITE_OUTPUT and self.codec.dtype == torch.float16:
+                        # overflowed in float16: the file alone again, its bad rows in float32
+                        res = self.codec.sig_to_toks(r.sig).cpu().numpy()
+                        self.stats["fp32_files"] += 1
+                        self.recomputed[id(r.key)] = r.key
+                    else:
+                        check_err(torch.tensor([r.err]), r.name)
+                        res = np.concatenate(r.parts)
                 except (InputError, NumericsError) as e:
                     res = e
                 out.append((r.key, res))
@@ -727,12 +734,14 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         queue: deque = deque()
         nxt, queued_s = 0, 0.0
 
-        def finish(it: Item, toks) -> None:
+        def finish(it: Item, toks, recomputed: bool = False) -> None:
             if isinstance(toks, Exception):  # the model refused this file (e.g. NaN latents): only it fails
                 fail(it, f"{it.path}: {toks}")
                 meta.pop(it.rel, None)
                 return
             meta[it.rel]["n_tokens"] = len(toks)
+            if recomputed or (enc is not None and enc.recomputed.pop(id(it), None) is not None):
+                meta[it.rel]["recomputed_fp32"] = True  # float16 overflowed on this file
             stats["files"] += 1
             stats["seconds"] += meta[it.rel]["duration"]
             name = writer.add(it, toks)
@@ -754,7 +763,8 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
             meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, "sha256": sha}
             try:
                 if enc is None:  # non-causal: whole-file attention, one file at a time
-                    finish(it, codec.sig_to_toks(sig).cpu().numpy())
+                    before = codec.fp32_rows
+                    finish(it, codec.sig_to_toks(sig).cpu().numpy(), codec.fp32_rows > before)
                 else:
                     enc.add(it, sig)
             except InputError as e:

@@ -29,6 +29,7 @@ MODES = {"full": STAGES, "encode": STAGES[:2], "decode": STAGES[2:]}
 PRODUCES = {"encoder": "feats", "compressor": "toks", "decompressor": "qfeats", "decoder": "audio"}
 MODE_OUTPUTS = {"full": ("toks", "audio"), "encode": ("toks",), "decode": ("audio",)}
 ERRORS = {1: "non-finite input", 2: "input out of range", 3: "non-finite output"}
+ERR_NONFINITE_OUTPUT = 3
 SEGMENT_FRAMES = 2048  # frames per offline segment (~41 s): bounds activation memory
 
 
@@ -81,8 +82,8 @@ def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states:
             x = getattr(model, name)(x, st, idx)
         out[PRODUCES[name]] = x
     bad = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for k in ("lats", "audio"):
-        if k in out:
+    for k in dict.fromkeys(("lats", PRODUCES[stages[-1]])):  # the signs' source and what is handed out
+        if k in out and out[k].is_floating_point():
             bad = bad | ~torch.isfinite(out[k]).flatten(1).all(1)
     out["err"] = error_code(first if stages[0] == "encoder" else None, bad)
     return out

@@ -500,3 +500,57 @@ def test_kill9_leaves_no_children(tmp_path):
         for c in seen:  # only what this test started (and is still a python process)
             if _running(c) and b"python" in Path(f"/proc/{c}/cmdline").read_bytes():
                 os.kill(c, signal.SIGKILL)
+
+
+def _overflowing_fp16(causal):
+    """float16 (on CPU only in tests: the loaders refuse it there) with the first conv's weights
+    x1e5: LayerNorm follows that conv, so fp32 barely moves, but loud audio overflows fp16."""
+    import copy
+
+    from fastfocal.codec import Codec
+
+    m = copy.deepcopy(causal.model)
+    with torch.no_grad():
+        m.encoder.feature_extractor.layers[0].conv.weight.mul_(1e5)
+    return Codec(m.half(), "half")
+
+
+LOUD, QUIET = X16[:20000] * np.float32(0.9 / np.abs(X16[:20000]).max()), X16[:20000] * np.float32(1e-3)
+
+
+def test_fp16_files_that_overflow_are_recomputed_alone(causal):
+    """Batched float16 encoding: a file that overflows gets the tokens sig_to_toks gives it
+    alone (its rows in float32); the quiet file sharing its calls keeps its float16 tokens."""
+    import copy
+
+    from fastfocal.codec import Codec
+
+    half = _overflowing_fp16(causal)
+    m = half.model
+    loud, quiet = LOUD, QUIET
+    enc = SlotEncoder(half, 2, 2, 16)
+    for k, s in (("loud", loud), ("quiet", quiet)):
+        enc.add(k, s)
+    got = {}
+    while enc.busy:
+        got.update(enc.step())
+    assert enc.stats["fp32_files"] == 1 and [*enc.recomputed.values()] == ["loud"]
+    alone = Codec(copy.deepcopy(m), "alone")
+    np.testing.assert_array_equal(got["loud"], alone.sig_to_toks(loud).numpy())
+    assert alone.fp32_rows == 1  # alone it overflows too, and is recomputed the same way
+    np.testing.assert_array_equal(got["quiet"], alone.sig_to_toks(quiet).numpy())
+    assert alone.fp32_rows == 1
+
+
+def test_fp16_overflow_is_marked_in_the_manifest(tmp_path, causal, monkeypatch):
+    half = _overflowing_fp16(causal)
+    monkeypatch.setattr(corpus, "open_codec", lambda *a, **k: half)
+    (tmp_path / "src").mkdir()
+    sf.write(tmp_path / "src" / "loud.wav", LOUD, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "src" / "quiet.wav", QUIET, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    assert encode(tmp_path / "src", out) == 0
+    rows = {json.loads(line)["rel"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    assert rows["loud"].get("recomputed_fp32") is True and "recomputed_fp32" not in rows["quiet"]
+    assert rows["loud"]["dtype"] == "float16"
+    check_tokens(half, tmp_path / "src", out, ["loud", "quiet"])

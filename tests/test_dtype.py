@@ -1,9 +1,14 @@
-"""Reduced precision: bfloat16 on CPU agrees with float32 on real speech."""
+"""Reduced precision: bfloat16 on CPU agrees with float32 on real speech; float16 rows that
+overflow are recomputed in float32."""
+import copy
+
 import pytest
 import soundfile as sf
 import torch
 
 import fastfocal
+from fastfocal.codec import Codec
+from fastfocal.pipeline import NumericsError, run_offline
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,54 @@ def test_bf16_cpu_never_calls_a_grouped_conv_in_bf16(data_dir, speech, name, mon
     assert grouped, "the spy saw no grouped conv at all: the test would pass vacuously"
     bad = [k for k in grouped if k[1] in (torch.bfloat16, torch.float16)]
     assert not bad, f"grouped conv called in reduced precision on CPU: {bad[:3]}"
+
+
+def _overflowing(codec):
+    """The model with its first conv's weights x1e5: the LayerNorm after that conv makes
+    float32 outputs (almost) the same, but loud audio now overflows float16 there."""
+    m = copy.deepcopy(codec.model)
+    with torch.no_grad():
+        m.encoder.feature_extractor.layers[0].conv.weight.mul_(1e5)
+    return m
+
+
+def test_fp16_rows_that_overflow_are_recomputed_in_fp32(causal, speech, caplog):
+    m = _overflowing(causal)
+    # float16 on CPU only here (the loaders refuse it there: slow); the guard is device-blind
+    half = Codec(copy.deepcopy(m).half(), "half")
+    wide = Codec(copy.deepcopy(m).half().float(), "wide")  # the same fp16 weights, fp32 compute
+    n = 8 * 1280
+    other = speech[n:2 * n] * (0.9 / speech[n:2 * n].abs().max())
+    x = torch.stack([speech[:n], speech[:n] * 1e-3, other])  # the quiet row does not overflow
+    raw = run_offline(half.model, ("encoder", "compressor"), x.half(), ["toks"])["err"]
+    assert raw.tolist() == [3, 0, 3]  # without the guard: NaN tokens on the loud rows
+    with caplog.at_level("WARNING", logger="fastfocal"):
+        toks = half.sig_to_toks(x)
+    assert half.fp32_rows == 2 and "rows [0, 2]" in caplog.text
+    for i in (0, 2):
+        assert torch.equal(toks[i], wide.sig_to_toks(x[i].half().float()))
+    assert torch.equal(toks[1], half.sig_to_toks(x[1]))  # stays on the float16 path
+    assert half.fp32_rows == 2
+    # the float32 model itself is the reference the recomputed rows approach
+    assert (toks[0] == Codec(m).sig_to_toks(x[0])).float().mean() > 0.9
+    # other outputs: features in the codec's dtype, audio in float32
+    f = half.sig_to_feats(x)
+    assert f.dtype == torch.float16  # fp32 batch of 2 vs alone: last-bit differences before rounding to fp16
+    torch.testing.assert_close(f[2].float(), wide.sig_to_feats(x[2].half().float()), rtol=1e-3, atol=1e-3)
+    y = half.sig_to_sig(x[:1])
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, wide.sig_to_sig(x[:1].half().float()), rtol=0, atol=1e-5)
+
+
+def test_fp16_output_beyond_its_range_stays_an_error(causal, speech):
+    # features that need float32's range cannot be returned in float16 even after recomputing
+    m = copy.deepcopy(causal.model)
+    with torch.no_grad():
+        m.encoder.feature_extractor.layers[0].conv.weight.mul_(1e5)
+        ff = m.encoder.encoder.layers[-1].feed_forward.out_proj
+        ff.weight.mul_(1e6)
+        ff.bias.add_(1e6)
+    half = Codec(copy.deepcopy(m).half(), "half")
+    with pytest.raises(NumericsError, match="NaN/Inf from audio"):
+        half.sig_to_feats(speech[:8 * 1280])
+    assert half.fp32_rows == 1
