@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels._common import float32_weight
-from .kernels.attention import attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
+from .kernels.attention import ATTN_BLOCK, _join_ring, attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
 from .kernels.focal_context import ring_window, ring_write
 from .state import all_rows
 
@@ -79,6 +79,63 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     # the ring keeps the newest R frames (written after the reads above: they may overwrite them)
     write_kv_ring(qkv, start, k_ring, v_ring, all_rows(idx, B, qkv.device), H)
     return o.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
+
+
+def rel_attention_long(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru_const: Tensor, rel_emb: Tensor,
+                       num_heads: int, start: Tensor, chunk: int, window: int, num_buckets: int, max_distance: int,
+                       k_ring: Tensor, v_ring: Tensor, idx: Tensor | None, memo: dict | None) -> Tensor:
+    """`rel_attention_ref` for a long causal run over the rings (offline segments): the same
+    query blocks and the same scores, but each block's bucketed bias and window mask are
+    built once for all layers (memo) and, when the rows share a start (always, offline), once
+    for all rows; the reference rebuilds them (B, H, Tq, Tk) in every layer. Ring keys no row
+    can see yet (a fresh state: every offline run's first segment) are left out of the
+    scores instead of masked."""
+    B, T, C3 = qkv.shape
+    H = num_heads
+    C = C3 // 3
+    d = C // H
+    rows = all_rows(idx, B, qkv.device)
+    s0 = int(start[0])
+    shared = B == 1 or bool((start == s0).all())
+    pos_rows = start[:1] if shared else start
+    q_pos = pos_rows[:, None] + torch.arange(T, device=qkv.device)[None, :]
+    x = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+    q, k, v = x[0], x[1], x[2]  # B H T d
+    gate = attention_gate_ref(y, gru_w, gru_b, gru_const, H)
+    R = k_ring.shape[2]
+    if shared and s0 == 0:  # every ring slot is before frame 0: no key there is visible
+        R0, keys, vals, k_pos, k_valid = 0, k, v, q_pos, None
+    else:
+        R0 = R
+        ring_pos = ring_positions(pos_rows, R)
+        keys = _join_ring(k_ring, rows, k)
+        vals = _join_ring(v_ring, rows, v)
+        k_pos = torch.cat([ring_pos, q_pos], 1)
+        k_valid = torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+    write_kv_ring(qkv, start, k_ring, v_ring, rows, H)  # after the reads: it may overwrite them
+    outs = []
+    for a in range(0, T, ATTN_BLOCK):
+        b = min(T, a + ATTN_BLOCK)
+        lo = R0 + a - window if a - window >= 0 else 0  # as the reference: a superset, the mask is exact
+        hi = R0 + min(T, b + chunk)
+        key = ("long_bias", a, b, lo, hi, R0, rel_emb.data_ptr())
+        if memo is not None and key in memo:
+            bias, mask = memo[key]
+        else:
+            bias, ok = rel_bias_ref(rel_emb, q_pos[:, a:b], k_pos[:, lo:hi], None if k_valid is None else k_valid[:, lo:hi],
+                                    chunk, window, num_buckets, max_distance)
+            bias = bias.contiguous()
+            mask = torch.zeros(ok.shape, dtype=torch.float32, device=qkv.device).masked_fill_(~ok, float("-inf"))
+            mask = mask.unsqueeze(1)
+            if memo is not None:
+                memo[key] = (bias, mask)
+        # bias * gate, then the mask added (x + 0 == x, x + -inf == -inf): the reference's
+        # masked_fill of the gated bias, bit for bit
+        m = torch.addcmul(mask, bias, gate[:, :, a:b].unsqueeze(-1))
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys[:, :, lo:hi], vals[:, :, lo:hi],
+                                                   attn_mask=m.to(q.dtype)))
+    o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return o.transpose(1, 2).reshape(B, T, C)
 
 
 def _joined(buf: Tensor, idx: Tensor | None, x: Tensor) -> Tensor:

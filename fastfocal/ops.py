@@ -319,9 +319,10 @@ def rel_attention(
     and updates the K/V rings (S, H, R, d) at rows idx (None: all, in order); start (B,) =
     position of frame 0. memo: one dict shared by the layers of a step (the CPU path builds
     the position bias once in it)."""
-    if k_ring is not None and window is not None and qkv.shape[1] <= cpu.MAX_STEP_FRAMES and _cpu_path(qkv):
-        return cpu.rel_attention_step(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window,
-                                      num_buckets, max_distance, k_ring, v_ring, idx, memo)
+    if k_ring is not None and window is not None and _cpu_path(qkv):
+        form = cpu.rel_attention_step if qkv.shape[1] <= cpu.MAX_STEP_FRAMES else cpu.rel_attention_long
+        return form(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window,
+                    num_buckets, max_distance, k_ring, v_ring, idx, memo)
     if k_ring is not None:
         idx = all_rows(idx, qkv.shape[0], qkv.device)
     fn = attention.rel_attention if use_triton(qkv) else attention.rel_attention_ref
