@@ -41,7 +41,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step tests          python -m pytest -q -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml"
 step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl"
 step tile-sweep     env PYTHON=python bash bench/kernels/tile_sweep.sh "$OUT/kernels.jsonl"
-step e2e            python bench/e2e.py $Q
+step e2e            python bench/e2e.py $Q --dtypes float32 bfloat16 float16
 step stream-latency python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q
 step bf16-agreement python bench/bf16_agreement.py --random-init 50hz_4k_causal --audio tests/data/audio
