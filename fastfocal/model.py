@@ -275,7 +275,7 @@ class FocalEncoder(nn.Module):
                 x = ops.linear_snake(x, conv.weight[:, :, 0], conv.bias, alpha)
             else:  # non-causal only (the config refuses scale factors != 1 for causal models)
                 xt = x.transpose(1, 2)
-                xt = F.conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, stride=f)
+                xt = ops.grouped_conv1d(F.pad(xt, (0, (xt.shape[2] - f) % f)), conv.weight, conv.bias, 1, stride=f)
                 x = ops.snake(xt.transpose(1, 2), alpha)
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, start)
         if st is not None:

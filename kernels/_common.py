@@ -6,6 +6,7 @@ TRITON_INTERPRET=1 the kernels take `tl.*` (numpy) versions through the INTERP c
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -114,8 +115,9 @@ def float32_weight(w: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == torch.float32 else derived(w, "float32", lambda t: t.float())
 
 
-def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """F.conv1d with groups > 1, safe in reduced precision on CPU.
+def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                   stride: int = 1) -> torch.Tensor:
+    """F.conv1d (groups > 1 above all), safe in reduced precision on CPU and exact in fp32 on CUDA.
 
     oneDNN's grouped/depthwise bf16 convolution returns garbage on AMX CPUs (relative error ~1
     against fp32), so on CPU in bf16/fp16 the conv runs in fp32 (weights converted once) and
@@ -123,5 +125,32 @@ def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         b = float32_weight(bias) if bias is not None else None
-        return torch.nn.functional.conv1d(x.float(), float32_weight(weight), b, groups=groups).to(x.dtype)
-    return torch.nn.functional.conv1d(x, weight, bias, groups=groups)
+        return torch.nn.functional.conv1d(x.float(), float32_weight(weight), b, stride, groups=groups).to(x.dtype)
+    if x.is_cuda and x.dtype == torch.float32:
+        with ieee_cudnn_convs():
+            return torch.nn.functional.conv1d(x, weight, bias, stride, groups=groups)
+    return torch.nn.functional.conv1d(x, weight, bias, stride, groups=groups)
+
+
+@contextlib.contextmanager
+def ieee_cudnn_convs():
+    """cuDNN convs in true float32 for the duration. PyTorch lets cuDNN run float32 convs in
+    TF32 by default (10-bit mantissa: ~1e-3 relative error), and float32 is fastfocal's exact
+    path. Sets the process-wide flag: the new per-op API where it exists (reading the legacy
+    flag after setting the new one raises), else the legacy one."""
+    c = torch.backends.cudnn
+    conv = getattr(c, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old = c.allow_tf32
+        c.allow_tf32 = False
+        try:
+            yield
+        finally:
+            c.allow_tf32 = old

@@ -140,3 +140,37 @@ def test_compressor_quantize_in_one_pass(causal, golden_causal, monkeypatch, bac
         toks, codes = ops.bsq_quantize(lats)
         l2, t2, c2 = causal.model.compressor(feats, quantize=True)
     assert torch.equal(l2, lats) and torch.equal(t2, toks) and torch.equal(c2, codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,groups,k", [(1024, 16, 128), (1024, 1024, 512)])  # WavLM's pos conv, a focal level
+def test_gpu_fp32_convs_are_not_tf32(C, groups, k):
+    """cuDNN may run fp32 convs in TF32 (PyTorch's default allows it: ~1e-3 relative error);
+    fastfocal's fp32 is the exact path, so its convs must stay within fp32 rounding."""
+    from fastfocal.kernels._common import grouped_conv1d
+
+    g = torch.Generator().manual_seed(C + k)
+    x = torch.randn(2, C, 300 + k, generator=g)
+    w = torch.randn(C, C // groups, k, generator=g) / (C // groups * k) ** 0.5
+    b = torch.randn(C, generator=g)
+    want = torch.nn.functional.conv1d(x.double(), w.double(), b.double(), groups=groups)
+    got = grouped_conv1d(x.cuda(), w.cuda(), b.cuda(), groups).cpu().double()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-6, f"relative error {err:.2e}: TF32?"
+
+
+def test_ieee_cudnn_convs_restores_the_flag():
+    from fastfocal.kernels._common import ieee_cudnn_convs
+
+    c = torch.backends.cudnn
+    new_api = hasattr(getattr(c, "conv", None), "fp32_precision")  # torch >= 2.9; else the legacy flag
+
+    def flag():
+        return c.conv.fp32_precision if new_api else c.allow_tf32
+
+    before = flag()
+    with pytest.raises(ZeroDivisionError):
+        with ieee_cudnn_convs():
+            assert flag() == ("ieee" if new_api else False)
+            1 / 0
+    assert flag() == before
