@@ -157,7 +157,8 @@ class Codec:
             return self.model
         with self._wide_lock:
             if self._wide is None:
-                check_fits(sum(p.numel() for p in self.model.parameters()) * 4, self.device,
+                n = sum(p.numel() for p in self.model.parameters())
+                check_fits(n * (4 + torch.finfo(self.dtype).bits // 8), self.device,  # the copy, then its float32 form
                            "a float32 copy of the weights (to recompute rows that overflowed in float16)")
                 self._wide = copy.deepcopy(self.model).float()
             return self._wide
