@@ -47,6 +47,7 @@ step serve-capacity python bench/serve_capacity.py $Q
 step bf16-agreement python bench/bf16_agreement.py --random-init 50hz_4k_causal --audio tests/data/audio
 step engine-host    python bench/engine_host.py --random-init 50hz_4k_causal --device cuda --dtype bf16 --mode full --streams 256,1024,4096 --steps 6
 step corpus        python bench/corpus_bench.py --random-init 50hz_4k_causal --dtype bf16 --device cuda --files ${CORPUS_FILES:-600}
+step offline-prof   python bench/offline_profile.py --random-init 50hz_4k_causal --dtypes float32 bfloat16 float16
 step precision      python bench/precision.py --random-init 50hz_4k_causal --device cuda --files 12 --seconds 8
 step readme-perf    python bench/readme_perf.py
 
@@ -74,7 +75,7 @@ echo "==================== gpu_check summary ===================="
 echo "device:   $DEVICE ($CORES CPU cores; tests: OMP_NUM_THREADS=$OMP_NUM_THREADS ${XDIST[*]:-serial})"
 echo "versions: $VERSIONS; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "tests:    $TESTS"
-for name in tests kernels tile-sweep e2e stream-latency serve-capacity bf16-agreement engine-host corpus precision readme-perf; do
+for name in tests kernels tile-sweep e2e stream-latency serve-capacity bf16-agreement engine-host corpus offline-prof precision readme-perf; do
     status=ok
     [ -n "${SECONDS_OF[$name]:-}" ] || status="not run"
     for f in "${FAILED[@]:-}"; do [ "$f" = "$name" ] && status=FAILED; done
