@@ -11,6 +11,7 @@ Appends rows to bench/results/engine_host.jsonl.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -45,6 +46,16 @@ def measure(engine, steps: int, batch: bool) -> dict:
         return out
 
     engine.runner.run = timed_run
+    pauses: list[float] = []  # the cyclic GC's full collections during the measured steps
+
+    def on_gc(phase, info):
+        if phase == "start":
+            on_gc.t0 = time.perf_counter()
+        elif info["generation"] == 2 and measuring:
+            pauses.append(time.perf_counter() - on_gc.t0)
+
+    gc.callbacks.append(on_gc)
+    measuring = False
     sub, tot = [], []
     for i in range(steps + 2):
         t0 = time.perf_counter()
@@ -59,11 +70,14 @@ def measure(engine, steps: int, batch: bool) -> dict:
         if i >= 2:  # warm-up
             sub.append(t1 - t0)
             tot.append(t2 - t1)
+        measuring = i >= 1
     engine.runner.run = run
+    gc.callbacks.remove(on_gc)
     host = [t - d for t, d in zip(tot, inner[2:])]
     return {"step_ms": 1e3 * statistics.median(tot), "device_ms": 1e3 * statistics.median(inner[2:]),
             "host_ms": 1e3 * statistics.median(host), "host_p90_ms": 1e3 * float(np.percentile(host, 90)),
-            "submit_ms_all_streams": 1e3 * statistics.median(sub)}
+            "submit_ms_all_streams": 1e3 * statistics.median(sub), "gc_full_collections": len(pauses),
+            "gc_full_max_ms": 1e3 * max(pauses, default=0.0)}
 
 
 def main() -> None:
@@ -75,24 +89,27 @@ def main() -> None:
     ap.add_argument("--mode", default="decode", choices=["full", "encode", "decode"])
     ap.add_argument("--streams", default="256,1024,4096")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-freeze", action="store_true", help="StreamEngine(freeze_gc=False): the GC's full scans stay")
     args = ap.parse_args()
     codec = fastfocal.open_codec(args.model if not args.random_init else None, args.random_init, args.device, args.dtype)
     RESULTS.mkdir(exist_ok=True)
     info = machine()
-    print(f"{'streams':>8} {'api':>10} {'step ms':>8} {'device ms':>9} {'host ms':>8} {'host p90':>8} {'submit ms':>9}")
+    print(f"{'streams':>8} {'api':>10} {'step ms':>8} {'device ms':>9} {'host ms':>8} {'host p90':>8} {'submit ms':>9}"
+          f" {'full GCs':>8} {'GC max ms':>9}")
     for n in map(int, args.streams.split(",")):
-        engine = fastfocal.StreamEngine(codec, n, mode=args.mode)
+        engine = fastfocal.StreamEngine(codec, n, mode=args.mode, freeze_gc=not args.no_freeze)
         for batch in (True, False):
             r = measure(engine, args.steps, batch)
             for sid in list(engine.streams):
                 engine.close(sid)
             api = "step_batch" if batch else "step"
             row = {**info, "bench": "engine_host", "model": codec.name, "dtype": args.dtype, "mode": args.mode,
-                   "streams": n, "api": api, **{k: round(v, 3) for k, v in r.items()}}
+                   "streams": n, "api": api, "freeze_gc": not args.no_freeze, **{k: round(v, 3) for k, v in r.items()}}
             with open(RESULTS / "engine_host.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{n:8d} {api:>10} {r['step_ms']:8.2f} {r['device_ms']:9.2f} {r['host_ms']:8.2f} "
-                  f"{r['host_p90_ms']:8.2f} {r['submit_ms_all_streams']:9.2f}")
+                  f"{r['host_p90_ms']:8.2f} {r['submit_ms_all_streams']:9.2f} {r['gc_full_collections']:8d} "
+                  f"{r['gc_full_max_ms']:9.1f}")
 
 
 if __name__ == "__main__":

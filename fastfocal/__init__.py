@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .codec import Codec
 from .config import CodecConfig, ConfigError, load_config, preset
-from .engine import StreamEngine
+from .engine import StreamEngine, freeze_heap
 from .inputs import InputError
 from .loading import (DEFAULT_MODEL, CheckpointError, build, config_from, load, open_codec, random_init,
                       random_state_dict, read_state_dict, resolve)
@@ -12,5 +12,5 @@ from .version import __version__
 
 __all__ = [
     "Codec", "CodecConfig", "ConfigError", "CheckpointError", "InputError", "Stream", "StreamDecoder",
-    "StreamEncoder", "StreamEngine", "load", "random_init", "open_codec", "load_config", "preset", "DEFAULT_MODEL",
+    "StreamEncoder", "StreamEngine", "freeze_heap", "load", "random_init", "open_codec", "load_config", "preset", "DEFAULT_MODEL",
 ]

@@ -362,3 +362,31 @@ def test_session_graphs_equal_eager(causal_cuda, golden_causal):
         outs.append([torch.cat(p, 1) for p in zip(*parts)])
     assert torch.equal(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_engine_freezes_the_heap_out_of_full_collections(causal):
+    """A built engine, its model and its state leave the cyclic GC's scans (a full collection
+    over a loaded model's objects stalls a step; bench/engine_host.py), unless asked not to;
+    objects made later are still collected."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        kept = StreamEngine(causal, 2, freeze_gc=False)
+        assert gc.get_freeze_count() == 0 and gc.is_tracked(kept.pipeline) and any(o is kept.pipeline for o in gc.get_objects())
+        e = StreamEngine(causal, 2)
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and not any(o is e.pipeline or o is kept.pipeline for o in gc.get_objects())
+        sid = e.open()
+        e.submit(sid, np.zeros(1280, np.float32))
+        out = e.step()[sid]
+        assert any(o is out for o in gc.get_objects())  # new objects: scanned as usual
+
+        class Cycle:
+            pass
+        c = Cycle()
+        c.me = c
+        del c
+        assert gc.collect() >= 1 and gc.get_freeze_count() == frozen  # later garbage cycles still go
+    finally:
+        gc.unfreeze()
