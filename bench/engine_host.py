@@ -28,12 +28,13 @@ from stream_latency import machine, sync  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def measure(engine, steps: int, batch: bool) -> dict:
+def measure(engine, steps: int, batch: bool, batch_submit: bool = False) -> dict:
     rng = np.random.default_rng(0)
     ids = [engine.open() for _ in range(engine.max_streams)]
     unit = engine.chunk
     data = (rng.standard_normal(unit * 3) * 0.1).astype(np.float32) if engine.mode != "decode" else \
         rng.integers(0, engine.codec.codebook_size, unit * 3)
+    pieces = [np.tile(data[: unit // 3], (len(ids), 1)), np.tile(data[unit // 3: unit], (len(ids), 1))]
     run = engine.runner.run
     inner: list[float] = []
 
@@ -59,9 +60,13 @@ def measure(engine, steps: int, batch: bool) -> dict:
     sub, tot = [], []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        for sid in ids:  # one chunk per stream per step, in two uneven pieces
-            engine.submit(sid, data[: unit // 3])
-            engine.submit(sid, data[unit // 3: unit])
+        if batch_submit:  # the same two pieces for every stream, one call each
+            engine.submit_batch(ids, pieces[0])
+            engine.submit_batch(ids, pieces[1])
+        else:
+            for sid in ids:  # one chunk per stream per step, in two uneven pieces
+                engine.submit(sid, data[: unit // 3])
+                engine.submit(sid, data[unit // 3: unit])
         t1 = time.perf_counter()
         out = engine.step_batch() if batch else engine.step()
         sync()
@@ -94,20 +99,20 @@ def main() -> None:
     codec = fastfocal.open_codec(args.model if not args.random_init else None, args.random_init, args.device, args.dtype)
     RESULTS.mkdir(exist_ok=True)
     info = machine()
-    print(f"{'streams':>8} {'api':>10} {'step ms':>8} {'device ms':>9} {'host ms':>8} {'host p90':>8} {'submit ms':>9}"
+    print(f"{'streams':>8} {'api':>23} {'step ms':>8} {'device ms':>9} {'host ms':>8} {'host p90':>8} {'submit ms':>9}"
           f" {'full GCs':>8} {'GC max ms':>9}")
     for n in map(int, args.streams.split(",")):
         engine = fastfocal.StreamEngine(codec, n, mode=args.mode, freeze_gc=not args.no_freeze)
-        for batch in (True, False):
-            r = measure(engine, args.steps, batch)
+        for batch, batch_submit in ((True, True), (True, False), (False, False)):
+            r = measure(engine, args.steps, batch, batch_submit)
             for sid in list(engine.streams):
                 engine.close(sid)
-            api = "step_batch" if batch else "step"
+            api = ("submit_batch+" if batch_submit else "") + ("step_batch" if batch else "step")
             row = {**info, "bench": "engine_host", "model": codec.name, "dtype": args.dtype, "mode": args.mode,
                    "streams": n, "api": api, "freeze_gc": not args.no_freeze, **{k: round(v, 3) for k, v in r.items()}}
             with open(RESULTS / "engine_host.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{n:8d} {api:>10} {r['step_ms']:8.2f} {r['device_ms']:9.2f} {r['host_ms']:8.2f} "
+            print(f"{n:8d} {api:>23} {r['step_ms']:8.2f} {r['device_ms']:9.2f} {r['host_ms']:8.2f} "
                   f"{r['host_p90_ms']:8.2f} {r['submit_ms_all_streams']:9.2f} {r['gc_full_collections']:8d} "
                   f"{r['gc_full_max_ms']:9.1f}")
 

@@ -169,7 +169,24 @@ def stream_piece(data, name: str, codebook_size: int | None = None) -> np.ndarra
     """One message of one stream as a checked 1-D numpy array: float32 audio, or int64 tokens
     (codebook_size given). numpy checks: this runs per message, so cheap matters. Audio values
     are not scanned: the engine flags NaN/Inf and out-of-range samples per stream on the device."""
-    what = "tokens" if codebook_size is not None else "audio"
+    data = _as_numpy(data, name)
+    if data.ndim == 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 1:
+        raise InputError(f"{name} for one stream must be (n,) or (1, n), got shape {data.shape}")
+    return _piece_values(data, name, codebook_size)
+
+
+def stream_batch(data, rows: int, what: str, codebook_size: int | None = None) -> np.ndarray:
+    """Messages of `rows` streams as one checked (rows, n) numpy array (see stream_piece)."""
+    name = f"{what} for {rows} stream{'s' if rows != 1 else ''}"
+    data = _as_numpy(data, name)
+    if data.ndim != 2 or data.shape[0] != rows:
+        raise InputError(f"{name} must be ({rows}, n), one row per stream, got shape {data.shape}")
+    return _piece_values(data, name, codebook_size)
+
+
+def _as_numpy(data, name: str) -> np.ndarray:
     if isinstance(data, Tensor):
         t = data.detach()
         if t.device.type != "cpu":
@@ -178,13 +195,13 @@ def stream_piece(data, name: str, codebook_size: int | None = None) -> np.ndarra
             t = t.float()
         elif t.dtype in (torch.uint16, torch.uint32, torch.uint64) or t.is_complex():
             t = as_tensor(t, name)  # widened (or refused) the slow way
-        data = t.numpy()
-    elif not isinstance(data, np.ndarray):
+        return t.numpy()
+    if not isinstance(data, np.ndarray):
         as_tensor(data, name)  # raises the usual message
-    if data.ndim == 2 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 1:
-        raise InputError(f"{name} for one stream must be (n,) or (1, n), got shape {data.shape}")
+    return data
+
+
+def _piece_values(data: np.ndarray, name: str, codebook_size: int | None) -> np.ndarray:
     kind = data.dtype.kind
     if codebook_size is not None:
         if kind not in "iu":

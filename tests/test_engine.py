@@ -390,3 +390,50 @@ def test_engine_freezes_the_heap_out_of_full_collections(causal):
         assert gc.collect() >= 1 and gc.get_freeze_count() == frozen  # later garbage cycles still go
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("mode", ["full", "decode"])
+def test_submit_batch_equals_submits(causal, mode):
+    """Streams at different ring positions (some wrapping, one past the ring's capacity so it
+    grows): submit_batch leaves the rings, fills and the next steps exactly as k submits."""
+    rng = np.random.default_rng(3)
+    a, b = (StreamEngine(causal, 6, mode=mode) for _ in range(2))
+    unit = a.chunk
+    piece = (lambda n: (rng.standard_normal(n) * 0.1).astype(np.float32)) if mode == "full" else \
+        (lambda n: rng.integers(0, causal.codebook_size, n))
+    ids = [(a.open(), b.open()) for _ in range(5)]
+    for (sa, sb), lead in zip(ids, [0, unit // 3, unit, unit + 7, 2 * unit - 1]):
+        x = piece(lead + unit)
+        a.submit(sa, x)
+        b.submit(sb, x)
+    a.step(), b.step()  # heads move: rows now write at different ring positions
+    for n in (unit // 2 + 3, 3 * unit):  # the second grows the rings
+        data = np.stack([piece(n) for _ in ids])
+        order = [4, 0, 3, 1]  # any order, a subset of the streams
+        for i in order:
+            a.submit(ids[i][0], data[i])
+        b.submit_batch([ids[i][1] for i in order], data[order])
+        assert np.array_equal(a._fill, b._fill) and np.array_equal(a._head, b._head)
+        assert a._ring.shape == b._ring.shape
+        for i, (sa, sb) in enumerate(ids):
+            assert a.pending(sa) == b.pending(sb)
+        ra, rb = a.step_batch(), b.step_batch()
+        assert np.array_equal(ra.errors, rb.errors) and len(ra) == len(rb) > 0
+        for k in ("tokens", "audio"):
+            if getattr(ra, k) is not None:
+                assert torch.equal(getattr(ra, k), getattr(rb, k))
+    sb = ids[0][1]
+    with pytest.raises(fastfocal.InputError, match="appears twice"):
+        b.submit_batch([sb, sb], np.stack([piece(4)] * 2))
+    with pytest.raises(fastfocal.InputError, match=r"\(2, n\), one row per stream"):
+        b.submit_batch([sb, ids[1][1]], piece(4))
+    with pytest.raises(KeyError, match="unknown"):
+        b.submit_batch([sb, 999], np.stack([piece(4)] * 2))
+    before = b.pending(sb)
+    if mode == "decode":
+        with pytest.raises(fastfocal.InputError, match=r"tokens for 1 stream: token out of range"):
+            b.submit_batch([sb], np.array([[0, causal.codebook_size]]))
+    else:
+        with pytest.raises(fastfocal.InputError, match="floating point"):
+            b.submit_batch([sb], np.zeros((1, 4), np.int16))
+    assert b.pending(sb) == before  # nothing written by a refused call
