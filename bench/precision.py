@@ -36,18 +36,29 @@ from stream_latency import machine  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, files: int) -> argparse.ArgumentParser:
+    """The model / speech arguments of the precision benches."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--random-init", default=None)
     ap.add_argument("--audio", default=str(Path(__file__).parent.parent.parent / "shared" / "audio"))
-    ap.add_argument("--files", type=int, default=12)
+    ap.add_argument("--files", type=int, default=files)
     ap.add_argument("--seconds", type=float, default=20)
+    return ap
+
+
+def speech(audio: str, files: int, seconds: float) -> list[torch.Tensor]:
+    """The first `files` wav/flac files under `audio` (sorted), cut to `seconds`."""
+    paths = sorted(glob.glob(f"{audio}/**/*.wav", recursive=True) + glob.glob(f"{audio}/**/*.flac", recursive=True))
+    return [torch.from_numpy(read_audio(f))[: int(16000 * seconds)] for f in paths[:files]]
+
+
+def main() -> None:
+    ap = parser(__doc__, 12)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     ref = fastfocal.open_codec(args.model, args.random_init, args.device, "fp32")
-    files = sorted(glob.glob(f"{args.audio}/**/*.wav", recursive=True) + glob.glob(f"{args.audio}/**/*.flac", recursive=True))
-    xs = [torch.from_numpy(read_audio(f))[: int(16000 * args.seconds)] for f in files[: args.files]]
+    xs = speech(args.audio, args.files, args.seconds)
     want = [ref.sig_to_toks(x) for x in xs]
     feats32 = [ref.sig_to_feats(x) for x in xs]
     low = {dt: Codec(copy.deepcopy(ref.model).to(dt), str(dt)) for dt in (torch.bfloat16, torch.float16)}

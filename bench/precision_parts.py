@@ -13,8 +13,6 @@ Appends rows (bench "precision_parts") to bench/results/precision.jsonl.
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import sys
 import time
@@ -26,7 +24,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).parent))
 import fastfocal  # noqa: E402
 from fastfocal import model as fmodel, ops  # noqa: E402
-from fastfocal.audio import read_audio  # noqa: E402
+from precision import parser, speech  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,16 +84,9 @@ class Rounding:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--random-init", default=None)
-    ap.add_argument("--audio", default=str(Path(__file__).parent.parent.parent / "shared" / "audio"))
-    ap.add_argument("--files", type=int, default=34)
-    ap.add_argument("--seconds", type=float, default=20)
-    args = ap.parse_args()
+    args = parser(__doc__, 34).parse_args()
     codec = fastfocal.open_codec(args.model, args.random_init, "cpu", "fp32")
-    files = sorted(glob.glob(f"{args.audio}/**/*.wav", recursive=True) + glob.glob(f"{args.audio}/**/*.flac", recursive=True))
-    xs = [torch.from_numpy(read_audio(f))[: int(16000 * args.seconds)] for f in files[: args.files]]
+    xs = speech(args.audio, args.files, args.seconds)
     want = [codec.sig_to_toks(x) for x in xs]
     lat32 = [codec.sig_to_lats(x) for x in xs]
     enc = codec.model.encoder

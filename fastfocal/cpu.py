@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels._common import float32_weight
-from .kernels.attention import ATTN_BLOCK, _join_ring, attention_gate_ref, rel_bias_ref, ring_positions, write_kv_ring
+from .kernels.attention import (ATTN_BLOCK, attention_gate_ref, rel_bias_ref, ring_keys, ring_positions,
+                                write_kv_ring)
 from .kernels.focal_context import ring_window, ring_write
 from .state import all_rows
 
@@ -107,11 +108,7 @@ def rel_attention_long(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
         R0, keys, vals, k_pos, k_valid = 0, k, v, q_pos, None
     else:
         R0 = R
-        ring_pos = ring_positions(pos_rows, R)
-        keys = _join_ring(k_ring, rows, k)
-        vals = _join_ring(v_ring, rows, v)
-        k_pos = torch.cat([ring_pos, q_pos], 1)
-        k_valid = torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+        keys, vals, k_pos, k_valid = ring_keys(k_ring, v_ring, rows, k, v, pos_rows, q_pos)
     write_kv_ring(qkv, start, k_ring, v_ring, rows, H)  # after the reads: it may overwrite them
     outs = []
     for a in range(0, T, ATTN_BLOCK):

@@ -338,6 +338,16 @@ def _join_ring(ring: Tensor, idx: Tensor, new: Tensor) -> Tensor:
     return out
 
 
+def ring_keys(k_ring: Tensor, v_ring: Tensor, idx: Tensor, k: Tensor, v: Tensor, start: Tensor,
+              q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keys and values [ring rows idx ‖ new frames] (B, H, R + T, d), their absolute positions
+    (B', R + T) and which are valid (B', R + T) (slots before frame 0 are not), for rows
+    starting at `start` (B',) with query positions q_pos (B', T); B' may be 1 for rows sharing a start."""
+    ring_pos = ring_positions(start, k_ring.shape[2])
+    return (_join_ring(k_ring, idx, k), _join_ring(v_ring, idx, v), torch.cat([ring_pos, q_pos], 1),
+            torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1))
+
+
 def rel_attention_ref(
     qkv: Tensor,
     y: Tensor,
@@ -374,11 +384,7 @@ def rel_attention_ref(
     if k_ring is not None:
         R = k_ring.shape[2]
         R0 = R
-        ring_pos = ring_positions(start, R)
-        keys = _join_ring(k_ring, idx, k)
-        vals = _join_ring(v_ring, idx, v)
-        k_pos = torch.cat([ring_pos, q_pos], 1)
-        k_valid = torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+        keys, vals, k_pos, k_valid = ring_keys(k_ring, v_ring, idx, k, v, start, q_pos)
         # the ring keeps the newest R frames of this layer's keys and values
         m = min(T, R)
         slots = torch.remainder(q_pos[:, T - m:], R)
