@@ -88,3 +88,24 @@ def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
     xr, y = ops.linear_residual_dyt(x, w, b, res, alpha)
     close("residual+DyT y", y, torch.tanh(alpha.double() * (h + res.double())))
     close("residual with gamma (not fused)", ops.linear_residual(x, w, b, res, lw), h * lw.double() + res.double())
+
+
+@pytest.mark.parametrize("B,T", [(1, 4), (1, 65), (3, 200), (80, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_conv_forms_equal_the_conv(B, T, dtype):
+    """model._grouped_conv (batched GEMM for short runs; for long bf16 runs ~64 rows at a time,
+    whatever the chunk boundaries) against the float64 conv; fp32 long runs are the library conv."""
+    from fastfocal.model import _grouped_conv
+
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    C, G, k = 64, 4, 9
+    xp = torch.randn(B, C, T + k - 1, generator=g)
+    w = torch.randn(C, C // G, k, generator=g) / (C // G * k) ** 0.5
+    b = torch.randn(C, generator=g)
+    want = F.conv1d(xp.double(), w.double(), b.double(), groups=G)
+    got = _grouped_conv(xp.to(dtype), w.to(dtype), b.to(dtype), G)
+    assert got.shape == (B, C, T) and got.dtype == dtype
+    # bf16: inputs rounded to bf16 and one rounding of the output (the bias inside the GEMM)
+    ref = F.conv1d(xp.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), groups=G) if dtype != torch.float32 else want
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((got.double() - ref).abs() <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
