@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import ops
 from .config import CodecConfig
-from .inputs import InputError, check_amplitude, check_audio, check_fits, check_frames, check_tokens
+from .inputs import InputError, available_bytes, check_amplitude, check_audio, check_fits, check_frames, check_tokens
 from .model import FocalCodecModel, num_params
 from .pipeline import ERR_NONFINITE_OUTPUT, SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
@@ -138,13 +138,20 @@ class Codec:
         bad = (out["err"] == ERR_NONFINITE_OUTPUT).nonzero().flatten()  # one sync, as check_err's
         if not bad.numel():
             return
-        o = run_offline(self.float32_model(), stages, x[bad].float(), [keep], self.segment_frames)
+        wide = self.float32_model()
+        frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
+        per_row = (Pipeline.bytes_per_slot(wide, stages) if self.causal else 0) + \
+            Pipeline.activation_bytes_for(self.config, torch.float32, 1, frames)
+        step = max(1, available_bytes(self.device) // per_row)  # float32 rows take twice the memory
         y = out[keep]
-        y[bad] = o[keep].to(y.dtype)
-        err = o["err"]
-        if y.is_floating_point():
-            err = torch.where(torch.isfinite(y[bad]).flatten(1).all(1), err, ERR_NONFINITE_OUTPUT)
-        out["err"][bad] = err.to(out["err"].dtype)
+        for a in range(0, bad.numel(), step):
+            rows = bad[a:a + step]
+            o = run_offline(wide, stages, x[rows].float(), [keep], self.segment_frames)
+            y[rows] = o[keep].to(y.dtype)
+            err = o["err"]
+            if y.is_floating_point():
+                err = torch.where(torch.isfinite(y[rows]).flatten(1).all(1), err, ERR_NONFINITE_OUTPUT)
+            out["err"][rows] = err.to(out["err"].dtype)
         self.fp32_rows += bad.numel()
         rows = bad.tolist()
         log.warning("float16 overflowed on %s%s; recomputed in float32", name,

@@ -79,7 +79,7 @@ def _overflowing(codec):
     return m
 
 
-def test_fp16_rows_that_overflow_are_recomputed_in_fp32(causal, speech, caplog):
+def test_fp16_rows_that_overflow_are_recomputed_in_fp32(causal, speech, caplog, monkeypatch):
     m = _overflowing(causal)
     # float16 on CPU only here (the loaders refuse it there: slow); the guard is device-blind
     half = Codec(copy.deepcopy(m).half(), "half")
@@ -105,6 +105,12 @@ def test_fp16_rows_that_overflow_are_recomputed_in_fp32(causal, speech, caplog):
     y = half.sig_to_sig(x[:1])
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, wide.sig_to_sig(x[:1].half().float()), rtol=0, atol=1e-5)
+    # little free memory: the float32 rows run one at a time, with the same tokens
+    import fastfocal.codec as codec_mod
+
+    monkeypatch.setattr(codec_mod, "available_bytes", lambda device: 1)
+    before = half.fp32_rows
+    assert torch.equal(half.sig_to_toks(x), toks) and half.fp32_rows == before + 2
 
 
 def test_fp16_output_beyond_its_range_stays_an_error(causal, speech):
