@@ -742,6 +742,7 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
             meta[it.rel]["n_tokens"] = len(toks)
             if recomputed or (enc is not None and enc.recomputed.pop(id(it), None) is not None):
                 meta[it.rel]["recomputed_fp32"] = True  # float16 overflowed on this file
+                stats["fp32_files"] = stats.get("fp32_files", 0) + 1
             stats["files"] += 1
             stats["seconds"] += meta[it.rel]["duration"]
             name = writer.add(it, toks)
@@ -882,7 +883,7 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         if bad:
             raise CorpusError("; ".join(bad))
     total = {k: sum(r.get(k, 0) for r in results) for k in ("files", "seconds", "skipped", "errors", "calls",
-                                                            "row_calls", "frames", "model_s")}
+                                                            "row_calls", "frames", "model_s", "fp32_files")}
     total.update({k: results[0][k] for k in ("slots", "rows", "segment_frames") if k in results[0]})
     total["wall_s"] = time.perf_counter() - t0
     total["encode_s"] = max(r["wall_s"] for r in results)  # after model load, slowest device
@@ -893,5 +894,9 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
                f"{total['skipped']} already done; {total['errors']} errors")
         if total["errors"]:
             msg += f" (see {out / 'errors*.jsonl'})" if len(shards) > 1 else f" (see {out / 'errors.jsonl'})"
+        if total["fp32_files"]:
+            n = total["fp32_files"]
+            msg += (f"; {n} file{'s' if n != 1 else ''} overflowed float16 and {'were' if n != 1 else 'was'} "
+                    "recomputed in float32 (\"recomputed_fp32\" in the manifest)")
         print(msg, file=sys.stderr)
     return total

@@ -542,14 +542,15 @@ def test_fp16_files_that_overflow_are_recomputed_alone(causal):
     assert alone.fp32_rows == 1
 
 
-def test_fp16_overflow_is_marked_in_the_manifest(tmp_path, causal, monkeypatch):
+def test_fp16_overflow_is_marked_in_the_manifest(tmp_path, causal, monkeypatch, capsys):
     half = _overflowing_fp16(causal)
     monkeypatch.setattr(corpus, "open_codec", lambda *a, **k: half)
     (tmp_path / "src").mkdir()
     sf.write(tmp_path / "src" / "loud.wav", LOUD, 16000, subtype="FLOAT")
     sf.write(tmp_path / "src" / "quiet.wav", QUIET, 16000, subtype="FLOAT")
     out = tmp_path / "out"
-    assert encode(tmp_path / "src", out) == 0
+    assert main(["encode-corpus", str(tmp_path / "src"), "--out", str(out), "--model", TINY, "--workers", "0"]) == 0
+    assert "1 file overflowed float16 and was recomputed in float32" in capsys.readouterr().err
     rows = {json.loads(line)["rel"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
     assert rows["loud"].get("recomputed_fp32") is True and "recomputed_fp32" not in rows["quiet"]
     assert rows["loud"]["dtype"] == "float16"
