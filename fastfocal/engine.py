@@ -137,8 +137,13 @@ class StreamEngine:
         self._host_in = torch.zeros(max_streams, self.chunk, dtype=torch.from_numpy(np.zeros(0, self._np_in)).dtype,
                                     pin_memory=pin)
         self._host_idx = torch.zeros(max_streams, dtype=torch.long, pin_memory=pin)
-        # per slot: ring of pending input, read position, count, sticky error code, owner id
-        self._ring = np.zeros((max_streams, ring_cap), self._np_in)
+        # per slot: ring of pending input, read position, count, sticky error code, owner id.
+        # The rings are laid out step-major, (cap / chunk, slots, chunk): chunk d of every slot
+        # is one contiguous block, so when the streams stepped are slots a..b at one ring
+        # position (every stream ready, in step) the step's input is a view, with no gather
+        # (and on CUDA the rings are pinned: that view is copied to the device directly).
+        self._pin = pin
+        self._ring = self._new_ring(ring_cap // self.chunk)
         self._head = np.zeros(max_streams, np.int64)
         self._fill = np.zeros(max_streams, np.int64)
         self._err = np.zeros(max_streams, np.int32)
@@ -222,6 +227,16 @@ class StreamEngine:
     def error(self, sid: int) -> str | None:
         return ERRORS.get(int(self._err[self._get(sid)]))
 
+    @property
+    def _cap(self) -> int:
+        """Elements each slot's ring holds."""
+        return self._ring.shape[0] * self.chunk
+
+    def _new_ring(self, depth: int) -> np.ndarray:
+        t = torch.zeros(depth, self.max_streams, self.chunk, dtype=torch.from_numpy(np.zeros(0, self._np_in)).dtype,
+                        pin_memory=self._pin)
+        return t.numpy()
+
     def submit(self, sid: int, data) -> None:
         """Append samples (16 kHz float, shape (n,) or (1, n)) or tokens (integers in the
         codebook) to a stream. Any n; whole chunks are stepped by step()."""
@@ -232,15 +247,17 @@ class StreamEngine:
             return
         fill = self._fill.item(slot)  # .item(): numpy scalar reads are the cost of a submit
         need = fill + n
-        if need > self._ring.shape[1]:
+        if need > self._cap:
             self._grow(need)
-        row = self._ring[slot]
-        cap = row.shape[0]
-        w = (self._head.item(slot) + fill) % cap
-        first = min(n, cap - w)  # at most two contiguous pieces
-        row[w:w + first] = v[:first]
-        if first < n:
-            row[:n - first] = v[first:]
+        ring, C = self._ring, self.chunk
+        w = (self._head.item(slot) + fill) % self._cap
+        i = 0
+        while i < n:  # one piece per chunk row touched
+            d, off = divmod(w, C)
+            m = min(n - i, C - off)
+            ring[d, slot, off:off + m] = v[i:i + m]
+            i += m
+            w = (w + m) % self._cap
         self._fill[slot] = need
 
     def submit_batch(self, sids, data) -> None:
@@ -256,58 +273,76 @@ class StreamEngine:
         if not n or not len(slots):
             return
         need = self._fill[slots] + n
-        if int(need.max()) > self._ring.shape[1]:
+        if int(need.max()) > self._cap:
             self._grow(int(need.max()))
-        cap = self._ring.shape[1]
+        cap, C = self._cap, self.chunk
         w = (self._head[slots] + self._fill[slots]) % cap
         # rows writing at one ring position (streams stepped together share it) take one
-        # multithreaded row copy per group; per-element fancy indexing is ~10x slower
+        # multithreaded row copy per chunk row touched; per-element fancy indexing is ~10x slower
         order = np.argsort(w, kind="stable")
         ws, starts = np.unique(w[order], return_index=True)
         ring, vt = torch.from_numpy(self._ring), torch.from_numpy(v)
         for pos, grp in zip(ws.tolist(), np.split(order, starts[1:])):
-            first = min(n, cap - pos)
             # one group: every row at one position, and the stable sort left them in order
             src = vt if len(grp) == len(slots) else vt[torch.from_numpy(grp)]
             rows = torch.from_numpy(slots[grp])
-            ring[:, pos:pos + first].index_copy_(0, rows, src[:, :first])
-            if first < n:
-                ring[:, :n - first].index_copy_(0, rows, src[:, first:])
+            i = 0
+            while i < n:
+                d, off = divmod(pos, C)
+                m = min(n - i, C - off)
+                ring[d, :, off:off + m].index_copy_(0, rows, src[:, i:i + m])
+                i += m
+                pos = (pos + m) % cap
         self._fill[slots] = need
 
     def _piece_name(self, sid) -> str:
         return f"{'tokens' if self.mode == 'decode' else 'audio'} of stream {sid}"
 
+    def _positions(self, slots: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk row, offset) of the first n pending elements of each slot, (len(slots), n) each."""
+        p = (self._head[slots, None] + np.arange(n)) % self._cap
+        return p // self.chunk, p % self.chunk
+
     def _grow(self, need: int) -> None:
         """Double the rings until `need` fits, unwrapping each slot's pending input to the front."""
-        cap = self._ring.shape[1]
-        new_cap = cap
-        while new_cap < need:
-            new_cap *= 2
-        check_fits(self.max_streams * new_cap * self._ring.itemsize, "cpu", f"input rings of {new_cap} per stream")
-        cols = (self._head[:, None] + np.arange(cap)) % cap
-        ring = np.zeros((self.max_streams, new_cap), self._np_in)
-        ring[:, :cap] = np.take_along_axis(self._ring, cols, 1)
+        depth = self._ring.shape[0]
+        new_depth = depth
+        while new_depth * self.chunk < need:
+            new_depth *= 2
+        check_fits(self.max_streams * new_depth * self.chunk * self._ring.itemsize, "cpu",
+                   f"input rings of {new_depth * self.chunk} per stream")
+        slots = np.arange(self.max_streams)
+        d, off = self._positions(slots, self._cap)  # every element, oldest first
+        old = self._ring[d, slots[:, None], off]  # (slots, cap)
+        ring = self._new_ring(new_depth)
+        ring[:depth] = old.reshape(self.max_streams, depth, self.chunk).transpose(1, 0, 2)
         self._ring, self._head = ring, np.zeros_like(self._head)
 
     def _take(self, slots: np.ndarray, n: int, out: np.ndarray) -> None:
         """Pop the first n pending elements of each slot into out (len(slots), n)."""
-        cap = self._ring.shape[1]
-        cols = (self._head[slots, None] + np.arange(n)) % cap
-        out[...] = self._ring[slots[:, None], cols]
-        self._head[slots] = (self._head[slots] + n) % cap
+        d, off = self._positions(slots, n)
+        out[...] = self._ring[d, slots[:, None], off]
+        self._head[slots] = (self._head[slots] + n) % self._cap
         self._fill[slots] -= n
 
-    def _take_chunks(self, slots: np.ndarray, out: Tensor) -> None:
-        """_take of one chunk per slot into out (len(slots), chunk): a step's gather. Heads sit
-        on chunk boundaries (0 at open, += chunk per step, cap a multiple of chunk), so each
-        chunk is one contiguous row of the ring viewed as (slots * cap/chunk, chunk): one
-        index_select (multithreaded row copies; 21 MB at 4,096 audio streams)."""
-        n, cap = self.chunk, self._ring.shape[1]
-        rows = torch.from_numpy(slots * (cap // n) + self._head[slots] // n)
-        torch.index_select(torch.from_numpy(self._ring).view(-1, n), 0, rows, out=out)
-        self._head[slots] = (self._head[slots] + n) % cap
+    def _take_chunks(self, slots: np.ndarray, out: Tensor) -> Tensor:
+        """_take of one chunk per slot (sorted): a step's input, (len(slots), chunk). Heads sit on
+        chunk boundaries (0 at open, += chunk per step, cap a multiple of chunk), so each chunk
+        is one row of the ring viewed as (cap/chunk * slots, chunk). Consecutive slots at one
+        ring position: a view of the ring, no copy. Otherwise one index_select into out
+        (multithreaded row copies; 21 MB at 4,096 audio streams), which it returns."""
+        n, S = self.chunk, self.max_streams
+        d = self._head[slots] // n
+        k = len(slots)
+        if int(slots[-1]) - int(slots[0]) == k - 1 and (d == d[0]).all():
+            x = torch.from_numpy(self._ring[int(d[0]), int(slots[0]):int(slots[0]) + k])
+        else:
+            rows = torch.from_numpy(d * S + slots)
+            torch.index_select(torch.from_numpy(self._ring).view(-1, n), 0, rows, out=out)
+            x = out
+        self._head[slots] = (self._head[slots] + n) % self._cap
         self._fill[slots] -= n
+        return x
 
     # ------------------------------------------------------------------ stepping
     def _ready_slots(self) -> np.ndarray:
@@ -328,9 +363,9 @@ class StreamEngine:
             return StepResult(np.zeros(0, np.int64), z.long().view(0, 4) if "toks" in names else None,
                               z.view(0, 0) if "audio" in names else None, np.zeros(0, np.int32))
         with nvtx_range("engine.step"), torch.inference_mode():
-            self._take_chunks(slots, self._host_in[:n])
+            x = self._take_chunks(slots, self._host_in[:n])
             self._host_idx.numpy()[:n] = slots
-            outs = self.runner.run(n, [self._host_in[:n]], self._host_idx[:n])
+            outs = self.runner.run(n, [x], self._host_idx[:n])  # copies x into its static input
             # graph outputs are static views: copy before the next step; audio leaves as float32
             copy = bool(self.runner.graphs)
             res = {k: (o.to(torch.float32, copy=copy) if o.is_floating_point() else (o.clone() if copy else o))

@@ -437,3 +437,25 @@ def test_submit_batch_equals_submits(causal, mode):
         with pytest.raises(fastfocal.InputError, match="floating point"):
             b.submit_batch([sb], np.zeros((1, 4), np.int16))
     assert b.pending(sb) == before  # nothing written by a refused call
+
+
+def test_step_input_is_a_ring_view_when_streams_step_together(causal):
+    """Consecutive slots at one ring position: the step's input is a view of the (step-major)
+    rings, no gather; otherwise a gather into the staging buffer. Both hold the submitted chunks."""
+    e = StreamEngine(causal, 4)
+    rng = np.random.default_rng(5)
+    ids = [e.open() for _ in range(4)]
+    data = [(rng.standard_normal(2 * 1280) * 0.1).astype(np.float32) for _ in ids]
+    for sid, x in zip(ids, data):
+        e.submit(sid, x)
+    out = torch.empty(4, 1280)
+    ring = torch.from_numpy(e._ring)
+    x = e._take_chunks(np.array([0, 1, 2, 3]), out)
+    assert x.data_ptr() == ring[0, 0].data_ptr() and x.data_ptr() != out.data_ptr()  # a view
+    assert all(np.array_equal(x[i].numpy(), data[i][:1280]) for i in range(4))
+    y = e._take_chunks(np.array([0, 2]), out[:2])  # not consecutive: gathered
+    assert y.data_ptr() == out.data_ptr()
+    assert np.array_equal(y[0].numpy(), data[0][1280:]) and np.array_equal(y[1].numpy(), data[2][1280:])
+    z = e._take_chunks(np.array([1, 3]), out[:2])
+    assert np.array_equal(z[1].numpy(), data[3][1280:])
+    assert [e.pending(s) for s in ids] == [0, 0, 0, 0]
