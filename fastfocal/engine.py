@@ -41,7 +41,7 @@ def freeze_heap() -> int:
 
     A full collection walks every tracked object: with a model loaded that is ~300k objects and
     107-163 ms on the 2-core CPU machine (`bench/engine_host.py`), which lands inside a step
-    as a latency spike. After a freeze a full collection sees only newer objects (0.5-1.2 ms
+    as a latency spike. After a freeze a full collection sees only newer objects (0.5-1.7 ms
     there). Objects frozen are still freed by reference counting; only reference cycles alive
     now and garbage later are kept. StreamEngine calls it once built; a single-stream app can
     call it after loading its codec."""
@@ -97,8 +97,8 @@ class StreamEngine:
     freeze_gc: once built, `freeze_heap()` (the model, the state and the graphs leave the
     garbage collector's full scans, which otherwise stall a step for ~0.1 s now and then).
 
-    Pending input lives on the host in one ring per slot (numpy; grown when a submit does not
-    fit), so a step gathers every ready chunk with one vectorised copy and no per-stream
+    Pending input lives on the host in one ring per slot (numpy, step-major; grown when a submit
+    does not fit), so a step takes every ready chunk as one view or one vectorised copy, no per-stream
     tensor work; `step_batch` returns the outputs as batched tensors. A CUDA tensor passed to
     submit is copied back, which syncs. Not thread-safe: drive it from one loop.
     """
