@@ -115,10 +115,8 @@ class Codec:
     # ------------------------------------------------------------------ running
     def _run(self, stages: Sequence[str], x: Tensor, squeeze: bool, keep: str, name: str) -> Tensor:
         """The pipeline's stages over a whole checked input; one output, float32 if audio."""
-        frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
-        pipe_bytes = Pipeline.bytes_per_slot(self.model, stages, self.dtype) if self.causal else 0
-        check_fits(x.shape[0] * pipe_bytes + Pipeline.activation_bytes_for(self.config, self.dtype, x.shape[0], frames),
-                   self.device, f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
+        check_fits(x.shape[0] * self._row_bytes(stages, x, self.dtype), self.device,
+                   f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
         if stages[0] == "encoder":
             check_amplitude(x, name)
         with torch.inference_mode():
@@ -130,6 +128,13 @@ class Codec:
         check_err(out["err"], name)
         return out[keep][0] if squeeze else out[keep]
 
+    def _row_bytes(self, stages: Sequence[str], x: Tensor, dtype: torch.dtype) -> int:
+        """Memory one row of x takes through `stages` in `dtype`: streaming state (causal) and
+        an activation bound."""
+        frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
+        state = Pipeline.bytes_per_slot(self.model, stages, dtype) if self.causal else 0
+        return state + Pipeline.activation_bytes_for(self.config, dtype, 1, frames)
+
     def _redo_overflowed(self, stages: Sequence[str], x: Tensor, out: dict, keep: str, name: str) -> None:
         """float16 has 5 exponent bits, so a loud input can overflow where bfloat16 and float32
         cannot. Rows whose float16 run gave NaN/Inf are run again in float32 on the same
@@ -139,10 +144,7 @@ class Codec:
         if not bad.numel():
             return
         wide = self.float32_model()
-        frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
-        per_row = (Pipeline.bytes_per_slot(wide, stages) if self.causal else 0) + \
-            Pipeline.activation_bytes_for(self.config, torch.float32, 1, frames)
-        step = max(1, available_bytes(self.device) // per_row)  # float32 rows take twice the memory
+        step = max(1, available_bytes(self.device) // self._row_bytes(stages, x, torch.float32))  # twice fp16's
         y = out[keep]
         for a in range(0, bad.numel(), step):
             rows = bad[a:a + step]

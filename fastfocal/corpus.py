@@ -742,6 +742,7 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
             meta[it.rel]["n_tokens"] = len(toks)
             if recomputed or (enc is not None and enc.recomputed.pop(id(it), None) is not None):
                 meta[it.rel]["recomputed_fp32"] = True  # float16 overflowed on this file
+            if recomputed:  # the slot encoder counts its own (its stats join these at the end)
                 stats["fp32_files"] = stats.get("fp32_files", 0) + 1
             stats["files"] += 1
             stats["seconds"] += meta[it.rel]["duration"]

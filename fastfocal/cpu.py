@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels._common import float32_weight
-from .kernels.attention import (ATTN_BLOCK, attention_gate_ref, rel_bias_ref, ring_keys, ring_positions,
+from .kernels.attention import (ATTN_BLOCK, attention_gate_ref, rel_bias_ref, ring_key_positions, ring_keys,
                                 write_kv_ring)
 from .kernels.focal_context import ring_window, ring_write
 from .state import all_rows
@@ -40,12 +40,21 @@ def _window_bias(start: Tensor, T: int, R: int, chunk: int, window: int, rel_emb
     """Key order [ring slot 0..R-1 ‖ new frames]: the bucketed bias (B, H, T, R+T) fp32 and an
     additive mask (B, 1, T, R+T), 0 where a query sees the key, -inf elsewhere."""
     q_pos = start[:, None] + torch.arange(T, device=start.device)[None, :]
-    ring_pos = ring_positions(start, R)
-    bias, ok = rel_bias_ref(rel_emb, q_pos, torch.cat([ring_pos, q_pos], 1),
-                            torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1),
-                            chunk, window, num_buckets, max_distance)
-    mask = torch.zeros(ok.shape, dtype=torch.float32, device=start.device).masked_fill_(~ok, float("-inf"))
+    return _bias_and_mask(rel_emb, q_pos, *ring_key_positions(start, R, q_pos), chunk, window, num_buckets, max_distance)
+
+
+def _bias_and_mask(rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance) -> tuple[Tensor, Tensor]:
+    """`rel_bias_ref`'s bias (B, H, Tq, Tk) fp32, contiguous, and its mask as an additive
+    (B, 1, Tq, Tk) fp32 tensor: 0 where a query sees a key, -inf elsewhere."""
+    bias, ok = rel_bias_ref(rel_emb, q_pos, k_pos, k_valid, chunk, window, num_buckets, max_distance)
+    mask = torch.zeros(ok.shape, dtype=torch.float32, device=q_pos.device).masked_fill_(~ok, float("-inf"))
     return bias.contiguous(), mask.unsqueeze(1)
+
+
+def _common_start(start: Tensor) -> int | None:
+    """The rows' common start (one host read), or None when they differ."""
+    s0 = int(start[0])
+    return s0 if start.shape[0] == 1 or bool((start == s0).all()) else None
 
 
 def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru_const: Tensor, rel_emb: Tensor,
@@ -96,15 +105,14 @@ def rel_attention_long(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     C = C3 // 3
     d = C // H
     rows = all_rows(idx, B, qkv.device)
-    s0 = int(start[0])
-    shared = B == 1 or bool((start == s0).all())
-    pos_rows = start[:1] if shared else start
+    s0 = _common_start(start)
+    pos_rows = start[:1] if s0 is not None else start
     q_pos = pos_rows[:, None] + torch.arange(T, device=qkv.device)[None, :]
     x = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
     q, k, v = x[0], x[1], x[2]  # B H T d
     gate = attention_gate_ref(y, gru_w, gru_b, gru_const, H)
     R = k_ring.shape[2]
-    if shared and s0 == 0:  # every ring slot is before frame 0: no key there is visible
+    if s0 == 0:  # every ring slot is before frame 0: no key there is visible
         R0, keys, vals, k_pos, k_valid = 0, k, v, q_pos, None
     else:
         R0 = R
@@ -119,11 +127,9 @@ def rel_attention_long(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
         if memo is not None and key in memo:
             bias, mask = memo[key]
         else:
-            bias, ok = rel_bias_ref(rel_emb, q_pos[:, a:b], k_pos[:, lo:hi], None if k_valid is None else k_valid[:, lo:hi],
-                                    chunk, window, num_buckets, max_distance)
-            bias = bias.contiguous()
-            mask = torch.zeros(ok.shape, dtype=torch.float32, device=qkv.device).masked_fill_(~ok, float("-inf"))
-            mask = mask.unsqueeze(1)
+            bias, mask = _bias_and_mask(rel_emb, q_pos[:, a:b], k_pos[:, lo:hi],
+                                        None if k_valid is None else k_valid[:, lo:hi], chunk, window, num_buckets,
+                                        max_distance)
             if memo is not None:
                 memo[key] = (bias, mask)
         # bias * gate, then the mask added (x + 0 == x, x + -inf == -inf): the reference's
@@ -196,9 +202,7 @@ def focal_context_stream(ctx: Tensor, gates: Tensor, weights: list[Tensor], bias
     """`focal_context_ref` of the causal form with rings, each level's input built by
     `_ring_joined`. Computed in fp32 in every dtype: the reference runs its convs in fp32 on
     CPU anyway (`grouped_conv1d`), so this only drops its casts; the rings keep their dtype."""
-    s0 = int(start[0])  # one host read per layer, shared by its levels
-    if start.shape[0] > 1 and not bool((start == s0).all()):
-        s0 = None
+    s0 = _common_start(start)  # once per layer, shared by its levels
     c = ctx.transpose(1, 2).float()  # B C T
     acc = None
     for lvl, (w, b, buf) in enumerate(zip(weights, biases, caches)):

@@ -249,15 +249,13 @@ class StreamEngine:
         need = fill + n
         if need > self._cap:
             self._grow(need)
-        ring, C = self._ring, self.chunk
         w = (self._head.item(slot) + fill) % self._cap
-        i = 0
-        while i < n:  # one piece per chunk row touched
-            d, off = divmod(w, C)
-            m = min(n - i, C - off)
-            ring[d, slot, off:off + m] = v[i:i + m]
-            i += m
-            w = (w + m) % self._cap
+        d, off = divmod(w, self.chunk)
+        if off + n <= self.chunk:  # within one chunk row: the usual case, kept cheap
+            self._ring[d, slot, off:off + n] = v
+        else:
+            for d, off, i, m in self._pieces(w, n):
+                self._ring[d, slot, off:off + m] = v[i:i + m]
         self._fill[slot] = need
 
     def submit_batch(self, sids, data) -> None:
@@ -275,8 +273,7 @@ class StreamEngine:
         need = self._fill[slots] + n
         if int(need.max()) > self._cap:
             self._grow(int(need.max()))
-        cap, C = self._cap, self.chunk
-        w = (self._head[slots] + self._fill[slots]) % cap
+        w = (self._head[slots] + self._fill[slots]) % self._cap
         # rows writing at one ring position (streams stepped together share it) take one
         # multithreaded row copy per chunk row touched; per-element fancy indexing is ~10x slower
         order = np.argsort(w, kind="stable")
@@ -286,14 +283,21 @@ class StreamEngine:
             # one group: every row at one position, and the stable sort left them in order
             src = vt if len(grp) == len(slots) else vt[torch.from_numpy(grp)]
             rows = torch.from_numpy(slots[grp])
-            i = 0
-            while i < n:
-                d, off = divmod(pos, C)
-                m = min(n - i, C - off)
+            for d, off, i, m in self._pieces(pos, n):
                 ring[d, :, off:off + m].index_copy_(0, rows, src[:, i:i + m])
-                i += m
-                pos = (pos + m) % cap
         self._fill[slots] = need
+
+    def _pieces(self, pos: int, n: int) -> list[tuple[int, int, int, int]]:
+        """n elements written from ring position pos as (chunk row, offset, start in the
+        input, length): one piece per chunk row touched, wrapping at the ring's end."""
+        out, i, C = [], 0, self.chunk
+        while i < n:
+            d, off = divmod(pos, C)
+            m = min(n - i, C - off)
+            out.append((d, off, i, m))
+            i += m
+            pos = (pos + m) % self._cap
+        return out
 
     def _piece_name(self, sid) -> str:
         return f"{'tokens' if self.mode == 'decode' else 'audio'} of stream {sid}"

@@ -338,14 +338,18 @@ def _join_ring(ring: Tensor, idx: Tensor, new: Tensor) -> Tensor:
     return out
 
 
+def ring_key_positions(start: Tensor, R: int, q_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Absolute positions (B', R + T) of the keys [ring slots ‖ new frames] and which are valid
+    (slots before frame 0 are not), for rows starting at `start` (B',) with query positions
+    q_pos (B', T); B' may be 1 for rows sharing a start."""
+    ring_pos = ring_positions(start, R)
+    return torch.cat([ring_pos, q_pos], 1), torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+
+
 def ring_keys(k_ring: Tensor, v_ring: Tensor, idx: Tensor, k: Tensor, v: Tensor, start: Tensor,
               q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Keys and values [ring rows idx ‖ new frames] (B, H, R + T, d), their absolute positions
-    (B', R + T) and which are valid (B', R + T) (slots before frame 0 are not), for rows
-    starting at `start` (B',) with query positions q_pos (B', T); B' may be 1 for rows sharing a start."""
-    ring_pos = ring_positions(start, k_ring.shape[2])
-    return (_join_ring(k_ring, idx, k), _join_ring(v_ring, idx, v), torch.cat([ring_pos, q_pos], 1),
-            torch.cat([ring_pos >= 0, torch.ones_like(q_pos, dtype=torch.bool)], 1))
+    """Keys and values [ring rows idx ‖ new frames] (B, H, R + T, d) and `ring_key_positions`."""
+    return (_join_ring(k_ring, idx, k), _join_ring(v_ring, idx, v), *ring_key_positions(start, k_ring.shape[2], q_pos))
 
 
 def rel_attention_ref(
