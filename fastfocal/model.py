@@ -341,7 +341,8 @@ class FocalDecoder(nn.Module):
             if f == 1:
                 x = ops.linear(x, conv.weight[:, :, 0].t(), conv.bias)
             else:
-                x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
+                with ops.exact_convs(x):
+                    x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:
             ops.put_rows(st.pos, idx, start + T_in)
         if self.cfg.lookahead_size > 0:

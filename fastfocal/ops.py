@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, modulate as mod, norm
-from .kernels._common import grouped_conv1d  # noqa: F401  (the model reaches it through ops)
+from .kernels._common import exact_convs, grouped_conv1d  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
 

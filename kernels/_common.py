@@ -126,10 +126,14 @@ def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         b = float32_weight(bias) if bias is not None else None
         return torch.nn.functional.conv1d(x.float(), float32_weight(weight), b, stride, groups=groups).to(x.dtype)
-    if x.is_cuda and x.dtype == torch.float32:
-        with ieee_cudnn_convs():
-            return torch.nn.functional.conv1d(x, weight, bias, stride, groups=groups)
-    return torch.nn.functional.conv1d(x, weight, bias, stride, groups=groups)
+    with exact_convs(x):
+        return torch.nn.functional.conv1d(x, weight, bias, stride, groups=groups)
+
+
+def exact_convs(x: torch.Tensor):
+    """For a float32 CUDA input, cuDNN convs in true float32 for the duration (`ieee_cudnn_convs`);
+    otherwise nothing."""
+    return ieee_cudnn_convs() if x.is_cuda and x.dtype == torch.float32 else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -139,18 +143,13 @@ def ieee_cudnn_convs():
     path. Sets the process-wide flag: the new per-op API where it exists (reading the legacy
     flag after setting the new one raises), else the legacy one."""
     c = torch.backends.cudnn
-    conv = getattr(c, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        old = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
+    if hasattr(getattr(c, "conv", None), "fp32_precision"):
+        obj, attr, exact = c.conv, "fp32_precision", "ieee"
     else:
-        old = c.allow_tf32
-        c.allow_tf32 = False
-        try:
-            yield
-        finally:
-            c.allow_tf32 = old
+        obj, attr, exact = c, "allow_tf32", False
+    old = getattr(obj, attr)
+    setattr(obj, attr, exact)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
