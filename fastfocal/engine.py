@@ -134,8 +134,8 @@ class StreamEngine:
         self.runner = GraphRunner(self.pipeline.step, [((self.chunk,), in_dtype)], buckets_for(max_streams),
                                   self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs))
         pin = self.device.type == "cuda"  # pinned staging: the copy in is asynchronous
-        self._host_in = torch.zeros(max_streams, self.chunk, dtype=torch.from_numpy(np.zeros(0, self._np_in)).dtype,
-                                    pin_memory=pin)
+        self._ring_dtype = torch.from_numpy(np.zeros(0, self._np_in)).dtype
+        self._host_in = torch.zeros(max_streams, self.chunk, dtype=self._ring_dtype, pin_memory=pin)
         self._host_idx = torch.zeros(max_streams, dtype=torch.long, pin_memory=pin)
         # per slot: ring of pending input, read position, count, sticky error code, owner id.
         # The rings are laid out step-major, (cap / chunk, slots, chunk): chunk d of every slot
@@ -233,9 +233,7 @@ class StreamEngine:
         return self._ring.shape[0] * self.chunk
 
     def _new_ring(self, depth: int) -> np.ndarray:
-        t = torch.zeros(depth, self.max_streams, self.chunk, dtype=torch.from_numpy(np.zeros(0, self._np_in)).dtype,
-                        pin_memory=self._pin)
-        return t.numpy()
+        return torch.zeros(depth, self.max_streams, self.chunk, dtype=self._ring_dtype, pin_memory=self._pin).numpy()
 
     def submit(self, sid: int, data) -> None:
         """Append samples (16 kHz float, shape (n,) or (1, n)) or tokens (integers in the
