@@ -25,9 +25,10 @@ import fastfocal  # noqa: E402
 from fastfocal import kernels, ops  # noqa: E402
 from fastfocal.pipeline import Pipeline  # noqa: E402
 
-# no device kernel: views, metadata, and the host-side scalars CUDA graphs bake in
+# no device kernel: views, metadata, and the host-side scalars CUDA graphs bake in (reshape is
+# not here: it copies when the input cannot be viewed, and a view is caught by `_aliases`)
 FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-        "squeeze", "as_strided", "alias", "detach", "reshape", "unfold", "split", "split_with_sizes",
+        "squeeze", "as_strided", "alias", "detach", "unfold", "split", "split_with_sizes",
         "narrow", "unbind", "chunk", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty",
         "is_nonzero", "_local_scalar_dense", "sym_size", "sym_stride", "_reshape_alias", "diagonal"}
 
@@ -67,7 +68,7 @@ def main() -> None:
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
     ops._host_checks_ok = lambda t: False
     launches: collections.Counter = collections.Counter()
-    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "modulate", "norm")]
+    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "linear", "modulate", "norm")]
     for m in mods:
         for name in dir(m):
             if name.endswith("_kernel"):

@@ -125,14 +125,13 @@ class WavLM(nn.Module):
         if not c.causal and x.shape[1] < self.min_samples():
             x = F.pad(x, (0, 0, 0, self.min_samples() - x.shape[1]))
         for i, layer in enumerate(self.feature_extractor.layers):
-            w = layer.conv.weight  # (C_out, C_in, k): reshaped to (C_out, C_in*k) matches unfold's (C, k)
             k, s_ = c.kernel_sizes[i], c.strides[i]
             if c.causal:
                 cache = ops.rows(st.fe_caches[i], idx) if st is not None else None
                 x = ops.causal_pad(x, k - 1, cache, fresh, True, dim=1)
                 if st is not None and k > 1:
                     ops.put_rows(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):])
-            x = ops.linear(x.unfold(1, k, s_).reshape(B, -1, w.shape[1] * k), w.reshape(w.shape[0], -1), None)
+            x = ops.conv_time_major(x, layer.conv.weight, s_)
             x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
         x = ops.linear(x, self.feature_proj.weight, self.feature_proj.bias)

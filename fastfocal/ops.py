@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
-from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, modulate as mod, norm
-from .kernels._common import exact_convs, grouped_conv1d  # noqa: F401  (the model reaches them through ops)
+from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm
+from .kernels._common import derived, exact_convs, grouped_conv1d  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
 
@@ -148,8 +148,22 @@ def _packed(w: Tensor) -> Tensor:
     return hit[1]
 
 
+# GPU, few rows (a small-batch streaming step: 4 rows per stream): the matmul and its epilogue
+# in one Triton kernel (`kernels/linear.py`) instead of cuBLAS + an epilogue launch. Read once;
+# FASTFOCAL_SKINNY_ROWS=0 keeps cuBLAS for every size.
+SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
+
+
+def _skinny(x: Tensor, weight: Tensor) -> bool:
+    K = x.shape[-1]
+    return K > 0 and x.numel() <= SKINNY_ROWS * K and use_triton(x) and x.dtype == weight.dtype \
+        and weight.dim() == 2 and weight.stride(1) == 1  # a transposed weight stays on cuBLAS (no copy a step)
+
+
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T + b (F.linear), on CPU through the reordered weight."""
+    if _skinny(x, weight):
+        return lin.linear(x, weight, bias)
     if not _pack_ok(x, weight):
         return F.linear(x, weight, bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _packed(weight), bias, "none", [], "")
@@ -179,6 +193,8 @@ def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none"
 
 def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,
          **rest) -> Tensor:
+    if _skinny(x, weight):
+        return lin.linear(x, weight, bias, act=act, res=res, **rest)
     if use_triton(x):
         h = F.linear(x, weight)
         return epilogue.epilogue(h, bias, out=h, act=act, res=res, **rest)
@@ -224,6 +240,26 @@ def linear_residual_dyt(x, weight, bias, res, alpha) -> tuple[Tensor, Tensor]:
     if xr is not None:
         return xr, norm.norm_ref(xr, alpha=alpha)
     return norm.norm_ref(matmul(x, weight, bias), alpha=alpha, res=res)
+
+
+# Feature-extractor convs (no bias) over a time-major signal: a GEMM over the conv windows. On
+# the Triton path with few windows (a streaming step's up to 256) the kernel reads the
+# overlapping windows in place, the taps reordered once to (k, C_in); otherwise unfold copies
+# them for the BLAS.
+FE_WINDOW_ROWS = 256
+
+
+def conv_time_major(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    """Valid conv1d over time of x (B, T, C_in) by weight (C_out, C_in, k) -> (B, T', C_out)."""
+    N, C, k = weight.shape
+    B, T = x.shape[0], x.shape[1]
+    Tout = (T - k) // stride + 1
+    if 0 < B * Tout <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 and x.is_contiguous() and use_triton(x) \
+            and x.dtype == weight.dtype:
+        win = x.as_strided((B, Tout, k * C), (T * C, stride * C, 1), x.storage_offset())
+        taps = derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
+        return lin.linear(win, taps)
+    return linear(x.unfold(1, k, stride).reshape(B, -1, C * k), weight.reshape(N, -1), None)
 
 
 # --------------------------------------------------------------------------- causal padding
@@ -289,6 +325,8 @@ def focal_context(
 
 def modulate(q: Tensor, acc: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """q * context_proj(acc), weight (C, C)."""
+    if _skinny(acc, weight):
+        return lin.linear(acc, weight, bias, mul=q)
     if use_triton(q):
         m = F.linear(acc, weight)
         return mod.modulate(q, m, bias, out=m)

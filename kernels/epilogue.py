@@ -21,21 +21,20 @@ ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3}
 
 
 @triton.jit
-def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C, lo, hi,
-                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    m = (r < N)[:, None] & cm[None, :]
-    p = r[:, None] * C + c[None, :]
-    x = tl.load(h_ptr + p, mask=m, other=0.0).to(tl.float32)
+def apply_epilogue(x, r, c, rm, cm, C, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, mul_sr, lo, hi,
+                   HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
+                   ACT: tl.constexpr, INTERP: tl.constexpr):
+    """ACT(res + gamma * mul * (x + bias)) of an fp32 tile x at rows r (int64) and channels c of
+    (N, C) rows: res contiguous, mul with row stride mul_sr (focal modulation's q)."""
+    m = rm[:, None] & cm[None, :]
     if HAS_BIAS:
         x += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_MUL:
+        x = x * tl.load(mul_ptr + r[:, None] * mul_sr + c[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         x = x * tl.load(gamma_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        x += tl.load(res_ptr + p, mask=m, other=0.0).to(tl.float32)
+        x += tl.load(res_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
     if ACT == 1:
         x = gelu(x, INTERP)
     elif ACT == 2:
@@ -44,6 +43,21 @@ def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C,
         a = tl.load(alpha_ptr + c, mask=cm, other=1.0).to(tl.float32)[None, :]
         s = sin(a * x, INTERP)
         x = x + s * s / (a + 1e-9)
+    return x
+
+
+@triton.jit
+def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C, lo, hi,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, ACT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm, cm = r < N, c < C
+    m = rm[:, None] & cm[None, :]
+    p = r[:, None] * C + c[None, :]
+    x = tl.load(h_ptr + p, mask=m, other=0.0).to(tl.float32)
+    x = apply_epilogue(x, r, c, rm, cm, C, b_ptr, res_ptr, gamma_ptr, alpha_ptr, h_ptr, 0, lo, hi,
+                       HAS_BIAS, False, HAS_GAMMA, HAS_RES, ACT, INTERP)
     tl.store(out_ptr + p, x.to(out_ptr.dtype.element_ty), mask=m)
 
 

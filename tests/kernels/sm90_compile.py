@@ -66,9 +66,9 @@ class Recorder:
 
 
 def record(quick: bool) -> dict:
-    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, modulate, norm
+    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm
 
-    mods = [attention, bsq, convnext, epilogue, focal_context, modulate, norm]
+    mods = [attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm]
     log: dict = {}
     for m in mods:
         m.check_device = lambda *a: None  # CPU tensors stand in for CUDA ones
@@ -96,6 +96,15 @@ def record(quick: bool) -> dict:
             qkv, y = r(2, T, 3 * H * d, dtype=dt), r(2, T, H * d, dtype=dt)
             start = torch.full((2,), 1000)
             attention.rel_attention(qkv, y, *p, H, start, 4, window, 320, 800, kr if ring else None, vr if ring else None, torch.arange(2) if ring else None)
+        # few-row matmul + epilogue (a batch-1 step's Linears, modulation, feature-extractor windows)
+        x4 = r(1, 4, 1024, dtype=dt)
+        linear.linear(x4, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu")
+        linear.linear(r(1, 4, 4096, dtype=dt), r(1024, 4096, dtype=dt), r(1024, dtype=dt), res=x4, gamma=r(1024, dtype=dt))
+        linear.linear(x4, r(1024, 1024, dtype=dt), r(1024, dtype=dt), mul=r(1, 4, 2051, dtype=dt)[..., :1024])
+        linear.linear(x4, r(480, 1024, dtype=dt), r(480, dtype=dt), act="clamp")
+        linear.linear(x4, r(1024, 1024, dtype=dt), r(1024, dtype=dt), act="snake", alpha=r(1024, dtype=dt))
+        fe = r(1, 131, 512, dtype=dt)
+        linear.linear(fe.as_strided((1, 64, 1536), (131 * 512, 1024, 1)), r(512, 1536, dtype=dt))
         # epilogues, norms, modulate, BSQ, ConvNeXt front
         for shape in ((4, 4), (8, 2048)):
             for C, kw in ((4096, dict(act="gelu")), (1024, dict(res=r(*shape, 1024, dtype=dt), gamma=r(1024, dtype=dt))),

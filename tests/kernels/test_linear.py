@@ -1,0 +1,79 @@
+"""Few-row matmul + epilogue kernel against float64: every epilogue part, strided inputs
+(conv windows read in place, focal modulation's q), shapes off every tile edge."""
+import pytest
+import torch
+from conftest import DEVICE
+from kernel_checks import DTYPES, assert_close, f64, rand
+
+from fastfocal.kernels.linear import linear, linear_ref
+
+# (leading dims, K, N): a batch-1 step's 4 rows, one row, 16+ rows (two row tiles), odd sizes
+SHAPES = [((1, 4), 1024, 4096), ((1, 1), 24, 40), ((2, 9), 96, 130), ((37,), 1000, 33)]
+
+
+def _w(N, K, dtype):
+    return rand(N, K, dtype=dtype, device=DEVICE, scale=K ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("part", ["plain", "bias", "gelu", "res", "res_gamma", "clamp", "snake", "mul", "gelu_res_gamma"])
+def test_linear(dtype, lead, K, N, part):
+    x = rand(*lead, K, dtype=dtype, device=DEVICE)
+    w = _w(N, K, dtype)
+    kw = dict(bias=None if part == "plain" else rand(N, dtype=dtype, device=DEVICE))
+    if "gelu" in part:
+        kw["act"] = "gelu"
+    if "res" in part:
+        kw["res"] = rand(*lead, N, dtype=dtype, device=DEVICE)
+    if "gamma" in part:
+        kw["gamma"] = rand(N, dtype=dtype, device=DEVICE)
+    if part == "clamp":
+        kw.update(act="clamp", lo=-0.5, hi=0.7)
+    if part == "snake":
+        kw.update(act="snake", alpha=(torch.rand(N) * 2 + 0.2).to(DEVICE, dtype))
+    if part == "mul":  # q: the first N features of a wider row, as focal modulation passes it
+        kw["mul"] = rand(*lead, 2 * N + 3, dtype=dtype, device=DEVICE)[..., :N]
+    got = linear(x, w, **kw)
+    want = linear_ref(*f64(x, w), **{k: (f64(v)[0] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert got.shape == (*lead, N) and got.dtype == dtype and got.is_contiguous()
+    assert_close(part, got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_overlapping_conv_windows_read_in_place(dtype):
+    """A strided conv as a matmul over windows that overlap in memory (row stride s*C < K = k*C),
+    against the library conv in float64: what the feature extractor passes."""
+    B, T, C, k, s, N = 2, 23, 48, 3, 2, 40
+    x = rand(B, T, C, dtype=dtype, device=DEVICE)
+    w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
+    Tout = (T - k) // s + 1
+    win = x.as_strided((B, Tout, k * C), (T * C, s * C, 1))
+    got = linear(win, w.permute(0, 2, 1).reshape(N, k * C))  # taps reordered to (k, C)
+    want = torch.nn.functional.conv1d(x.double().transpose(1, 2), w.double(), stride=s).transpose(1, 2)
+    assert_close("conv windows", got, want, dtype)
+
+
+def test_weight_without_unit_stride_and_rejected_inputs():
+    x = rand(1, 4, 64, device=DEVICE)
+    w = _w(64, 96, torch.float32).t()  # (96, 64) view of a transposed weight
+    assert_close("transposed weight", linear(x, w), linear_ref(*f64(x, w)))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        linear(x, w.to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"weight must be \(N, 64\)"):
+        linear(x, _w(8, 63, torch.float32))
+    with pytest.raises(ValueError, match="res must be"):
+        linear(x, _w(8, 64, torch.float32), res=rand(1, 4, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="snake needs alpha"):
+        linear(x, _w(8, 64, torch.float32), act="snake")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_model_sizes(dtype):
+    """The batch-1 step's matmuls at their real sizes (compiled tiles, not the interpreter's)."""
+    for M, K, N in [(4, 1024, 4096), (4, 4096, 1024), (4, 1024, 3075), (1, 1536, 512), (16, 1024, 1024)]:
+        x = rand(M, K, dtype=dtype, device="cuda")
+        w, b = _w(N, K, dtype).cuda(), rand(N, dtype=dtype, device="cuda")
+        r = rand(M, N, dtype=dtype, device="cuda")
+        assert_close(f"{M}x{K}x{N}", linear(x, w, b, "gelu", res=r), linear_ref(*f64(x, w, b), "gelu", res=f64(r)[0]), dtype)
