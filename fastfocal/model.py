@@ -133,8 +133,7 @@ class WavLM(nn.Module):
                     ops.put_rows(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):])
             x = ops.conv_time_major(x, layer.conv.weight, s_)
             x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
-        x = ops.layer_norm(x, self.norm.weight, self.norm.bias, 1e-5)
-        x = ops.linear(x, self.feature_proj.weight, self.feature_proj.bias)
+        x = ops.linear(ops.pre_norm(x, self.norm.weight, self.norm.bias, 1e-5), self.feature_proj.weight, self.feature_proj.bias)
 
         pconv = self.encoder.positional_embedding.conv
         xt = x.transpose(1, 2)
@@ -156,7 +155,7 @@ class WavLM(nn.Module):
         layers = self.encoder.layers
         memo: dict = {}  # what the layers of this step share (the CPU attention's position bias)
         # each residual add is fused with the norm that follows it (the next layer's LN_a)
-        y = ops.layer_norm(x, layers[0].attention_norm.weight, layers[0].attention_norm.bias, 1e-5)
+        y = ops.pre_norm(x, layers[0].attention_norm.weight, layers[0].attention_norm.bias, 1e-5)
         for li, layer in enumerate(layers):
             o = self._attention(layer.attention, y, start, st, idx, li, memo)
             op, fn = layer.attention.out_proj, layer.feed_forward_norm
@@ -225,7 +224,7 @@ class FocalBlock(nn.Module):
         self.feed_forward = _container(in_proj=nn.Linear(dim, 4 * dim), out_proj=nn.Linear(4 * dim, dim))
 
     def _norm(self, n, x):
-        return ops.dyt(x, n.alpha) if self.causal else ops.layer_norm(x, n.weight, n.bias, 1e-5)
+        return ops.pre_norm(x, alpha=n.alpha) if self.causal else ops.pre_norm(x, n.weight, n.bias, 1e-5)
 
     def forward(self, x, caches=None, idx=None, start=None):
         u = self.modulation(self._norm(self.modulation_norm, x), caches, idx, start)
@@ -400,7 +399,7 @@ class _Backbone(nn.Module):
                                       st.caches[li] if st is not None else None, idx)
             h = ops.linear_gelu(h, L.pwconv1.weight, L.pwconv1.bias)
             x = ops.linear_residual(h, L.pwconv2.weight, L.pwconv2.bias, x, L.gamma)
-        return ops.layer_norm(x, self.output_norm.weight, self.output_norm.bias, 1e-6)
+        return ops.pre_norm(x, self.output_norm.weight, self.output_norm.bias, 1e-6)  # the head's input
 
 
 class WaveNeXt(nn.Module):

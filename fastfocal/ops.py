@@ -92,6 +92,43 @@ def layer_norm_gelu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tens
     return norm.norm_ref(x, weight, bias, eps, act_gelu=True)
 
 
+class Normed:
+    """NORM(x) handed to the next matmul undone: on the few-row GPU path the matmul normalises
+    its input rows itself (a prologue in `kernels/linear.py`) and stores them on the side, so
+    a pre-norm block's norm costs no launch. `value(t)` gives the tensor to any other consumer
+    (the norm kernel, once, if no matmul has stored it yet)."""
+
+    __slots__ = ("x", "spec", "y")
+
+    def __init__(self, x: Tensor, spec: tuple):
+        self.x, self.spec, self.y = x, spec, None  # spec: ("layer_norm", w, b, eps) or ("dyt", alpha)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    def value(self) -> Tensor:
+        if self.y is None:
+            s = self.spec
+            self.y = layer_norm(self.x, s[1], s[2], s[3]) if s[0] == "layer_norm" else dyt(self.x, s[1])
+        return self.y
+
+
+def value(t):
+    """The tensor behind a `Normed` (anything else as it is)."""
+    return t.value() if isinstance(t, Normed) else t
+
+
+def pre_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+             alpha: Tensor | None = None):
+    """LayerNorm (weight, bias, eps) or DynamicTanh (alpha) of x for a matmul consumer: a
+    `Normed` where that matmul can fuse it (few rows on the Triton path), else the tensor."""
+    spec = ("dyt", alpha) if alpha is not None else ("layer_norm", weight, bias, eps)
+    if _skinny_rows(x):
+        return Normed(x, spec)
+    return Normed(x, spec).value()
+
+
 def dyt(x: Tensor, alpha: Tensor) -> Tensor:
     """DynamicTanh without affine: tanh(alpha * x), alpha a 1-element tensor."""
     if use_triton(x):
@@ -154,16 +191,34 @@ def _packed(w: Tensor) -> Tensor:
 SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
 
 
-def _skinny(x: Tensor, weight: Tensor) -> bool:
+def _skinny_rows(x: Tensor) -> bool:
     K = x.shape[-1]
-    return K > 0 and x.numel() <= SKINNY_ROWS * K and use_triton(x) and x.dtype == weight.dtype \
-        and weight.dim() == 2 and weight.stride(1) == 1  # a transposed weight stays on cuBLAS (no copy a step)
+    return 0 < K <= 8192 and x.numel() <= SKINNY_ROWS * K and use_triton(x)
+
+
+def _skinny(x: Tensor, weight: Tensor) -> bool:
+    x = x.x if isinstance(x, Normed) else x
+    return _skinny_rows(x) and x.dtype == weight.dtype and weight.dim() == 2 \
+        and weight.stride(1) == 1  # a transposed weight stays on cuBLAS (no copy a step)
+
+
+def _skinny_linear(x, weight: Tensor, bias: Tensor | None, **epi) -> Tensor:
+    """The few-row kernel; a `Normed` input is normalised inside it (and stored, once)."""
+    if not isinstance(x, Normed):
+        return lin.linear(x, weight, bias, **epi)
+    if x.y is not None:
+        return lin.linear(x.y, weight, bias, **epi)
+    y = torch.empty_like(x.x)
+    out = lin.linear(x.x, weight, bias, norm=x.spec, norm_out=y, **epi)
+    x.y = y
+    return out
 
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x W^T + b (F.linear), on CPU through the reordered weight."""
+    """x W^T + b (F.linear), on CPU through the reordered weight. x may be a `Normed`."""
     if _skinny(x, weight):
-        return lin.linear(x, weight, bias)
+        return _skinny_linear(x, weight, bias)
+    x = value(x)
     if not _pack_ok(x, weight):
         return F.linear(x, weight, bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _packed(weight), bias, "none", [], "")
@@ -194,7 +249,8 @@ def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none"
 def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,
          **rest) -> Tensor:
     if _skinny(x, weight):
-        return lin.linear(x, weight, bias, act=act, res=res, **rest)
+        return _skinny_linear(x, weight, bias, act=act, res=res, **rest)
+    x = value(x)
     if use_triton(x):
         h = F.linear(x, weight)
         return epilogue.epilogue(h, bias, out=h, act=act, res=res, **rest)
@@ -221,7 +277,11 @@ def linear_clamp(x: Tensor, weight: Tensor, bias: Tensor | None, lo: float, hi: 
 
 
 def linear_residual_layer_norm(x, weight, bias, res, ln_weight, ln_bias, eps) -> tuple[Tensor, Tensor]:
-    """x' = res + (x W^T + b); returns (x', LayerNorm(x'))."""
+    """x' = res + (x W^T + b); returns (x', LayerNorm(x')), the latter a `Normed` on the
+    few-row path (the next matmul normalises)."""
+    if _skinny(x, weight) and weight.shape[0] <= 8192:
+        xr = lin.linear(x, weight, bias, res=res)
+        return xr, Normed(xr, ("layer_norm", ln_weight, ln_bias, eps))
     if use_triton(x) and weight.shape[0] <= 8192:
         h = F.linear(x, weight)
         return norm.norm(h, ln_weight, ln_bias, eps, res=res, h_bias=bias, x_out=h)
@@ -232,7 +292,11 @@ def linear_residual_layer_norm(x, weight, bias, res, ln_weight, ln_bias, eps) ->
 
 
 def linear_residual_dyt(x, weight, bias, res, alpha) -> tuple[Tensor, Tensor]:
-    """x' = res + (x W^T + b); returns (x', tanh(alpha x'))."""
+    """x' = res + (x W^T + b); returns (x', tanh(alpha x')), the latter a `Normed` on the
+    few-row path."""
+    if _skinny(x, weight):
+        xr = lin.linear(x, weight, bias, res=res)
+        return xr, Normed(xr, ("dyt", alpha))
     if use_triton(x):
         h = F.linear(x, weight)
         return norm.norm(h, alpha=alpha, res=res, h_bias=bias, x_out=h)
@@ -357,6 +421,7 @@ def rel_attention(
     and updates the K/V rings (S, H, R, d) at rows idx (None: all, in order); start (B,) =
     position of frame 0. memo: one dict shared by the layers of a step (the CPU path builds
     the position bias once in it)."""
+    y = value(y)
     if k_ring is not None and window is not None and _cpu_path(qkv):
         form = cpu.rel_attention_step if qkv.shape[1] <= cpu.MAX_STEP_FRAMES else cpu.rel_attention_long
         return form(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window,

@@ -1,6 +1,10 @@
 """Few-row matmul with its epilogue in the same kernel, for small-batch streaming steps:
 
-    out = ACT(res + gamma * mul * (x W^T + bias))      every part optional (see epilogue.py)
+    out = ACT(res + gamma * mul * (NORM(x) W^T + bias))   every part optional (see epilogue.py)
+
+NORM, a prologue: LayerNorm or DynamicTanh of x's rows (each program reads whole rows of x
+anyway), so a pre-norm block's norm costs no launch of its own; the normalised rows can be
+stored on the side for another consumer (attention's gate reads LN_a(x) too).
 
 A batch-1 step has 4 rows per Linear, so each matmul is a read of the weight and nothing else;
 on cuBLAS it is one launch and the epilogue another (45 epilogue launches a step, plus 6 for
@@ -22,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, pow2
+from ._common import INTERPRET, check, check_device, pow2, tanh
 from .epilogue import ACTS, apply_epilogue
 
 
@@ -44,20 +48,46 @@ BLOCK_M = 16  # tl.dot's smallest M; the rows past M are masked (no bytes read)
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, out_ptr,
-                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi,
+                   nw_ptr, nb_ptr, nalpha_ptr, nout_ptr,
+                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps,
                    HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
-                   ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+                   ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < M, n < N
     xrow = (r // T) * sxb + (r % T) * sxt
     wrow = n.to(tl.int64) * swn
+    if NORM == 1:  # LayerNorm statistics of the rows: mean, then the centred variance (as norm.py)
+        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            s1 += tl.sum(tl.load(x_ptr + xrow[:, None] + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0).to(tl.float32), 1)
+        mean = s1 / K
+        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km2 = rm[:, None] & (k < K)[None, :]
+            d = tl.where(km2, tl.load(x_ptr + xrow[:, None] + k[None, :], mask=km2, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(s2 / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < K
-        a = tl.load(x_ptr + xrow[:, None] + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        am = rm[:, None] & km[None, :]
+        a = tl.load(x_ptr + xrow[:, None] + k[None, :], mask=am, other=0.0)
+        if NORM == 1:
+            g = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+            b = tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
+            y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+            a = tl.where(am, y, 0.0).to(w_ptr.dtype.element_ty)  # rounded as the norm's stored output
+        elif NORM == 2:
+            y = tanh(tl.load(nalpha_ptr).to(tl.float32) * a.to(tl.float32), INTERP)
+            a = tl.where(am, y, 0.0).to(w_ptr.dtype.element_ty)
+        if STORE_NORM:  # one column of programs writes the normalised rows
+            if tl.program_id(1) == 0:
+                tl.store(nout_ptr + r[:, None] * K + k[None, :], a, mask=am)
         w = tl.load(w_ptr + wrow[:, None] + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         if INTERP:  # the interpreter's bf16 dot is broken: products of the same values in fp32
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
@@ -98,10 +128,11 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
            gamma: Tensor | None = None, alpha: Tensor | None = None, mul: Tensor | None = None,
-           lo: float = -1.0, hi: float = 1.0) -> Tensor:
-    """ACT(res + gamma * mul * (x W^T + bias)) -> (..., N) contiguous. x (..., K), weight (N, K)
-    with unit stride along K, same dtype; mul (..., N) with unit channel stride and evenly
-    strided rows; res (..., N)."""
+           lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None, norm_out: Tensor | None = None) -> Tensor:
+    """ACT(res + gamma * mul * (NORM(x) W^T + bias)) -> (..., N) contiguous. x (..., K), weight
+    (N, K) with unit stride along K, same dtype; mul (..., N) with unit channel stride and
+    evenly strided rows; res (..., N). norm: ("layer_norm", weight, bias, eps) or ("dyt", alpha)
+    over x's K channels; norm_out (..., K) contiguous receives NORM(x)."""
     check(act in ACTS, f"act must be one of {list(ACTS)}, got {act!r}")
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
     check(x.shape[-1] > 0, "x needs at least one input channel")
@@ -126,7 +157,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
                 mul.stride(i) == mul.stride(i + 1) * mul.shape[i + 1] for i in range(mul.dim() - 2)):
             mul = mul.contiguous()
         mul_sr = mul.stride(-2)
-    check_device(x3, weight, *[v for v in (bias, res, gamma, alpha, mul) if v is not None])
+    kind, nw, nb, eps, nalpha = "none", None, None, 0.0, None
+    if norm is not None:
+        kind = norm[0]
+        check(kind in ("layer_norm", "dyt"), f"norm must be layer_norm or dyt, got {kind!r}")
+        if kind == "layer_norm":
+            nw, nb, eps = norm[1], norm[2], float(norm[3])
+            check(nw.numel() == K and nb.numel() == K and nw.is_contiguous() and nb.is_contiguous(),
+                  f"LayerNorm weight/bias must hold {K} contiguous values")
+        else:
+            nalpha = norm[1]
+            check(nalpha.numel() == 1, "DynamicTanh alpha is one value")
+    if norm_out is not None:
+        check(norm is not None, "norm_out needs a norm")
+        check(tuple(norm_out.shape) == tuple(x.shape) and norm_out.dtype == x.dtype and norm_out.is_contiguous(),
+              f"norm_out must be contiguous {tuple(x.shape)} {x.dtype}")
+    check_device(x3, weight, *[v for v in (bias, res, gamma, alpha, mul, nw, nb, nalpha, norm_out) if v is not None])
     out = torch.empty(lead + (N,), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
@@ -134,9 +180,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
     _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x3, weight, bias if bias is not None else weight, res if res is not None else out,
         gamma if gamma is not None else weight, alpha if alpha is not None else weight,
-        mul if mul is not None else out, out, M, N, K, T, x3.stride(0), x3.stride(1), weight.stride(0), mul_sr,
-        float(lo), float(hi), HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
-        HAS_RES=res is not None, ACT=ACTS[act], PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        mul if mul is not None else out, out, nw if nw is not None else weight, nb if nb is not None else weight,
+        nalpha if nalpha is not None else weight, norm_out if norm_out is not None else out,
+        M, N, K, T, x3.stride(0), x3.stride(1), weight.stride(0), mul_sr, float(lo), float(hi), eps,
+        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
+        HAS_RES=res is not None, ACT=ACTS[act], NORM={"none": 0, "layer_norm": 1, "dyt": 2}[kind],
+        STORE_NORM=norm_out is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
     return out
@@ -144,9 +193,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
                gamma: Tensor | None = None, alpha: Tensor | None = None, mul: Tensor | None = None,
-               lo: float = -1.0, hi: float = 1.0) -> Tensor:
+               lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None) -> Tensor:
     from .epilogue import epilogue_ref
+    from .norm import norm_ref
 
+    if norm is not None:
+        x = norm_ref(x, norm[1], norm[2], norm[3]) if norm[0] == "layer_norm" else norm_ref(x, alpha=norm[1])
     h = torch.nn.functional.linear(x, weight, bias)
     if mul is not None:
         h = h * mul

@@ -77,3 +77,26 @@ def test_gpu_model_sizes(dtype):
         w, b = _w(N, K, dtype).cuda(), rand(N, dtype=dtype, device="cuda")
         r = rand(M, N, dtype=dtype, device="cuda")
         assert_close(f"{M}x{K}x{N}", linear(x, w, b, "gelu", res=r), linear_ref(*f64(x, w, b), "gelu", res=f64(r)[0]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", [((1, 4), 1024, 3075), ((1, 3), 200, 48), ((2, 9), 96, 130)])
+@pytest.mark.parametrize("kind", ["layer_norm", "dyt"])
+@pytest.mark.parametrize("store", [False, True])
+def test_norm_prologue(dtype, lead, K, N, kind, store):
+    """NORM(x) W^T + b with the norm computed inside the matmul (and stored on the side),
+    against the float64 norm then matmul; x carries an offset so a missing mean shows."""
+    x = rand(*lead, K, dtype=dtype, device=DEVICE, scale=3.0) + 2.0
+    w, b = _w(N, K, dtype), rand(N, dtype=dtype, device=DEVICE)
+    if kind == "layer_norm":
+        nrm = ("layer_norm", rand(K, dtype=dtype, device=DEVICE), rand(K, dtype=dtype, device=DEVICE), 1e-5)
+    else:
+        nrm = ("dyt", torch.tensor([0.7]).to(DEVICE, dtype))
+    nout = torch.empty_like(x) if store else None
+    got = linear(x, w, b, "gelu", norm=nrm, norm_out=nout)
+    n64 = tuple(f64(v)[0] if isinstance(v, torch.Tensor) else v for v in nrm)
+    assert_close(kind, got, linear_ref(*f64(x, w, b), "gelu", norm=n64), dtype)
+    if store:
+        from fastfocal.kernels.norm import norm_ref
+        want = norm_ref(f64(x)[0], *n64[1:]) if kind == "layer_norm" else norm_ref(f64(x)[0], alpha=n64[1])
+        assert_close(f"{kind} stored", nout, want, dtype)

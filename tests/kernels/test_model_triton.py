@@ -56,6 +56,32 @@ def test_golden_streaming(causal, golden_causal, triton_backend):
     assert_close("stream_rec_sig", audio, g["stream_rec_sig"])
 
 
+def test_few_row_steps_fuse_epilogues_and_norms(causal, golden_causal, triton_backend, monkeypatch):
+    """Batch-1 streaming steps on the few-row matmul kernel (epilogues, modulation and pre-norms
+    inside it) against the same steps on separate matmul + epilogue + norm launches: same
+    audio and tokens, and far fewer epilogue/norm launches."""
+    import fastfocal.kernels.epilogue as ke
+    import fastfocal.kernels.modulate as km
+    import fastfocal.kernels.norm as kn
+
+    calls = {"side": 0}
+    for mod, name in ((ke, "epilogue"), (kn, "norm"), (km, "modulate")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: calls.__setitem__("side", calls["side"] + 1) or _r(*a, **k))
+    sig = T(golden_causal["sig"][:1, :1280 * 4])
+    runs = {}
+    for rows in (0, 16):
+        monkeypatch.setattr(ops, "SKINNY_ROWS", rows)
+        calls["side"] = 0
+        s = causal.stream(batch_size=1)
+        outs = [s.push(sig[:, a:a + 1280]) for a in range(0, sig.shape[1], 1280)]
+        runs[rows] = (torch.cat([t for t, _ in outs], 1), torch.cat([y for _, y in outs], 1), calls["side"])
+    (t0, y0, n0), (t1, y1, n1) = runs[0], runs[16]
+    assert torch.equal(t1, t0)
+    assert_close("audio", y1, y0, rel=1e-5)
+    assert n1 < n0 / 3, f"{n1} epilogue/norm/modulate launches with the fused kernel, {n0} without"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_full_size_triton_vs_torch(monkeypatch, dtype):
