@@ -68,7 +68,7 @@ def main() -> None:
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
     ops._host_checks_ok = lambda t: False
     launches: collections.Counter = collections.Counter()
-    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "linear", "modulate", "norm")]
+    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "linear", "modulate", "norm", "status")]
     for m in mods:
         for name in dir(m):
             if name.endswith("_kernel"):

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import ops
 from .inputs import MAX_AMPLITUDE, InputError
+from .kernels import status
 from .model import FocalCodecModel
 from .state import StageState, all_rows
 
@@ -81,11 +83,16 @@ def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states:
         else:
             x = getattr(model, name)(x, st, idx)
         out[PRODUCES[name]] = x
+    # checked: the signs' source and what is handed out
+    checked = [out[k] for k in dict.fromkeys(("lats", PRODUCES[stages[-1]])) if k in out and out[k].is_floating_point()]
+    audio = first if stages[0] == "encoder" else None
+    if ops.use_triton(first):  # one launch instead of ~17 small ones
+        out["err"] = status.row_status(audio, checked, MAX_AMPLITUDE, first.shape[0])
+        return out
     bad = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for k in dict.fromkeys(("lats", PRODUCES[stages[-1]])):  # the signs' source and what is handed out
-        if k in out and out[k].is_floating_point():
-            bad = bad | ~torch.isfinite(out[k]).flatten(1).all(1)
-    out["err"] = error_code(first if stages[0] == "encoder" else None, bad)
+    for t in checked:
+        bad = bad | ~torch.isfinite(t).flatten(1).all(1)
+    out["err"] = error_code(audio, bad)
     return out
 
 

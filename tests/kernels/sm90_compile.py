@@ -66,9 +66,9 @@ class Recorder:
 
 
 def record(quick: bool) -> dict:
-    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm
+    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm, status
 
-    mods = [attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm]
+    mods = [attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm, status]
     log: dict = {}
     for m in mods:
         m.check_device = lambda *a: None  # CPU tensors stand in for CUDA ones
@@ -103,8 +103,12 @@ def record(quick: bool) -> dict:
         linear.linear(x4, r(1024, 1024, dtype=dt), r(1024, dtype=dt), mul=r(1, 4, 2051, dtype=dt)[..., :1024])
         linear.linear(x4, r(480, 1024, dtype=dt), r(480, dtype=dt), act="clamp")
         linear.linear(x4, r(1024, 1024, dtype=dt), r(1024, dtype=dt), act="snake", alpha=r(1024, dtype=dt))
+        ln = ("layer_norm", r(1024, dtype=dt), r(1024, dtype=dt), 1e-5)
+        linear.linear(x4, r(3072, 1024, dtype=dt), r(3072, dtype=dt), norm=ln, norm_out=torch.empty_like(x4))
+        linear.linear(x4, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu", norm=("dyt", r(1, dtype=dt)))
         fe = r(1, 131, 512, dtype=dt)
         linear.linear(fe.as_strided((1, 64, 1536), (131 * 512, 1024, 1)), r(512, 1536, dtype=dt))
+        status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)
         # epilogues, norms, modulate, BSQ, ConvNeXt front
         for shape in ((4, 4), (8, 2048)):
             for C, kw in ((4096, dict(act="gelu")), (1024, dict(res=r(*shape, 1024, dtype=dt), gamma=r(1024, dtype=dt))),

@@ -1,0 +1,47 @@
+"""One-launch per-row error codes against the torch form (pipeline.error_code)."""
+import pytest
+import torch
+from conftest import DEVICE
+from kernel_checks import DTYPES
+
+from fastfocal.inputs import MAX_AMPLITUDE
+from fastfocal.kernels.status import row_status
+from fastfocal.pipeline import error_code
+
+
+def _torch_codes(audio, checked):
+    bad = torch.zeros(checked[0].shape[0] if checked else audio.shape[0], dtype=torch.bool, device=DEVICE)
+    for t in checked:
+        bad = bad | ~torch.isfinite(t).flatten(1).all(1)
+    return error_code(audio, bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_audio", [True, False])
+def test_row_status_matches_the_torch_codes(dtype, with_audio):
+    B = 9
+    audio = (torch.randn(B, 1280) * 0.1).to(DEVICE)
+    lats = torch.randn(B, 4, 12).to(DEVICE, dtype)
+    outs = torch.randn(B, 1920).to(DEVICE, dtype)[:, ::2]  # a strided product
+    audio[1, 7] = float("nan")
+    audio[2, 1279] = float("inf")
+    audio[3, 0] = MAX_AMPLITUDE * 1.5
+    audio[4, 5] = -MAX_AMPLITUDE * 1.01
+    audio[5, 5] = MAX_AMPLITUDE  # at the limit: fine
+    lats[6, 3, 11] = float("nan")
+    outs[7, 959] = float("-inf")
+    lats[1, 0, 0] = float("inf")  # bad input wins over bad output
+    lats[3, 0, 0] = float("nan")  # out of range wins over bad output
+    a = audio if with_audio else None
+    got = row_status(a, [lats, outs], MAX_AMPLITUDE, B)
+    want = _torch_codes(a, [lats, outs])
+    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want.cpu()), f"{got.tolist()} vs {want.tolist()}"
+    expect = [0, 1, 1, 2, 2, 0, 3, 3, 0] if with_audio else [0, 3, 0, 3, 0, 0, 3, 3, 0]
+    assert got.tolist() == expect
+
+
+def test_row_status_audio_only_and_no_rows():
+    audio = torch.zeros(3, 4000, device=DEVICE)
+    audio[2, 3999] = float("nan")  # past the first block
+    assert row_status(audio, [], MAX_AMPLITUDE, 3).tolist() == [0, 0, 1]
+    assert row_status(audio[:0], [], MAX_AMPLITUDE, 0).numel() == 0
