@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import fastfocal
+from fastfocal import ops
 from fastfocal.streaming import Stream, StreamDecoder, StreamEncoder
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,6 +118,7 @@ def main():
                 row = {"bench": "stream_latency", **info, "command": " ".join(["python"] + sys.argv),
                        "model": f"random:{args.preset}", "device": str(codec.device), "dtype": dtype, "mode": mode,
                        "graphs": graphs, "batch": 1, "steps": steps,
+                       "skinny_rows": ops.SKINNY_ROWS,  # 0: cuBLAS + separate epilogues/norms
                        "p50_ms": p50 * 1e3, "p90_ms": pct(lat, 0.9) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
                        "mean_ms": sum(lat) / len(lat) * 1e3, "speedup_vs_eager": base / p50,
                        "realtime_factor": 0.08 / p50, "weight_bytes": wb, "weight_gb_per_s": wb / p50 / 1e9,

@@ -7,9 +7,11 @@ fastfocal is imported: triton reads it when the kernels are defined); FASTFOCAL_
 forces the reference. The reference path is the exact float32 path that matches the upstream
 golden vectors.
 
-Ops that end in a matmul epilogue (`linear_*`) keep the matmul on cuBLAS: the Triton path runs
-it without bias and applies bias, scale, residual, activation or norm in one pass; the
-reference path lets the BLAS add the bias and applies the rest with the kernel's `_ref`.
+Ops that end in a matmul epilogue (`linear_*`): with few rows (a small-batch streaming step)
+the Triton path runs matmul, epilogue and a preceding norm in one kernel (`kernels/linear.py`);
+with more rows the matmul stays on cuBLAS, without bias, and one pass applies bias, scale,
+residual, activation or norm; the reference path lets the BLAS add the bias and applies the
+rest with the kernel's `_ref`.
 """
 from __future__ import annotations
 
