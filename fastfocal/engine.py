@@ -151,6 +151,7 @@ class StreamEngine:
         self._slot: dict[int, int] = {}  # open stream id -> slot
         self._free = list(range(max_streams - 1, -1, -1))  # pop(): lowest first, then the last freed
         self._next_id = 0
+        self._lookup = None  # (open ids sorted, their slots): submit_batch's vectorised lookup
         self._codebook = codec.codebook_size if mode == "decode" else None  # stream_piece's token check
         self.runner.capture()
         if freeze_gc:
@@ -197,6 +198,25 @@ class StreamEngine:
             raise KeyError(f"stream {sid!r} is {state}")
         return slot
 
+    def _slots_of(self, sids) -> np.ndarray:
+        """Slots of many stream ids in one vectorised search (ids never reuse, so the open ones
+        sorted with their slots answer it; rebuilt after an open or close)."""
+        a = np.asarray(sids)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            return np.fromiter((self._get(s) for s in (a.tolist() if a.ndim else [sids])), np.int64)
+        if self._lookup is None:
+            open_slots = np.flatnonzero(self._sid >= 0)
+            order = np.argsort(self._sid[open_slots], kind="stable")
+            self._lookup = (self._sid[open_slots][order], open_slots[order])
+        keys, slots = self._lookup
+        if not a.size:
+            return np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(keys, a), max(len(keys) - 1, 0))
+        ok = keys[pos] == a if len(keys) else np.zeros(a.shape, bool)
+        if not ok.all():
+            self._get(a[np.flatnonzero(~ok)[0]].item())  # raises, naming the id
+        return slots[pos]
+
     def slot_of(self, sid: int) -> int:
         """The state slot a stream runs on (rows of `states` tensors)."""
         return self._get(sid)
@@ -210,6 +230,7 @@ class StreamEngine:
         sid = self._next_id
         self._next_id += 1
         self._slot[sid] = slot
+        self._lookup = None
         self._sid[slot], self._head[slot], self._fill[slot], self._err[slot] = sid, 0, 0, 0
         return sid
 
@@ -217,6 +238,7 @@ class StreamEngine:
         """Drop a stream and its pending input; its slot is free for the next open()."""
         slot = self._get(sid)
         del self._slot[sid]
+        self._lookup = None
         self._sid[slot], self._fill[slot] = -1, 0
         self._free.append(slot)
 
@@ -259,9 +281,8 @@ class StreamEngine:
     def submit_batch(self, sids, data) -> None:
         """submit(sids[i], data[i]) for many streams at once: data (k, n) holds n samples (or
         tokens) for each of k distinct streams; one vectorised write instead of k calls."""
-        get = self._get
-        slots = np.fromiter((get(s) for s in (sids.tolist() if hasattr(sids, "tolist") else sids)), np.int64)
-        if len(np.unique(slots)) != len(slots):
+        slots = self._slots_of(sids)
+        if len(slots) > 1 and np.bincount(slots).max() > 1:
             raise InputError("submit_batch: a stream appears twice in sids (join its pieces into one row)")
         v = np.ascontiguousarray(stream_batch(data, len(slots), "tokens" if self.mode == "decode" else "audio",
                                               self._codebook))  # nothing is written before every check passed
@@ -274,10 +295,15 @@ class StreamEngine:
         w = (self._head[slots] + self._fill[slots]) % self._cap
         # rows writing at one ring position (streams stepped together share it) take one
         # multithreaded row copy per chunk row touched; per-element fancy indexing is ~10x slower
-        order = np.argsort(w, kind="stable")
-        ws, starts = np.unique(w[order], return_index=True)
+        if (w == w[0]).all():  # the usual case: one group, no sort
+            groups = [(int(w[0]), np.arange(len(slots)))]
+        else:
+            order = np.argsort(w, kind="stable")
+            wo = w[order]
+            starts = np.flatnonzero(np.r_[True, wo[1:] != wo[:-1]])
+            groups = zip(wo[starts].tolist(), np.split(order, starts[1:]))
         ring, vt = torch.from_numpy(self._ring), torch.from_numpy(v)
-        for pos, grp in zip(ws.tolist(), np.split(order, starts[1:])):
+        for pos, grp in groups:
             # one group: every row at one position, and the stable sort left them in order
             src = vt if len(grp) == len(slots) else vt[torch.from_numpy(grp)]
             rows = torch.from_numpy(slots[grp])

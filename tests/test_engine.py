@@ -439,6 +439,29 @@ def test_submit_batch_equals_submits(causal, mode):
     assert b.pending(sb) == before  # nothing written by a refused call
 
 
+def test_submit_batch_finds_streams_across_opens_and_closes(causal):
+    """The vectorised id -> slot lookup follows opens and closes; a closed or unknown id is
+    refused by name, with nothing written; numpy ids work like a list."""
+    e = StreamEngine(causal, 4)
+    ids = [e.open() for _ in range(3)]
+    x = np.full((2, 100), 0.1, np.float32)
+    e.submit_batch(np.array(ids[:2]), x)
+    e.close(ids[0])
+    new = e.open()  # takes the freed slot
+    assert e.slot_of(new) == 0 and e.pending(new) == 0
+    e.submit_batch([ids[2], new], x)
+    assert [e.pending(s) for s in (ids[1], ids[2], new)] == [100, 100, 100]
+    with pytest.raises(KeyError, match=f"stream {ids[0]} is closed"):
+        e.submit_batch([new, ids[0]], x)
+    with pytest.raises(KeyError, match="stream 77 is unknown"):
+        e.submit_batch([77], x[:1])
+    assert e.pending(new) == 100
+    for s in (ids[1], ids[2], new):
+        e.close(s)
+    with pytest.raises(KeyError, match="closed"):
+        e.submit_batch([new], x[:1])
+
+
 def test_step_input_is_a_ring_view_when_streams_step_together(causal):
     """Consecutive slots at one ring position: the step's input is a view of the (step-major)
     rings, no gather; otherwise a gather into the staging buffer. Both hold the submitted chunks."""
