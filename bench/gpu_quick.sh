@@ -30,9 +30,9 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_foc
     tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
     tests/test_streaming.py tests/test_golden.py 2>&1 | tail -15 | tee -a "$LOG"
 
-note "focal and attention streaming tile sweeps (prediction: focal at 1024 streams <= 5 ms, was 28.9 ms)"
-FOCAL_TILES="8,128,4 16,64,4 16,128,8 4,256,4" ATTN_TILES="32,8,3 64,8,3 32,4,3 64,4,4" \
-    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl" 2>&1 | grep -E "^--|stream|rror" | tee -a "$LOG"
+note "focal, attention and few-row matmul tile sweeps (prediction: focal at 1024 streams <= 5 ms, was 28.9 ms; linear >= cublas+epi)"
+FOCAL_TILES="8,128,4 16,64,4 16,128,8 4,256,4" ATTN_TILES="32,8,3 64,8,3 32,4,3 64,4,4" LINEAR_TILES="16,512,4,4 32,256,4,3" \
+    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl" 2>&1 | grep -E "^--|stream|M=|rror" | tee -a "$LOG"
 note "batch-1 step latency (prediction: launch-bound; 165 launches with the few-row kernel, 262 without)"
 timeout 90 python3 bench/stream_latency.py --quick 2>&1 | tail -12 | tee -a "$LOG"
 note "batch-1 step latency on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0), the A/B baseline"

@@ -114,7 +114,10 @@ def _rows3(x: Tensor) -> Tensor:
 
 def tile(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). On the GPU: narrow column slabs so even
-    N = 1024 spreads over 64+ SMs, K in 128-byte-or-wider loads, 4 stages of loads in flight."""
+    N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512 (bf16/fp16) or 64-256
+    (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of weights in flight and
+    the 64-128 programs together the few MB that the bandwidth-latency product needs (a
+    K = 4096 slab in 128-wide blocks would be 32 dependent rounds at ~1 MB in flight)."""
     bm = min(max(BLOCK_M, pow2(M)), 64)  # more rows: more row tiles, the slab re-read from L2
     if INTERPRET:  # the interpreter pays per program: whole rows in few programs
         return bm, min(pow2(N), 512), min(pow2(K), 1024), 4, 1
@@ -122,7 +125,9 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int
         bn, bk, w, s = TILE_OVERRIDE
         return bm, bn, bk, w, s
     bn = 32 if triton.cdiv(N, 32) >= 128 else 16
-    bk = 64 if dtype == torch.float32 else 128
+    lo_k, hi_k = (64, 256) if dtype == torch.float32 else (128, 512)
+    hi_k = min(hi_k, 32768 // (bm * (4 if dtype == torch.float32 else 2)))  # x tile <= 32 KB: no spills at 64 rows
+    bk = min(max(lo_k, pow2(K // 8)), hi_k)
     return bm, bn, bk, 4, 4
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHES = ["focal_context", "attention", "norm", "epilogue", "modulate", "bsq", "convnext"]
+BENCHES = ["focal_context", "attention", "linear", "norm", "epilogue", "modulate", "bsq", "convnext"]
 
 
 def run(argv=None) -> int:

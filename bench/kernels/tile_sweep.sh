@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The streaming tiles of the focal ring kernel and the attention ring loop, one process per
-# tile (the launchers read their override at import), appended to OUT_JSONL.
-#   bash bench/kernels/tile_sweep.sh OUT_JSONL      (FOCAL_TILES / ATTN_TILES: space-separated lists)
+# The streaming tiles of the focal ring kernel, the attention ring loop and the few-row matmul,
+# one process per tile (the launchers read their override at import), appended to OUT_JSONL.
+#   bash bench/kernels/tile_sweep.sh OUT_JSONL   (FOCAL_TILES / ATTN_TILES / LINEAR_TILES: space-separated lists)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_JSONL=$1
@@ -14,5 +14,11 @@ done
 for tile in ${ATTN_TILES:-32,8,3 64,8,3 32,4,3 64,4,4 32,8,4}; do  # keys,warps,stages
     echo "-- attention tile $tile"
     FASTFOCAL_ATTN_TILE=$tile timeout 90 $PY bench/kernels/bench_attention.py --quick --dtypes bfloat16 --out "$OUT_JSONL" || rc=1
+done
+echo "-- linear default tiles"
+timeout 90 $PY bench/kernels/bench_linear.py --quick --dtypes bfloat16 --no-compile --out "$OUT_JSONL" || rc=1
+for tile in ${LINEAR_TILES:-16,128,4,4 16,256,4,4 16,512,4,4 32,256,4,3 16,512,8,3}; do  # block_n,block_k,warps,stages
+    echo "-- linear tile $tile"
+    FASTFOCAL_LINEAR_TILE=$tile timeout 90 $PY bench/kernels/bench_linear.py --quick --dtypes bfloat16 --no-compile --out "$OUT_JSONL" || rc=1
 done
 exit $rc
