@@ -125,13 +125,11 @@ class WavLM(nn.Module):
         if not c.causal and x.shape[1] < self.min_samples():
             x = F.pad(x, (0, 0, 0, self.min_samples() - x.shape[1]))
         for i, layer in enumerate(self.feature_extractor.layers):
-            k, s_ = c.kernel_sizes[i], c.strides[i]
             if c.causal:
-                cache = ops.rows(st.fe_caches[i], idx) if st is not None else None
-                x = ops.causal_pad(x, k - 1, cache, fresh, True, dim=1)
-                if st is not None and k > 1:
-                    ops.put_rows(st.fe_caches[i], idx, x[:, x.shape[1] - (k - 1):])
-            x = ops.conv_time_major(x, layer.conv.weight, s_)
+                x = ops.causal_conv_time_major(x, layer.conv.weight, c.strides[i],
+                                               st.fe_caches[i] if st is not None else None, idx, fresh)
+            else:
+                x = ops.conv_time_major(x, layer.conv.weight, c.strides[i])
             x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.linear(ops.pre_norm(x, self.norm.weight, self.norm.bias, 1e-5), self.feature_proj.weight, self.feature_proj.bias)
 

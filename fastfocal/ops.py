@@ -328,6 +328,28 @@ def conv_time_major(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     return linear(x.unfold(1, k, stride).reshape(B, -1, C * k), weight.reshape(N, -1), None)
 
 
+def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None = None,
+                           idx: Tensor | None = None, fresh: Tensor | None = None) -> Tensor:
+    """conv_time_major of x left-padded by k - 1 frames: offline (cache None) x's first frame
+    repeated; streaming, the cache rows idx (S, k - 1, C_in) (`fresh` rows: the first frame),
+    which then hold the last k - 1 input frames. With few windows on the Triton path the
+    kernel reads [cache ‖ x] in place (no pad, no fresh-row patch, no gather)."""
+    N, C, k = weight.shape
+    if k == 1:
+        return conv_time_major(x, weight, stride)
+    B, T = x.shape[0], x.shape[1]
+    if cache is not None and T >= k - 1 and 0 < B * ((T - 1) // stride + 1) <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 \
+            and use_triton(x) and x.dtype == weight.dtype == cache.dtype and x.is_contiguous() and cache.is_contiguous():
+        taps = derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
+        y = lin.causal_conv(x, taps, k, stride, cache, idx, fresh)
+        put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
+        return y
+    xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, True, dim=1)
+    if cache is not None:
+        put_rows(cache, idx, xp[:, xp.shape[1] - (k - 1):])
+    return conv_time_major(xp, weight, stride)
+
+
 # --------------------------------------------------------------------------- causal padding
 def causal_pad(
     x: Tensor,

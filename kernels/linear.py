@@ -47,28 +47,57 @@ BLOCK_M = 16  # tl.dot's smallest M; the rows past M are masked (no bytes read)
 
 
 @triton.jit
+def _a_tile(x_ptr, r, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
+            CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr):
+    """Rows r, columns k of the matmul's input: x viewed as (B, T, K) rows, or (CONV) the
+    windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C + channel
+    reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's frame 0)."""
+    b = r // T
+    t = r % T
+    if CONV:
+        p = t[:, None] * STRIDE + (k // C)[None, :]
+        c = (k % C)[None, :]
+        from_x = p >= P
+        if HAS_FRESH:
+            from_x = from_x | (tl.load(fresh_ptr + b, mask=rm, other=0) != 0)[:, None]
+        xi = tl.where(p >= P, p - P, 0)
+        vx = tl.load(x_ptr + b[:, None] * sxb + xi * C + c, mask=am & from_x, other=0.0)
+        if HAS_IDX:
+            crow = tl.load(crow_ptr + b, mask=rm, other=0)
+        else:
+            crow = b
+        vc = tl.load(cache_ptr + crow[:, None] * (P * C) + p * C + c, mask=am & (p < P) & ~from_x, other=0.0)
+        return tl.where(from_x, vx, vc)
+    else:
+        return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + k[None, :], mask=am, other=0.0)
+
+
+@triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, out_ptr,
-                   nw_ptr, nb_ptr, nalpha_ptr, nout_ptr,
-                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps,
+                   nw_ptr, nb_ptr, nalpha_ptr, nout_ptr, cache_ptr, crow_ptr, fresh_ptr,
+                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps, C, P, STRIDE,
                    HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
-                   ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr, PREC: tl.constexpr,
+                   ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
+                   CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < M, n < N
-    xrow = (r // T) * sxb + (r % T) * sxt
     wrow = n.to(tl.int64) * swn
     if NORM == 1:  # LayerNorm statistics of the rows: mean, then the centred variance (as norm.py)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            s1 += tl.sum(tl.load(x_ptr + xrow[:, None] + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0).to(tl.float32), 1)
+            a = _a_tile(x_ptr, r, k, rm, rm[:, None] & (k < K)[None, :], T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr,
+                        C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
+            s1 += tl.sum(a.to(tl.float32), 1)
         mean = s1 / K
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km2 = rm[:, None] & (k < K)[None, :]
-            d = tl.where(km2, tl.load(x_ptr + xrow[:, None] + k[None, :], mask=km2, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+            a = _a_tile(x_ptr, r, k, rm, km2, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
+            d = tl.where(km2, a.to(tl.float32) - mean[:, None], 0.0)
             s2 += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -76,7 +105,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < K
         am = rm[:, None] & km[None, :]
-        a = tl.load(x_ptr + xrow[:, None] + k[None, :], mask=am, other=0.0)
+        a = _a_tile(x_ptr, r, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
         if NORM == 1:
             g = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
             b = tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
@@ -112,7 +141,7 @@ def _rows3(x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def tile(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). On the GPU: narrow column slabs so even
     N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512 (bf16/fp16) or 64-256
     (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of weights in flight and
@@ -127,7 +156,9 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int
     bn = 32 if triton.cdiv(N, 32) >= 128 else 16
     lo_k, hi_k = (64, 256) if dtype == torch.float32 else (128, 512)
     hi_k = min(hi_k, 32768 // (bm * (4 if dtype == torch.float32 else 2)))  # x tile <= 32 KB: no spills at 64 rows
-    bk = min(max(lo_k, pow2(K // 8)), hi_k)
+    if conv:  # per-element window addressing: <= 4096 elements a tile keeps it in registers
+        hi_k = min(hi_k, 4096 // bm)
+    bk = min(max(lo_k, pow2(K // 8)), hi_k, max(16, pow2(K)))
     return bm, bn, bk, 4, 4
 
 
@@ -179,21 +210,60 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
               f"norm_out must be contiguous {tuple(x.shape)} {x.dtype}")
     check_device(x3, weight, *[v for v in (bias, res, gamma, alpha, mul, nw, nb, nalpha, norm_out) if v is not None])
     out = torch.empty(lead + (N,), dtype=x.dtype, device=x.device)
+    _launch(x3, weight, out, M, T, x3.stride(0), x3.stride(1), None, bias=bias, act=act, res=res, gamma=gamma,
+            alpha=alpha, mul=mul, mul_sr=mul_sr, lo=lo, hi=hi, kind=kind, nw=nw, nb=nb, eps=eps, nalpha=nalpha,
+            norm_out=norm_out)
+    return out
+
+
+def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor, idx: Tensor | None = None,
+                fresh: Tensor | None = None) -> Tensor:
+    """Causal conv1d over time, no bias: x (B, T, C) contiguous frames left-padded by the k - 1
+    frames of cache rows idx ((S, k - 1, C) contiguous; rows b for idx None), or by x's first
+    frame repeated for `fresh` rows ((B,) bool); weight_kc (N, k * C), taps in (k, C) order.
+    -> (B, T', N). The cache is only read (its update is the caller's, after this)."""
+    check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
+    B, T, C = x.shape
+    P = k - 1
+    check(k >= 2 and stride >= 1, f"a causal conv needs k >= 2 taps and stride >= 1, got k={k} stride={stride}")
+    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * C and weight_kc.dtype == x.dtype,
+          f"weight must be (N, {k * C}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    check(cache.dim() == 3 and tuple(cache.shape[1:]) == (P, C) and cache.is_contiguous() and cache.dtype == x.dtype,
+          f"cache must be contiguous (S, {P}, {C}) {x.dtype}, got {tuple(cache.shape)} {cache.dtype}")
+    check(idx is not None or cache.shape[0] == B, f"without idx the cache holds one row per input row ({B})")
+    if idx is not None:
+        check(idx.shape == (B,) and idx.dtype == torch.long, f"idx must be ({B},) int64")
+    if fresh is not None:
+        check(fresh.shape == (B,) and fresh.dtype == torch.bool, f"fresh must be ({B},) bool")
+    if weight_kc.stride(1) != 1:
+        weight_kc = weight_kc.contiguous()
+    check_device(x, weight_kc, cache, *[v for v in (idx, fresh) if v is not None])
+    Tout = (T - 1) // stride + 1 if T else 0  # padded length T + P, windows of k = P + 1
+    out = torch.empty(B, Tout, weight_kc.shape[0], dtype=x.dtype, device=x.device)
+    _launch(x, weight_kc, out, B * Tout, Tout, T * C, 0, (cache, idx, fresh, C, P, stride))
+    return out
+
+
+def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=None, gamma=None, alpha=None,
+            mul=None, mul_sr=0, lo=-1.0, hi=1.0, kind="none", nw=None, nb=None, eps=0.0, nalpha=None, norm_out=None):
+    N, K = weight.shape
     if M == 0 or N == 0:
-        return out
-    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype)
+        return
+    cache, cidx, fresh, C, P, stride = conv if conv is not None else (None, None, None, 1, 0, 1)
+    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None)
     _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x3, weight, bias if bias is not None else weight, res if res is not None else out,
+        x, weight, bias if bias is not None else weight, res if res is not None else out,
         gamma if gamma is not None else weight, alpha if alpha is not None else weight,
         mul if mul is not None else out, out, nw if nw is not None else weight, nb if nb is not None else weight,
         nalpha if nalpha is not None else weight, norm_out if norm_out is not None else out,
-        M, N, K, T, x3.stride(0), x3.stride(1), weight.stride(0), mul_sr, float(lo), float(hi), eps,
+        cache if cache is not None else x, cidx if cidx is not None else out, fresh if fresh is not None else out,
+        M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
         HAS_RES=res is not None, ACT=ACTS[act], NORM={"none": 0, "layer_norm": 1, "dyt": 2}[kind],
-        STORE_NORM=norm_out is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
+        HAS_FRESH=fresh is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
-    return out
 
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,

@@ -106,6 +106,11 @@ def record(quick: bool) -> dict:
         ln = ("layer_norm", r(1024, dtype=dt), r(1024, dtype=dt), 1e-5)
         linear.linear(x4, r(3072, 1024, dtype=dt), r(3072, dtype=dt), norm=ln, norm_out=torch.empty_like(x4))
         linear.linear(x4, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu", norm=("dyt", r(1, dtype=dt)))
+        for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256), (512, 2, 2, 16)):  # the feature extractor's streaming convs
+            fc = r(4, k - 1, C, dtype=dt)
+            linear.causal_conv(r(2, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, fc, torch.tensor([3, 1]),
+                               torch.tensor([False, True]))
+            linear.causal_conv(r(4, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, fc)
         fe = r(1, 131, 512, dtype=dt)
         linear.linear(fe.as_strided((1, 64, 1536), (131 * 512, 1024, 1)), r(512, 1536, dtype=dt))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)

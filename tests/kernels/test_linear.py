@@ -100,3 +100,28 @@ def test_norm_prologue(dtype, lead, K, N, kind, store):
         from fastfocal.kernels.norm import norm_ref
         want = norm_ref(f64(x)[0], *n64[1:]) if kind == "layer_norm" else norm_ref(f64(x)[0], alpha=n64[1])
         assert_close(f"{kind} stored", nout, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C,k,s,T", [(1, 10, 5, 1280), (48, 3, 2, 23), (40, 2, 2, 8), (24, 3, 2, 2)])
+@pytest.mark.parametrize("rows", ["in_order", "indexed"])
+def test_causal_conv_reads_cache_and_frames_in_place(dtype, C, k, s, T, rows):
+    """Windows over [cache rows ‖ x] (fresh rows: x's first frame repeated), read in place, against
+    the float64 conv of the explicitly padded input; the cache is left as it was."""
+    from fastfocal.ops import causal_pad
+    from fastfocal.kernels.linear import causal_conv
+
+    B, S, N = 3, 5, 36
+    x = rand(B, T, C, dtype=dtype, device=DEVICE)
+    w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
+    cache = rand(S, k - 1, C, dtype=dtype, device=DEVICE)
+    idx = torch.tensor([4, 0, 2], device=DEVICE) if rows == "indexed" else None
+    fresh = torch.tensor([False, True, False], device=DEVICE)
+    before = cache.clone()
+    got = causal_conv(x, w.permute(0, 2, 1).reshape(N, k * C), k, s, cache if idx is not None else cache[:B].contiguous(),
+                      idx, fresh)
+    rows_c = cache[idx] if idx is not None else cache[:B]
+    xp = causal_pad(f64(x)[0], k - 1, f64(rows_c)[0], fresh, True, dim=1)
+    want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
+    assert_close(f"causal conv k={k} s={s}", got, want, dtype)
+    assert torch.equal(cache, before)
