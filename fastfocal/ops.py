@@ -195,7 +195,7 @@ SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
 
 def _skinny_rows(x: Tensor) -> bool:
     K = x.shape[-1]
-    return 0 < K <= 8192 and x.numel() <= SKINNY_ROWS * K and use_triton(x)
+    return K > 0 and x.numel() <= SKINNY_ROWS * K and use_triton(x)
 
 
 def _skinny(x: Tensor, weight: Tensor) -> bool:
@@ -315,16 +315,24 @@ def linear_residual_dyt(x, weight, bias, res, alpha) -> tuple[Tensor, Tensor]:
 FE_WINDOW_ROWS = 256
 
 
+def _windows_in_place(x: Tensor, weight: Tensor, windows: int) -> bool:
+    return 0 < windows <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 and use_triton(x) and x.dtype == weight.dtype \
+        and x.is_contiguous()
+
+
+def _taps_kc(weight: Tensor) -> Tensor:
+    """(C_out, C_in, k) conv weight as (C_out, k * C_in): taps in the windows' memory order."""
+    N, C, k = weight.shape
+    return derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
+
+
 def conv_time_major(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     """Valid conv1d over time of x (B, T, C_in) by weight (C_out, C_in, k) -> (B, T', C_out)."""
     N, C, k = weight.shape
     B, T = x.shape[0], x.shape[1]
     Tout = (T - k) // stride + 1
-    if 0 < B * Tout <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 and x.is_contiguous() and use_triton(x) \
-            and x.dtype == weight.dtype:
-        win = x.as_strided((B, Tout, k * C), (T * C, stride * C, 1), x.storage_offset())
-        taps = derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
-        return lin.linear(win, taps)
+    if _windows_in_place(x, weight, B * Tout):
+        return lin.linear(x.as_strided((B, Tout, k * C), (T * C, stride * C, 1), x.storage_offset()), _taps_kc(weight))
     return linear(x.unfold(1, k, stride).reshape(B, -1, C * k), weight.reshape(N, -1), None)
 
 
@@ -334,14 +342,13 @@ def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor
     repeated; streaming, the cache rows idx (S, k - 1, C_in) (`fresh` rows: the first frame),
     which then hold the last k - 1 input frames. With few windows on the Triton path the
     kernel reads [cache ‖ x] in place (no pad, no fresh-row patch, no gather)."""
-    N, C, k = weight.shape
+    k = weight.shape[-1]
     if k == 1:
         return conv_time_major(x, weight, stride)
     B, T = x.shape[0], x.shape[1]
-    if cache is not None and T >= k - 1 and 0 < B * ((T - 1) // stride + 1) <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 \
-            and use_triton(x) and x.dtype == weight.dtype == cache.dtype and x.is_contiguous() and cache.is_contiguous():
-        taps = derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
-        y = lin.causal_conv(x, taps, k, stride, cache, idx, fresh)
+    if cache is not None and T >= k - 1 and _windows_in_place(x, weight, B * ((T - 1) // stride + 1)) \
+            and cache.dtype == x.dtype and cache.is_contiguous():
+        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh)
         put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
         return y
     xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, True, dim=1)
