@@ -331,12 +331,13 @@ class FocalDecoder(nn.Module):
             x = ops.token_proj(codes, self.cfg.input_dim, w, b, w.dtype)
         for li, layer in enumerate(self.layers):
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, start)
-            x = ops.snake(x, layer.upscale.activation.alpha[:, 0])
+            x = ops.pre_snake(x, layer.upscale.activation.alpha[:, 0])  # inside the 1x1 conv when it can be
             conv = layer.upscale.upscale
             f = conv.stride[0]
             if f == 1:
-                x = ops.linear(x, conv.weight[:, :, 0].t(), conv.bias)
+                x = ops.linear_1x1_transposed(x, conv.weight, conv.bias)
             else:
+                x = ops.value(x)
                 with ops.exact_convs(x):
                     x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:

@@ -103,7 +103,7 @@ class Normed:
     __slots__ = ("x", "spec", "y")
 
     def __init__(self, x: Tensor, spec: tuple):
-        self.x, self.spec, self.y = x, spec, None  # spec: ("layer_norm", w, b, eps) or ("dyt", alpha)
+        self.x, self.spec, self.y = x, spec, None  # ("layer_norm", w, b, eps), ("dyt", alpha), ("snake", alpha)
 
     @property
     def shape(self):
@@ -112,7 +112,8 @@ class Normed:
     def value(self) -> Tensor:
         if self.y is None:
             s = self.spec
-            self.y = layer_norm(self.x, s[1], s[2], s[3]) if s[0] == "layer_norm" else dyt(self.x, s[1])
+            self.y = layer_norm(self.x, s[1], s[2], s[3]) if s[0] == "layer_norm" else dyt(self.x, s[1]) \
+                if s[0] == "dyt" else snake(self.x, s[1])
         return self.y
 
 
@@ -129,6 +130,12 @@ def pre_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
     if _skinny_rows(x):
         return Normed(x, spec)
     return Normed(x, spec).value()
+
+
+def pre_snake(x: Tensor, alpha: Tensor):
+    """snake(x, alpha) for a matmul consumer, as `pre_norm`."""
+    spec = ("snake", alpha.contiguous())
+    return Normed(x, spec) if _skinny_rows(x) else Normed(x, spec).value()
 
 
 def dyt(x: Tensor, alpha: Tensor) -> Tensor:
@@ -258,6 +265,14 @@ def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res:
         return epilogue.epilogue(h, bias, out=h, act=act, res=res, **rest)
     y = None if any(v is not None for v in rest.values()) else _fused_cpu(x, weight, bias, act, res)
     return y if y is not None else epilogue.epilogue_ref(matmul(x, weight, bias), act=act, res=res, **rest)
+
+
+def linear_1x1_transposed(x, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 transposed conv (weight (C_in, C_out, 1)) over time-major x: x W[:, :, 0] + b. The
+    few-row kernel takes the taps transposed once (a transposed view has no unit K stride)."""
+    if _skinny(x, weight[:, :, 0]):
+        return _skinny_linear(x, derived(weight, "t1x1", lambda w: w[:, :, 0].t().contiguous()), bias)
+    return matmul(x, weight[:, :, 0].t(), bias)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, pow2, tanh
+from ._common import INTERPRET, check, check_device, pow2, sin, tanh
 from .epilogue import ACTS, apply_epilogue
 
 
@@ -44,6 +44,7 @@ def _tile_override():
 
 TILE_OVERRIDE = _tile_override()
 BLOCK_M = 16  # tl.dot's smallest M; the rows past M are masked (no bytes read)
+NORMS = {"none": 0, "layer_norm": 1, "dyt": 2, "snake": 3}  # the prologue on x's channels
 
 
 @triton.jit
@@ -114,6 +115,11 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         elif NORM == 2:
             y = tanh(tl.load(nalpha_ptr).to(tl.float32) * a.to(tl.float32), INTERP)
             a = tl.where(am, y, 0.0).to(w_ptr.dtype.element_ty)
+        elif NORM == 3:  # Snake, alpha per input channel (the decompressor's upscale activation)
+            al = tl.load(nalpha_ptr + k, mask=km, other=1.0).to(tl.float32)[None, :]
+            af = a.to(tl.float32)
+            sn = sin(al * af, INTERP)
+            a = tl.where(am, af + sn * sn / (al + 1e-9), 0.0).to(w_ptr.dtype.element_ty)
         if STORE_NORM:  # one column of programs writes the normalised rows
             if tl.program_id(1) == 0:
                 tl.store(nout_ptr + r[:, None] * K + k[None, :], a, mask=am)
@@ -167,8 +173,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
            lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None, norm_out: Tensor | None = None) -> Tensor:
     """ACT(res + gamma * mul * (NORM(x) W^T + bias)) -> (..., N) contiguous. x (..., K), weight
     (N, K) with unit stride along K, same dtype; mul (..., N) with unit channel stride and
-    evenly strided rows; res (..., N). norm: ("layer_norm", weight, bias, eps) or ("dyt", alpha)
-    over x's K channels; norm_out (..., K) contiguous receives NORM(x)."""
+    evenly strided rows; res (..., N). norm: ("layer_norm", weight, bias, eps), ("dyt", alpha)
+    or ("snake", alpha (K,)) over x's K channels; norm_out (..., K) contiguous receives NORM(x)."""
     check(act in ACTS, f"act must be one of {list(ACTS)}, got {act!r}")
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
     check(x.shape[-1] > 0, "x needs at least one input channel")
@@ -196,14 +202,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
     kind, nw, nb, eps, nalpha = "none", None, None, 0.0, None
     if norm is not None:
         kind = norm[0]
-        check(kind in ("layer_norm", "dyt"), f"norm must be layer_norm or dyt, got {kind!r}")
+        check(kind in NORMS, f"norm must be one of {list(NORMS)}, got {kind!r}")
         if kind == "layer_norm":
             nw, nb, eps = norm[1], norm[2], float(norm[3])
             check(nw.numel() == K and nb.numel() == K and nw.is_contiguous() and nb.is_contiguous(),
                   f"LayerNorm weight/bias must hold {K} contiguous values")
-        else:
+        elif kind == "dyt":
             nalpha = norm[1]
             check(nalpha.numel() == 1, "DynamicTanh alpha is one value")
+        else:
+            nalpha = norm[1]
+            check(nalpha.numel() == K and nalpha.is_contiguous(), f"Snake alpha must hold {K} contiguous values")
     if norm_out is not None:
         check(norm is not None, "norm_out needs a norm")
         check(tuple(norm_out.shape) == tuple(x.shape) and norm_out.dtype == x.dtype and norm_out.is_contiguous(),
@@ -259,7 +268,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         cache if cache is not None else x, cidx if cidx is not None else out, fresh if fresh is not None else out,
         M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
-        HAS_RES=res is not None, ACT=ACTS[act], NORM={"none": 0, "layer_norm": 1, "dyt": 2}[kind],
+        HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
         HAS_FRESH=fresh is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
@@ -272,7 +281,9 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
     from .epilogue import epilogue_ref
     from .norm import norm_ref
 
-    if norm is not None:
+    if norm is not None and norm[0] == "snake":
+        x = epilogue_ref(x, None, "snake", alpha=norm[1])
+    elif norm is not None:
         x = norm_ref(x, norm[1], norm[2], norm[3]) if norm[0] == "layer_norm" else norm_ref(x, alpha=norm[1])
     h = torch.nn.functional.linear(x, weight, bias)
     if mul is not None:

@@ -106,6 +106,7 @@ def record(quick: bool) -> dict:
         ln = ("layer_norm", r(1024, dtype=dt), r(1024, dtype=dt), 1e-5)
         linear.linear(x4, r(3072, 1024, dtype=dt), r(3072, dtype=dt), norm=ln, norm_out=torch.empty_like(x4))
         linear.linear(x4, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu", norm=("dyt", r(1, dtype=dt)))
+        linear.linear(x4, r(1024, 1024, dtype=dt), r(1024, dtype=dt), norm=("snake", r(1024, dtype=dt)))
         for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256), (512, 2, 2, 16)):  # the feature extractor's streaming convs
             fc = r(4, k - 1, C, dtype=dt)
             linear.causal_conv(r(2, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, fc, torch.tensor([3, 1]),

@@ -81,7 +81,7 @@ def test_gpu_model_sizes(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,K,N", [((1, 4), 1024, 3075), ((1, 3), 200, 48), ((2, 9), 96, 130)])
-@pytest.mark.parametrize("kind", ["layer_norm", "dyt"])
+@pytest.mark.parametrize("kind", ["layer_norm", "dyt", "snake"])
 @pytest.mark.parametrize("store", [False, True])
 def test_norm_prologue(dtype, lead, K, N, kind, store):
     """NORM(x) W^T + b with the norm computed inside the matmul (and stored on the side),
@@ -90,15 +90,19 @@ def test_norm_prologue(dtype, lead, K, N, kind, store):
     w, b = _w(N, K, dtype), rand(N, dtype=dtype, device=DEVICE)
     if kind == "layer_norm":
         nrm = ("layer_norm", rand(K, dtype=dtype, device=DEVICE), rand(K, dtype=dtype, device=DEVICE), 1e-5)
-    else:
+    elif kind == "dyt":
         nrm = ("dyt", torch.tensor([0.7]).to(DEVICE, dtype))
+    else:
+        nrm = ("snake", (torch.rand(K) * 2 + 0.2).to(DEVICE, dtype))
     nout = torch.empty_like(x) if store else None
     got = linear(x, w, b, "gelu", norm=nrm, norm_out=nout)
     n64 = tuple(f64(v)[0] if isinstance(v, torch.Tensor) else v for v in nrm)
     assert_close(kind, got, linear_ref(*f64(x, w, b), "gelu", norm=n64), dtype)
     if store:
+        from fastfocal.kernels.epilogue import epilogue_ref
         from fastfocal.kernels.norm import norm_ref
-        want = norm_ref(f64(x)[0], *n64[1:]) if kind == "layer_norm" else norm_ref(f64(x)[0], alpha=n64[1])
+        want = norm_ref(f64(x)[0], *n64[1:]) if kind == "layer_norm" else norm_ref(f64(x)[0], alpha=n64[1]) \
+            if kind == "dyt" else epilogue_ref(f64(x)[0], None, "snake", alpha=n64[1])
         assert_close(f"{kind} stored", nout, want, dtype)
 
 
