@@ -33,7 +33,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_foc
 note "focal, attention and few-row matmul tile sweeps (prediction: focal at 1024 streams <= 5 ms, was 28.9 ms; linear >= cublas+epi)"
 FOCAL_TILES="8,128,4 16,64,4 16,128,8 4,256,4" ATTN_TILES="32,8,3 64,8,3 32,4,3 64,4,4" LINEAR_TILES="16,512,4,4 32,256,4,3" \
     bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl" 2>&1 | grep -E "^--|stream|M=|rror" | tee -a "$LOG"
-note "batch-1 step latency (prediction: launch-bound; 148 launches with the few-row kernel, 244 without)"
+note "batch-1 step latency (prediction: launch-bound; 144 launches with the few-row kernel, 244 without)"
 timeout 90 python3 bench/stream_latency.py --quick 2>&1 | tail -12 | tee -a "$LOG"
 note "batch-1 step latency on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0), the A/B baseline"
 FASTFOCAL_SKINNY_ROWS=0 timeout 90 python3 bench/stream_latency.py --quick 2>&1 | tail -12 | tee -a "$LOG"

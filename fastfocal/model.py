@@ -166,7 +166,7 @@ class WavLM(nn.Module):
             else:
                 x = ops.linear_residual(h, ff.out_proj.weight, ff.out_proj.bias, x)
         if st is not None:
-            ops.put_rows(st.pos, idx, start + T)
+            ops.advance(st.pos, idx, start, T)
         return x
 
     def _attention(self, att: _Attention, y: Tensor, start: Tensor, st, idx, li: int, memo: dict) -> Tensor:
@@ -285,7 +285,7 @@ class FocalEncoder(nn.Module):
                 x = ops.snake(xt.transpose(1, 2), alpha)
             x = layer.focal_block(x, st.caches[li] if st is not None else None, idx, start)
         if st is not None:
-            ops.put_rows(st.pos, idx, start + T_in)
+            ops.advance(st.pos, idx, start, T_in)
         lats = ops.linear(x, self.out_proj.weight, self.out_proj.bias)
         return ops.bsq_encode(lats, 1e-12) if quantize else ops.l2_normalize(lats, 1e-12)
 
@@ -341,7 +341,7 @@ class FocalDecoder(nn.Module):
                 with ops.exact_convs(x):
                     x = F.conv_transpose1d(x.transpose(1, 2), conv.weight, conv.bias, stride=f).transpose(1, 2)
         if st is not None:
-            ops.put_rows(st.pos, idx, start + T_in)
+            ops.advance(st.pos, idx, start, T_in)
         if self.cfg.lookahead_size > 0:
             x = self._refine(x)
         return x
@@ -418,7 +418,7 @@ class WaveNeXt(nn.Module):
         """qfeats (B, T, C) -> sig (B, T * hop)."""
         h = self.backbone(x, self.cfg.causal, st, idx)
         if st is not None:
-            ops.put_rows(st.pos, idx, ops.rows(st.pos, idx) + x.shape[1])
+            ops.advance(st.pos, idx, ops.rows(st.pos, idx), x.shape[1])
         # (B, T, hop) is already the waveform's layout: frame t's samples are contiguous
         return ops.linear_clamp(h, self.head.proj.weight, self.head.proj.bias, -1.0, 1.0).reshape(x.shape[0], -1)
 

@@ -57,6 +57,15 @@ def put_rows(state: Tensor, idx: Tensor | None, v: Tensor) -> None:
         state.index_copy_(0, idx, v.to(state.dtype))
 
 
+def advance(pos: Tensor, idx: Tensor | None, start: Tensor, n: int) -> None:
+    """pos[idx] = start + n, start = rows(pos, idx): a stage's frame counts after a step (all
+    rows for idx None: one in-place add instead of an add and a copy)."""
+    if idx is None:
+        pos.add_(n)
+    else:
+        put_rows(pos, idx, start + n)
+
+
 def _host_checks_ok(t: Tensor) -> bool:
     """A data-dependent shortcut may read t's values: on CPU, outside tracing (no device sync,
     nothing an exporter or a CUDA graph would bake in)."""
