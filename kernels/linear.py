@@ -137,8 +137,8 @@ def _rows3(x: Tensor) -> Tensor:
     """x (..., K) as a (B, T, K) view with unit stride along K (a copy only when it has none)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if x.dim() == 2:
-        return x.unsqueeze(0)
+    if x.dim() <= 2:
+        return x.view(1, -1, x.shape[-1]) if x.dim() == 1 else x.unsqueeze(0)
     if x.dim() == 3:
         return x
     try:

@@ -58,6 +58,7 @@ def test_weight_without_unit_stride_and_rejected_inputs():
     x = rand(1, 4, 64, device=DEVICE)
     w = _w(64, 96, torch.float32).t()  # (96, 64) view of a transposed weight
     assert_close("transposed weight", linear(x, w), linear_ref(*f64(x, w)))
+    assert_close("one row, 1-D", linear(x[0, 0], w), linear_ref(*f64(x[0, 0], w)))  # F.linear's (K,) -> (N,)
     with pytest.raises(ValueError, match="dtypes differ"):
         linear(x, w.to(torch.bfloat16))
     with pytest.raises(ValueError, match=r"weight must be \(N, 64\)"):
