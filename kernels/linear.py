@@ -2,18 +2,20 @@
 
     out = ACT(res + gamma * mul * (NORM(x) W^T + bias))   every part optional (see epilogue.py)
 
-NORM, a prologue: LayerNorm or DynamicTanh of x's rows (each program reads whole rows of x
-anyway), so a pre-norm block's norm costs no launch of its own; the normalised rows can be
-stored on the side for another consumer (attention's gate reads LN_a(x) too).
+NORM, a prologue: LayerNorm, DynamicTanh or Snake of x's rows (each program reads whole rows
+of x anyway), so a pre-norm block's norm costs no launch of its own; the normalised rows can
+be stored on the side for another consumer (attention's gate reads LN_a(x) too).
 
 A batch-1 step has 4 rows per Linear, so each matmul is a read of the weight and nothing else;
 on cuBLAS it is one launch and the epilogue another (45 epilogue launches a step, plus 6 for
 focal modulation's q * (m + b)). Here each program reads a (BLOCK_N, K) slab of W once, the
 few rows of x from L2, and applies the epilogue to its (rows, BLOCK_N) tile before the one store.
 
-x may be a strided (B, T, K) view with unit stride along K: the feature extractor passes its
-overlapping conv windows (row stride = conv stride * C) straight from the signal buffer, with
-the weight's taps reordered to match, so the unfold copy is gone too.
+x may be a strided (B, T, K) view with unit stride along K: overlapping conv windows (row
+stride = conv stride * C) read straight from the signal buffer, the weight's taps reordered to
+match, so there is no unfold copy. `causal_conv` goes further for the feature extractor's
+streaming convs: the windows run over [cache rows ‖ frames] read in place (no pad copy, no
+fresh-row patch, no gather of the cache rows).
 
 Float32 accumulates IEEE products (no TF32): fp32 is the exact path.
 """
