@@ -42,12 +42,17 @@ class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.bytes = collections.Counter()  # bytes each op writes (what it costs at many streams)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
         if STATE["counting"] and not STATE["in_kernel"] and name not in FREE and not _aliases(name, out, args):
             self.ops[name] += 1
+            o = out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None) \
+                if isinstance(out, (tuple, list)) else None
+            if o is not None:
+                self.bytes[name] += o.numel() * o.element_size()
         return out
 
 
@@ -63,8 +68,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="50hz_4k_causal")
     ap.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
+    ap.add_argument("--streams", type=int, default=1, help="rows stepped together (more than 4 take the cuBLAS path)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="sets the bytes column")
     args = ap.parse_args()
-    codec = fastfocal.random_init(args.preset, seed=0, device="cpu", dtype="float32")
+    codec = fastfocal.random_init(args.preset, seed=0, device="cpu", dtype=args.dtype)
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
     ops._host_checks_ok = lambda t: False
     launches: collections.Counter = collections.Counter()
@@ -74,12 +81,13 @@ def main() -> None:
             if name.endswith("_kernel"):
                 setattr(m, name, _Counted(getattr(m, name), name, launches))
     results = {}
-    # an engine row: state rows gathered and scattered by a slot index (slot 1 of 2); a
+    # engine rows: state rows gathered and scattered by a slot index (slots 1..n of n+1); a
     # session: every slot in order, idx None, state used in place
-    for label, slots, idx in (("engine row (index)", 2, torch.tensor([1])), ("session (in place)", 1, None)):
+    n = args.streams
+    for label, slots, idx in (("engine row (index)", n + 1, torch.arange(1, n + 1)), ("session (in place)", n, None)):
         pipe = Pipeline(codec.model, args.mode, slots)
         T = codec.config.chunk_frames
-        x = torch.randn(1, pipe.chunk) * 0.1 if pipe.takes_audio else torch.randint(0, 4096, (1, T))
+        x = (torch.randn(n, pipe.chunk) * 0.1).to(codec.dtype) if pipe.takes_audio else torch.randint(0, 4096, (n, T))
         launches.clear()
         with torch.inference_mode():
             pipe.step(x, idx)  # not the first chunk
@@ -88,20 +96,22 @@ def main() -> None:
                 STATE["counting"] = True
                 pipe.step(x, idx)
                 STATE["counting"] = False
-        results[label] = (collections.Counter(launches), mode.ops)
-    print(f"# Launches of one batch-1 streaming step ({args.preset}, mode {args.mode})\n")
-    print(f"`TRITON_INTERPRET=1 python bench/launch_count.py --mode {args.mode}`\n")
+        results[label] = (collections.Counter(launches), mode.ops, mode.bytes)
+    extra = "".join(f" --{k} {v}" for k, v in (("streams", n), ("dtype", args.dtype)) if v != ap.get_default(k))
+    print(f"# Launches of one {n}-stream streaming step ({args.preset}, mode {args.mode}, {args.dtype})\n")
+    print(f"`TRITON_INTERPRET=1 python bench/launch_count.py --mode {args.mode}{extra}`\n")
     print("| step | Triton kernels | other device ops (aten: a kernel or a cuBLAS call each) | total |\n|---|---|---|---|")
-    for label, (tk, at) in results.items():
+    for label, (tk, at, _) in results.items():
         print(f"| {label} | {sum(tk.values())} | {sum(at.values())} | {sum(tk.values()) + sum(at.values())} |")
-    tk, at = results["engine row (index)"]
+    tk, at, nb = results["engine row (index)"]
     print("\nEngine row, by kind:\n\n| Triton kernel | launches |\n|---|---|")
     for k, v in tk.most_common():
         print(f"| {k} | {v} |")
     sess = results["session (in place)"][1]
-    print("\n| aten op | engine row | session |\n|---|---|---|")
+    print("\n| aten op | engine row | session | engine row: MB written per stream |\n|---|---|---|---|")
     for k in sorted(set(at) | set(sess), key=lambda k: -max(at.get(k, 0), sess.get(k, 0))):
-        print(f"| {k} | {at.get(k, 0)} | {sess.get(k, 0)} |")
+        print(f"| {k} | {at.get(k, 0)} | {sess.get(k, 0)} | {nb.get(k, 0) / n / 1e6:.3f} |")
+    print(f"\naten ops outside the kernels write {sum(nb.values()) / n / 1e6:.2f} MB per stream per step (engine row).")
 
 
 class _Counted:
