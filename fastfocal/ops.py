@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
-from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm
+from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
 from .kernels._common import derived, exact_convs, grouped_conv1d  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
@@ -486,6 +486,14 @@ def rel_attention(
     fn = attention.rel_attention if use_triton(qkv) else attention.rel_attention_ref
     return fn(qkv, y, gru_w, gru_b, gru_const, rel_emb, num_heads, start, chunk, window, num_buckets, max_distance,
               k_ring, v_ring, idx)
+
+
+# --------------------------------------------------------------------------- step status
+def row_status(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows: int) -> Tensor:
+    """Per-row error codes of a step (`kernels/status.py`): one launch on the Triton path."""
+    if use_triton(audio if audio is not None else checked[0]):
+        return status.row_status(audio, checked, max_amp, rows)
+    return status.row_status_ref(audio, checked, max_amp, rows)
 
 
 # --------------------------------------------------------------------------- quantizer

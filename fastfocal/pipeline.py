@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .inputs import MAX_AMPLITUDE, InputError
-from .kernels import status
+from .kernels.status import ERR_NONFINITE_INPUT, ERR_NONFINITE_OUTPUT, ERR_OUT_OF_RANGE
 from .model import FocalCodecModel
 from .state import StageState, all_rows
 
@@ -30,8 +30,8 @@ MODES = {"full": STAGES, "encode": STAGES[:2], "decode": STAGES[2:]}
 # what each stage hands on (the compressor also gives "lats"; the quantizer's tokens feed the decompressor)
 PRODUCES = {"encoder": "feats", "compressor": "toks", "decompressor": "qfeats", "decoder": "audio"}
 MODE_OUTPUTS = {"full": ("toks", "audio"), "encode": ("toks",), "decode": ("audio",)}
-ERRORS = {1: "non-finite input", 2: "input out of range", 3: "non-finite output"}
-ERR_NONFINITE_OUTPUT = 3
+ERRORS = {ERR_NONFINITE_INPUT: "non-finite input", ERR_OUT_OF_RANGE: "input out of range",
+          ERR_NONFINITE_OUTPUT: "non-finite output"}
 SEGMENT_FRAMES = 2048  # frames per offline segment (~41 s): bounds activation memory
 
 
@@ -50,15 +50,6 @@ def stages_for(mode: str | Sequence[str]) -> tuple[str, ...]:
     if i < 0 or STAGES[i:i + len(st)] != st:
         raise ValueError(f"stages must be consecutive names from {STAGES}, got {st}")
     return st
-
-
-def error_code(audio: Tensor | None, out_bad: Tensor) -> Tensor:
-    """Per row: 1 non-finite input audio, 2 audio beyond ±MAX_AMPLITUDE, 3 non-finite output, 0 fine."""
-    code = torch.where(out_bad, 3, 0).to(torch.int32)
-    if audio is not None:
-        code = torch.where(audio.abs().amax(1) > MAX_AMPLITUDE, 2, code)
-        code = torch.where(~torch.isfinite(audio).all(1), 1, code)
-    return code
 
 
 def stage_dtype(model: FocalCodecModel, stage: str) -> torch.dtype:
@@ -85,14 +76,7 @@ def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states:
         out[PRODUCES[name]] = x
     # checked: the signs' source and what is handed out
     checked = [out[k] for k in dict.fromkeys(("lats", PRODUCES[stages[-1]])) if k in out and out[k].is_floating_point()]
-    audio = first if stages[0] == "encoder" else None
-    if ops.use_triton(first):  # one launch instead of ~17 small ones
-        out["err"] = status.row_status(audio, checked, MAX_AMPLITUDE, first.shape[0])
-        return out
-    bad = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for t in checked:
-        bad = bad | ~torch.isfinite(t).flatten(1).all(1)
-    out["err"] = error_code(audio, bad)
+    out["err"] = ops.row_status(first if stages[0] == "encoder" else None, checked, MAX_AMPLITUDE, first.shape[0])
     return out
 
 

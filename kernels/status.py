@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ._common import INTERPRET, check, check_device, pow2
 
+ERR_NONFINITE_INPUT, ERR_OUT_OF_RANGE, ERR_NONFINITE_OUTPUT = 1, 2, 3
+
 
 @triton.jit
 def _row_flags(p, n, sr, row, BLOCK: tl.constexpr):
@@ -32,19 +34,20 @@ def _row_flags(p, n, sr, row, BLOCK: tl.constexpr):
 
 @triton.jit
 def _status_kernel(a_ptr, a_n, a_sr, l_ptr, l_n, l_sr, o_ptr, o_n, o_sr, code_ptr, max_amp,
-                   HAS_A: tl.constexpr, HAS_L: tl.constexpr, HAS_O: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_A: tl.constexpr, HAS_L: tl.constexpr, HAS_O: tl.constexpr, BLOCK: tl.constexpr,
+                   ERR_INPUT: tl.constexpr, ERR_RANGE: tl.constexpr, ERR_OUTPUT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     code = 0
     if HAS_L:
         nb, _ = _row_flags(l_ptr, l_n, l_sr, row, BLOCK)
-        code = tl.where(nb > 0, 3, code)
+        code = tl.where(nb > 0, ERR_OUTPUT, code)
     if HAS_O:
         nb, _ = _row_flags(o_ptr, o_n, o_sr, row, BLOCK)
-        code = tl.where(nb > 0, 3, code)
+        code = tl.where(nb > 0, ERR_OUTPUT, code)
     if HAS_A:
         nb, peak = _row_flags(a_ptr, a_n, a_sr, row, BLOCK)
-        code = tl.where(peak > max_amp, 2, code)
-        code = tl.where(nb > 0, 1, code)
+        code = tl.where(peak > max_amp, ERR_RANGE, code)
+        code = tl.where(nb > 0, ERR_INPUT, code)
     tl.store(code_ptr + row, code)
 
 
@@ -74,5 +77,18 @@ def row_status(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows
     block = min(pow2(max(an, ln, on, 1)), 4096 if INTERPRET else 1024)
     _status_kernel[(rows,)](a if a is not None else dummy, an, asr, l if l is not None else dummy, ln, lsr,
                             o if o is not None else dummy, on, osr, code, float(max_amp),
-                            HAS_A=a is not None, HAS_L=l is not None, HAS_O=o is not None, BLOCK=block, num_warps=4)
+                            HAS_A=a is not None, HAS_L=l is not None, HAS_O=o is not None, BLOCK=block,
+                            ERR_INPUT=ERR_NONFINITE_INPUT, ERR_RANGE=ERR_OUT_OF_RANGE, ERR_OUTPUT=ERR_NONFINITE_OUTPUT,
+                            num_warps=4)
+    return code
+
+
+def row_status_ref(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows: int) -> Tensor:
+    bad = torch.zeros(rows, dtype=torch.bool, device=(audio if audio is not None else checked[0]).device)
+    for t in checked:
+        bad = bad | ~torch.isfinite(t).flatten(1).all(1)
+    code = torch.where(bad, ERR_NONFINITE_OUTPUT, 0).to(torch.int32)
+    if audio is not None:
+        code = torch.where(audio.abs().amax(1) > max_amp, ERR_OUT_OF_RANGE, code)
+        code = torch.where(~torch.isfinite(audio).all(1), ERR_NONFINITE_INPUT, code)
     return code
