@@ -49,6 +49,14 @@ def out_or_new(out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
     return out
 
 
+def evenly_strided_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., C) with unit channel stride and evenly spaced rows (one row stride, as a
+    (B, T, C) slice of a wider (B, T, F) tensor has), copying only when it has not."""
+    if t.stride(-1) != 1 or t.dim() < 2 or not all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 2)):
+        t = t.contiguous()
+    return t
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """View x (..., C) as (N, C) with unit channel stride, copying only when needed."""
     if x.stride(-1) != 1:

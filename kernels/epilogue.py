@@ -61,21 +61,28 @@ def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C,
     tl.store(out_ptr + p, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def epilogue(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
-             gamma: Tensor | None = None, alpha: Tensor | None = None, lo: float = -1.0, hi: float = 1.0,
-             out: Tensor | None = None) -> Tensor:
-    """ACT(res + gamma * (h + bias)) over the last dim; h (..., C) contiguous."""
+def check_epilogue(shape: tuple, act: str, bias, res, gamma, alpha):
+    """The epilogue's arguments for an output of `shape` (..., C); returns res contiguous."""
+    C = shape[-1]
     check(act in ACTS, f"act must be one of {list(ACTS)}, got {act!r}")
-    check(h.is_contiguous(), "h must be contiguous (a matmul output)")
-    C = h.shape[-1]
-    N = h.numel() // max(C, 1)
     for name, v in (("bias", bias), ("gamma", gamma), ("alpha", alpha)):
         if v is not None:
             check(v.numel() == C and v.is_contiguous(), f"{name} must hold {C} contiguous values, got {tuple(v.shape)}")
     check(act != "snake" or alpha is not None, "snake needs alpha")
     if res is not None:
-        check(res.shape == h.shape, f"res must be {tuple(h.shape)}, got {tuple(res.shape)}")
+        check(tuple(res.shape) == tuple(shape), f"res must be {tuple(shape)}, got {tuple(res.shape)}")
         res = res.contiguous()
+    return res
+
+
+def epilogue(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
+             gamma: Tensor | None = None, alpha: Tensor | None = None, lo: float = -1.0, hi: float = 1.0,
+             out: Tensor | None = None) -> Tensor:
+    """ACT(res + gamma * (h + bias)) over the last dim; h (..., C) contiguous."""
+    check(h.is_contiguous(), "h must be contiguous (a matmul output)")
+    C = h.shape[-1]
+    N = h.numel() // max(C, 1)
+    res = check_epilogue(tuple(h.shape), act, bias, res, gamma, alpha)
     check_device(h, *[v for v in (bias, res, gamma, alpha) if v is not None])
     out = h if out is h else out_or_new(out, h.shape, h.dtype, h.device)
     bc = min(pow2(C), 1024)

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, pow2, sin, tanh
-from .epilogue import ACTS, apply_epilogue
+from ._common import INTERPRET, check, check_device, evenly_strided_rows, pow2, sin, tanh
+from .epilogue import ACTS, apply_epilogue, check_epilogue
 
 
 def _tile_override():
@@ -177,7 +177,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
     (N, K) with unit stride along K, same dtype; mul (..., N) with unit channel stride and
     evenly strided rows; res (..., N). norm: ("layer_norm", weight, bias, eps), ("dyt", alpha)
     or ("snake", alpha (K,)) over x's K channels; norm_out (..., K) contiguous receives NORM(x)."""
-    check(act in ACTS, f"act must be one of {list(ACTS)}, got {act!r}")
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
     check(x.shape[-1] > 0, "x needs at least one input channel")
     check(x.dtype == weight.dtype, f"x and weight dtypes differ: {x.dtype} vs {weight.dtype}")
@@ -187,20 +186,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
     x3 = _rows3(x)
     M, T = x3.shape[0] * x3.shape[1], x3.shape[1]
     lead = tuple(x.shape[:-1])
-    for name, v in (("bias", bias), ("gamma", gamma), ("alpha", alpha)):
-        if v is not None:
-            check(v.numel() == N and v.is_contiguous(), f"{name} must hold {N} contiguous values, got {tuple(v.shape)}")
-    check(act != "snake" or alpha is not None, "snake needs alpha")
-    if res is not None:
-        check(tuple(res.shape) == lead + (N,), f"res must be {lead + (N,)}, got {tuple(res.shape)}")
-        res = res.contiguous()
+    res = check_epilogue(lead + (N,), act, bias, res, gamma, alpha)
     mul_sr = 0
     if mul is not None:
         check(tuple(mul.shape) == lead + (N,), f"mul must be {lead + (N,)}, got {tuple(mul.shape)}")
-        if mul.stride(-1) != 1 or mul.dim() < 2 or not all(
-                mul.stride(i) == mul.stride(i + 1) * mul.shape[i + 1] for i in range(mul.dim() - 2)):
-            mul = mul.contiguous()
-        mul_sr = mul.stride(-2)
+        mul = evenly_strided_rows(mul)
+        mul_sr = mul.stride(-2) if mul.dim() > 1 else 0
     kind, nw, nb, eps, nalpha = "none", None, None, 0.0, None
     if norm is not None:
         kind = norm[0]

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE, check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, evenly_strided_rows, out_or_new, pow2
 
 
 
@@ -34,9 +34,7 @@ def modulate(q: Tensor, m: Tensor, bias: Tensor, out: Tensor | None = None) -> T
     check(q.stride(-1) == 1, "q needs unit channel stride")
     N = m.numel() // max(C, 1)
     check(q.dim() >= 2, "q needs a row dimension")
-    # rows must be evenly spaced (true for (B, T, C) slices of a (B, T, F) tensor)
-    if not all(q.stride(i) == q.stride(i + 1) * q.shape[i + 1] for i in range(q.dim() - 2)):
-        q = q.contiguous()
+    q = evenly_strided_rows(q)
     check_device(q, m, bias)
     out = m if out is m else out_or_new(out, m.shape, m.dtype, m.device)
     bc = min(pow2(C), 1024)
