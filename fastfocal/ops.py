@@ -135,16 +135,17 @@ def pre_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
              alpha: Tensor | None = None):
     """LayerNorm (weight, bias, eps) or DynamicTanh (alpha) of x for a matmul consumer: a
     `Normed` where that matmul can fuse it (few rows on the Triton path), else the tensor."""
-    spec = ("dyt", alpha) if alpha is not None else ("layer_norm", weight, bias, eps)
-    if _skinny_rows(x):
-        return Normed(x, spec)
-    return Normed(x, spec).value()
+    return _deferred(x, ("dyt", alpha) if alpha is not None else ("layer_norm", weight, bias, eps))
+
+
+def _deferred(x: Tensor, spec: tuple):
+    n = Normed(x, spec)
+    return n if _skinny_rows(x) else n.value()
 
 
 def pre_snake(x: Tensor, alpha: Tensor):
     """snake(x, alpha) for a matmul consumer, as `pre_norm`."""
-    spec = ("snake", alpha.contiguous())
-    return Normed(x, spec) if _skinny_rows(x) else Normed(x, spec).value()
+    return _deferred(x, ("snake", alpha.contiguous()))
 
 
 def dyt(x: Tensor, alpha: Tensor) -> Tensor:
@@ -305,7 +306,7 @@ def linear_clamp(x: Tensor, weight: Tensor, bias: Tensor | None, lo: float, hi: 
 def linear_residual_layer_norm(x, weight, bias, res, ln_weight, ln_bias, eps) -> tuple[Tensor, Tensor]:
     """x' = res + (x W^T + b); returns (x', LayerNorm(x')), the latter a `Normed` on the
     few-row path (the next matmul normalises)."""
-    if _skinny(x, weight) and weight.shape[0] <= 8192:
+    if _skinny(x, weight):
         xr = lin.linear(x, weight, bias, res=res)
         return xr, Normed(xr, ("layer_norm", ln_weight, ln_bias, eps))
     if use_triton(x) and weight.shape[0] <= 8192:
