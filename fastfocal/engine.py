@@ -308,10 +308,10 @@ class StreamEngine:
             src = vt if len(grp) == len(slots) else vt[torch.from_numpy(grp)]
             sl = slots[grp]
             lo = int(sl[0])
-            run = int(sl[-1]) - lo == len(sl) - 1 and bool((np.diff(sl) == 1).all())  # consecutive slots
-            rows = torch.from_numpy(sl)
+            run = bool((np.diff(sl) == 1).all())  # consecutive slots: a plain strided copy, ~20% faster
+            rows = None if run else torch.from_numpy(sl)
             for d, off, i, m in self._pieces(pos, n):
-                if run:  # a plain strided copy: ~20% faster than index_copy_ on CPU
+                if run:
                     ring[d, lo:lo + len(sl), off:off + m].copy_(src[:, i:i + m])
                 else:
                     ring[d, :, off:off + m].index_copy_(0, rows, src[:, i:i + m])
