@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def main() -> None:
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
     ops._host_checks_ok = lambda t: False
     launches: collections.Counter = collections.Counter()
-    mods = [getattr(kernels, m) for m in ("attention", "bsq", "convnext", "epilogue", "focal_context", "linear", "modulate", "norm", "status")]
+    mods = [importlib.import_module(f"fastfocal.kernels.{m}") for m in kernels.KERNEL_MODULES]
     for m in mods:
         for name in dir(m):
             if name.endswith("_kernel"):
