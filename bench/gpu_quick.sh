@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One device call of about 8 minutes: the GPU truth for the changes made without a GPU (focal
-# rings, attention bias table, ConvNeXt tiles, sessions in place), with their predictions
-# (bench/ROOFLINE.md) checked in one go. For the whole suite and every bench: bench/gpu_check.sh.
+# One device call of at most BUDGET seconds (default 540): the GPU truth for the changes made
+# without a GPU, most valuable first, each step capped by what is left of the budget and the
+# results re-packed after every step, so a call cut short still brings back what it measured.
+# A lent task has ~15 minutes of device time in all, start-up included: one call of this.
+# For the whole suite and every bench: bench/gpu_check.sh.
 #
-#   device tool: run(command="bash bench/gpu_quick.sh", carry=[".whl"], timeout_s=560)
+#   device tool: run(command="bash bench/gpu_quick.sh", carry=[".whl"], timeout_s=570)
 #
 # .whl holds cp312 wheels of what the device image lacks (soundfile, soxr, cffi, pycparser,
 # nvtx; how to fetch them: /work/.library/device/README.md, Notes). Results: $OUT/gpu_quick.tgz
-# (logs, kernels.jsonl, bench rows) and a summary at the end of the output.
+# (log, kernels.jsonl, bench rows) and the log's last lines in the output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+BUDGET=${BUDGET:-540}
+START=$SECONDS
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "gpu_quick: wheel install failed"; exit 2; }
@@ -18,27 +22,46 @@ if [ -d .whl ]; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
     || { echo "gpu_quick: pip install -e . failed"; exit 2; }
-R=${OUT:-/tmp/gpu_quick_out}/r
+OUTDIR=${OUT:-/tmp/gpu_quick_out}
+R=$OUTDIR/r
 mkdir -p "$R"
 LOG="$R/log.txt"
-note() { echo "== $* ($(date '+%T'))" | tee -a "$LOG"; }
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)" 2>&1 | tee -a "$LOG"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$LOG"
 
-note "kernel tests on CUDA (focal, attention, ConvNeXt, model)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_focal_context.py tests/kernels/test_attention.py \
-    tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
-    tests/test_streaming.py tests/test_golden.py 2>&1 | tail -15 | tee -a "$LOG"
+pack() {  # bench rows and logs into one file (the device returns at most 8)
+    cp bench/results/*.jsonl "$R/" 2>/dev/null
+    tar czf "$OUTDIR/gpu_quick.tgz.tmp" -C "$R" . && mv "$OUTDIR/gpu_quick.tgz.tmp" "$OUTDIR/gpu_quick.tgz"
+}
+step() {  # step CAP_S "what it checks" CMD...: run under min(CAP_S, budget left), log the tail
+    local cap=$1 what=$2; shift 2
+    local left=$((BUDGET - (SECONDS - START) - 10))
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then echo "== skipped (budget spent): $what" | tee -a "$LOG"; return; fi
+    echo "== $what (cap ${cap}s, $(date '+%T'))" | tee -a "$LOG"
+    timeout "$cap" "$@" > "$R/step.txt" 2>&1
+    local rc=$?
+    tail -25 "$R/step.txt" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || echo "== rc $rc" | tee -a "$LOG"
+    pack
+}
 
-note "focal, attention and few-row matmul tile sweeps (prediction: focal at 1024 streams <= 5 ms, was 28.9 ms; linear >= cublas+epi)"
-FOCAL_TILES="8,128,4 16,64,4 16,128,8 4,256,4" ATTN_TILES="32,8,3 64,8,3 32,4,3 64,4,4" LINEAR_TILES="16,512,4,4 32,256,4,3" \
-    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl" 2>&1 | grep -E "^--|stream|M=|rror" | tee -a "$LOG"
-note "batch-1 step latency (prediction: launch-bound; 144 launches with the few-row kernel, 244 without)"
-timeout 90 python3 bench/stream_latency.py --quick 2>&1 | tail -12 | tee -a "$LOG"
-note "batch-1 step latency on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0), the A/B baseline"
-FASTFOCAL_SKINNY_ROWS=0 timeout 90 python3 bench/stream_latency.py --quick 2>&1 | tail -12 | tee -a "$LOG"
-note "engine capacity (1024-stream full step was 55.8 ms)"
-timeout 150 python3 bench/serve_capacity.py --quick 2>&1 | tail -15 | tee -a "$LOG"
-cp bench/results/*.jsonl "$R/" 2>/dev/null
-tar czf "${OUT:-/tmp/gpu_quick_out}/gpu_quick.tgz" -C "$R" .
-echo "gpu_quick: done; results in gpu_quick.tgz"
+step 100 "kernel and model tests on CUDA" \
+    python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_focal_context.py tests/kernels/test_attention.py \
+    tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
+    tests/test_streaming.py tests/test_golden.py
+step 110 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
+    python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
+step 120 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
+    python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
+step 60 "batch-1 full step, few-row kernel (prediction ~1.0 ms bf16, was 1.83; 144 launches)" \
+    python3 bench/stream_latency.py --modes full --steps 200
+step 50 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
+    env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
+step 90 "focal/attention/linear tiles (prediction: focal ring at 1024 streams <= 5 ms, was 28.9)" \
+    env FOCAL_TILES="8,128,4 16,64,4" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES="16,512,4,4" \
+    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
+step 60 "offline bf16/fp16 at batch 64 (targets: encode >= 25,000, decode >= 40,000 audio-s/s)" \
+    python3 bench/e2e.py --dtypes bfloat16 float16 --batches 64 --seconds 10 --reps 2 --steps 20
+pack
+echo "gpu_quick: done in $((SECONDS - START)) s; results in gpu_quick.tgz"

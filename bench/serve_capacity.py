@@ -9,6 +9,8 @@ exactly the probed size. Appends JSON lines to bench/results/serve_capacity.json
 
     python bench/serve_capacity.py                          # GPU: up to 256 streams
     python bench/serve_capacity.py --quick --threads 1      # CPU: a few minutes
+    python bench/serve_capacity.py --dtypes bfloat16 --probe full:6000 encode:8000 decode:25000
+                                        # GPU: pass/fail at the issue-11 targets, no curve
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-refine", action="store_true", help="report the largest passing bucket only")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    ap.add_argument("--probe", nargs="+", metavar="MODE:N",
+                    help="only time these sizes (one engine each, top bucket exactly N): pass/fail at p99")
     ap.add_argument("--out", default=str(RESULTS / "serve_capacity.jsonl"))
     args = ap.parse_args()
     if args.threads:
@@ -81,7 +85,15 @@ def main():
     info = machine()
     print(f"{info['machine']}, torch {info['torch']}, {info['threads']} threads, commit {info['commit']}; "
           f"budget {args.budget_ms} ms at p99, {reps} steps per point, graphs {graphs}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def keep(r):  # each row as it comes: a run cut short by a time limit keeps what it measured
+        rows.append(r)
+        with out.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+
     base = {"bench": "serve_capacity", **info, "command": " ".join(["python"] + sys.argv),
             "model": f"random:{args.preset}", "graphs": graphs, "budget_ms": args.budget_ms}
 
@@ -90,14 +102,22 @@ def main():
         r = {**base, "kind": kind, "dtype": dtype, "mode": mode, "batch": n, "steps": reps,
              "p50_ms": pct(ts, 0.5) * 1e3, "p99_ms": pct(ts, 0.99) * 1e3, "per_stream_ms": pct(ts, 0.5) * 1e3 / n,
              "submit_ms": sub * 1e3, "audio_s_per_s": n * 0.08 / pct(ts, 0.5)}
-        rows.append(r)
+        keep(r)
         print(f"  {mode:6s} {dtype:8s} batch {n:4d}: p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
               f"{r['per_stream_ms']:7.2f} ms/stream  {r['audio_s_per_s']:7.1f} audio-s/s  submit {r['submit_ms']:.2f} ms")
         return r["p99_ms"] / 1e3 <= budget
 
+    probes = [(m, int(n)) for m, n in (p.split(":") for p in args.probe)] if args.probe else None
     for dtype in args.dtypes:
         codec = fastfocal.random_init(args.preset, seed=0, dtype=dtype)
-        for mode in args.modes:
+        for mode, n in probes or []:
+            xs = inputs(codec, mode)
+            engine = StreamEngine(codec, n, mode=mode, cuda_graphs=graphs)
+            ok = point(engine, mode, dtype, n, "target")
+            print(f"{mode:6s} {dtype:8s}: {n} streams {'PASS' if ok else 'FAIL'} ({args.budget_ms:.0f} ms at p99)")
+            del engine
+            gc.collect()
+        for mode in ([] if probes else args.modes):
             xs = inputs(codec, mode)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -119,17 +139,12 @@ def main():
                    "capacity_is_lower_bound": hi is None, "max_tried": max_n,
                    "state_bytes_per_stream": StreamEngine.bytes_per_stream(codec, mode),
                    "peak_mem_bytes": peak}
-            rows.append(cap)
+            keep(cap)
             print(f"{mode:6s} {dtype:8s}: capacity {'>=' if hi is None else ''}{lo} streams under "
                   f"{args.budget_ms:.0f} ms p99; state {cap['state_bytes_per_stream'] / 2**20:.1f} MiB/stream"
                   + (f"; peak GPU memory {peak / 2**30:.1f} GiB at {max_n} slots" if peak else ""))
         del codec
         gc.collect()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     print(f"appended {len(rows)} rows to {out}")
 
 
