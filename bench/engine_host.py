@@ -7,6 +7,8 @@ Appends rows to bench/results/engine_host.jsonl.
 
     python bench/engine_host.py                                   # tiny model, CPU, 256..4096 streams
     python bench/engine_host.py --random-init 50hz_4k_causal --device cuda --dtype bf16
+    python bench/engine_host.py --host-only --streams 4096       # the device step replaced by its
+                                        # output, computed once: host work alone, no cache eviction
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from stream_latency import machine, sync  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def measure(engine, steps: int, batch: bool, batch_submit: bool = False) -> dict:
+def measure(engine, steps: int, batch: bool, batch_submit: bool = False, host_only: bool = False) -> dict:
     rng = np.random.default_rng(0)
     ids = [engine.open() for _ in range(engine.max_streams)]
     unit = engine.chunk
@@ -38,10 +40,16 @@ def measure(engine, steps: int, batch: bool, batch_submit: bool = False) -> dict
     run = engine.runner.run
     inner: list[float] = []
 
+    canned = []
+
     def timed_run(*a, **k):  # the device step, synchronised, so the rest is host work
         sync()
         t0 = time.perf_counter()
-        out = run(*a, **k)
+        if host_only and canned:  # the first step's outputs again: on a CPU the model's step
+            out = canned[0]       # evicts the caches the host work then runs in
+        else:
+            out = run(*a, **k)
+            canned.append(out)
         sync()
         inner.append(time.perf_counter() - t0)
         return out
@@ -94,6 +102,7 @@ def main() -> None:
     ap.add_argument("--mode", default="decode", choices=["full", "encode", "decode"])
     ap.add_argument("--streams", default="256,1024,4096")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--host-only", action="store_true", help="replay the first step's outputs instead of stepping")
     ap.add_argument("--no-freeze", action="store_true", help="StreamEngine(freeze_gc=False): the GC's full scans stay")
     args = ap.parse_args()
     codec = fastfocal.open_codec(args.model if not args.random_init else None, args.random_init, args.device, args.dtype)
@@ -104,12 +113,13 @@ def main() -> None:
     for n in map(int, args.streams.split(",")):
         engine = fastfocal.StreamEngine(codec, n, mode=args.mode, freeze_gc=not args.no_freeze)
         for batch, batch_submit in ((True, True), (True, False), (False, False)):
-            r = measure(engine, args.steps, batch, batch_submit)
+            r = measure(engine, args.steps, batch, batch_submit, args.host_only)
             for sid in list(engine.streams):
                 engine.close(sid)
             api = ("submit_batch+" if batch_submit else "") + ("step_batch" if batch else "step")
             row = {**info, "bench": "engine_host", "model": codec.name, "dtype": args.dtype, "mode": args.mode,
-                   "streams": n, "api": api, "freeze_gc": not args.no_freeze, **{k: round(v, 3) for k, v in r.items()}}
+                   "streams": n, "api": api, "freeze_gc": not args.no_freeze,
+                   "host_only": args.host_only, **{k: round(v, 3) for k, v in r.items()}}
             with open(RESULTS / "engine_host.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{n:8d} {api:>23} {r['step_ms']:8.2f} {r['device_ms']:9.2f} {r['host_ms']:8.2f} "

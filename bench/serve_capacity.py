@@ -1,8 +1,10 @@
 """Serving capacity: the most streams a StreamEngine can step within the 80 ms real-time budget
 at p99, per mode (full / encode / decode) and dtype, plus the step-time-vs-batch curve.
 
-Every tick submits one chunk (1280 samples or 4 tokens) to each open stream, then times
-engine.step() (gather + copy in + one batched chunk step + the flag read-back: one host sync).
+Every tick submits one chunk (1280 samples or 4 tokens) to each open stream (one
+submit_batch), then times engine.step_batch() (copy in + one batched chunk step + the outputs
+and the flag read-back: one host sync), what a server calls; --api step times the per-stream
+dict API instead (a StreamOutput per stream: ~0.5 us each on the host).
 The curve runs the bucket sizes of one engine (1, 2, 4, ..., max); the capacity is then
 bisected between the last passing and first failing size with engines whose top bucket is
 exactly the probed size. Appends JSON lines to bench/results/serve_capacity.jsonl.
@@ -35,19 +37,21 @@ def inputs(codec, mode: str, k: int = 8) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if mode == "decode":
         return [torch.randint(0, codec.codebook_size, (4,), generator=g) for _ in range(k)]
-    return [(torch.randn(codec.chunk_size, generator=g) * 0.1).to(codec.dtype) for _ in range(k)]
+    return [torch.randn(codec.chunk_size, generator=g) * 0.1 for _ in range(k)]
 
 
-def step_times(engine: StreamEngine, n: int, xs, reps: int, warmup: int) -> tuple[list[float], float]:
+def step_times(engine: StreamEngine, n: int, xs, reps: int, warmup: int, api: str = "step_batch"
+               ) -> tuple[list[float], float]:
     """Per-step seconds with n streams open (opened here, closed after); mean submit seconds."""
     ids = [engine.open() for _ in range(n)]
+    blocks = [torch.stack([xs[(i + j) % len(xs)] for j in range(n)]).numpy() for i in range(len(xs))]
+    step = getattr(engine, api)
     out, sub = [], 0.0
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        for j, s in enumerate(ids):
-            engine.submit(s, xs[(i + j) % len(xs)])
+        engine.submit_batch(ids, blocks[i % len(blocks)])
         t1 = time.perf_counter()
-        res = engine.step()
+        res = step()
         t2 = time.perf_counter()
         assert len(res) == n
         if i >= warmup:
@@ -71,6 +75,7 @@ def main():
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-refine", action="store_true", help="report the largest passing bucket only")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    ap.add_argument("--api", default="step_batch", choices=["step_batch", "step"])
     ap.add_argument("--probe", nargs="+", metavar="MODE:N",
                     help="only time these sizes (one engine each, top bucket exactly N): pass/fail at p99")
     ap.add_argument("--out", default=str(RESULTS / "serve_capacity.jsonl"))
@@ -95,10 +100,10 @@ def main():
             f.write(json.dumps(r) + "\n")
 
     base = {"bench": "serve_capacity", **info, "command": " ".join(["python"] + sys.argv),
-            "model": f"random:{args.preset}", "graphs": graphs, "budget_ms": args.budget_ms}
+            "model": f"random:{args.preset}", "graphs": graphs, "budget_ms": args.budget_ms, "api": args.api}
 
     def point(engine, mode, dtype, n, kind):
-        ts, sub = step_times(engine, n, xs, reps, args.warmup)
+        ts, sub = step_times(engine, n, xs, reps, args.warmup, args.api)
         r = {**base, "kind": kind, "dtype": dtype, "mode": mode, "batch": n, "steps": reps,
              "p50_ms": pct(ts, 0.5) * 1e3, "p99_ms": pct(ts, 0.99) * 1e3, "per_stream_ms": pct(ts, 0.5) * 1e3 / n,
              "submit_ms": sub * 1e3, "audio_s_per_s": n * 0.08 / pct(ts, 0.5)}

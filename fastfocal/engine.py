@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,15 +58,43 @@ class EngineFull(RuntimeError):
     """open() with every slot taken."""
 
 
-@dataclasses.dataclass
 class StreamOutput:
     """What one stream produced: tokens (int64) and/or float32 audio at the output rate, on
     the engine's device. error is None, 'non-finite input', 'input out of range' or
     'non-finite output' (sticky: once set, the stream's outputs are garbage until it is closed)."""
 
-    tokens: Tensor | None = None
-    audio: Tensor | None = None
-    error: str | None = None
+    # step() makes thousands of these per call: a row's tensor view is made on first access
+    # (a view costs ~0.6 us, 5-12 ms per step at 4,096 streams if made eagerly)
+    __slots__ = ("_tokens", "_audio", "_row", "error")
+
+    def __init__(self, tokens: Tensor | None = None, audio: Tensor | None = None, error: str | None = None):
+        self._tokens, self._audio, self._row, self.error = tokens, audio, None, error
+
+    @classmethod
+    def _of_row(cls, tokens: Tensor | None, audio: Tensor | None, row: int, error: str | None) -> StreamOutput:
+        o = cls.__new__(cls)
+        o._tokens, o._audio, o._row, o.error = tokens, audio, row, error
+        return o
+
+    def _materialise(self) -> None:
+        r = self._row
+        if r is not None:
+            self._row = None
+            self._tokens = None if self._tokens is None else self._tokens[r]
+            self._audio = None if self._audio is None else self._audio[r]
+
+    @property
+    def tokens(self) -> Tensor | None:
+        self._materialise()
+        return self._tokens
+
+    @property
+    def audio(self) -> Tensor | None:
+        self._materialise()
+        return self._audio
+
+    def __repr__(self) -> str:
+        return f"StreamOutput(tokens={self.tokens!r}, audio={self.audio!r}, error={self.error!r})"
 
 
 @dataclasses.dataclass
@@ -412,11 +441,9 @@ class StreamEngine:
     def step(self) -> dict[int, StreamOutput]:
         """step_batch as stream id -> StreamOutput (4 tokens and/or 1920 samples each)."""
         r = self.step_batch()
-        n = len(r)
-        toks = r.tokens.unbind(0) if r.tokens is not None else (None,) * n  # views, made in one call
-        audio = r.audio.unbind(0) if r.audio is not None else (None,) * n
-        return {sid: StreamOutput(t, a, ERRORS.get(e))
-                for sid, t, a, e in zip(r.ids.tolist(), toks, audio, r.errors.tolist())}
+        errs = [ERRORS.get(e) for e in r.errors.tolist()] if r.errors.any() else itertools.repeat(None)
+        return dict(zip(r.ids.tolist(), map(StreamOutput._of_row, itertools.repeat(r.tokens),
+                                            itertools.repeat(r.audio), range(len(r)), errs)))
 
     def finish(self, sid: int) -> StreamOutput:
         """End a stream now: run everything it has pending (whole chunks and a zero-padded

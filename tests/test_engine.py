@@ -482,3 +482,29 @@ def test_step_input_is_a_ring_view_when_streams_step_together(causal):
     z = e._take_chunks(np.array([1, 3]), out[:2])
     assert np.array_equal(z[1].numpy(), data[3][1280:])
     assert [e.pending(s) for s in ids] == [0, 0, 0, 0]
+
+
+def test_step_outputs_are_the_rows_of_step_batch(causal):
+    """step()'s per-stream outputs (their row views are made on first access) hold exactly
+    step_batch's rows and error names, also for a poisoned stream and across later steps."""
+    rng = np.random.default_rng(4)
+    a, b = StreamEngine(causal, 4), StreamEngine(causal, 4)
+    ids = [(a.open(), b.open()) for _ in range(3)]
+    x = (rng.standard_normal((3, 2 * a.chunk)) * 0.1).astype(np.float32)
+    x[1, 5] = np.nan
+    for (sa, sb), row in zip(ids, x):
+        a.submit(sa, row)
+        b.submit(sb, row)
+    first = a.step()  # read only after the next step ran
+    second = a.step()
+    for out in (first, second):
+        assert len(out) == 3
+    rb = [b.step_batch() for _ in range(2)]
+    for got, want in zip((first, second), rb):
+        assert list(got) == [sa for sa, _ in ids]
+        for i, (sa, _) in enumerate(ids):
+            o = got[sa]
+            assert o.error == (None if i != 1 else "non-finite input")
+            assert torch.equal(o.tokens, want.tokens[i]) and torch.equal(o.audio, want.audio[i])
+            assert o.tokens.shape == (4,) and o.audio.shape == (want.audio.shape[1],)
+    assert "StreamOutput(tokens=tensor(" in repr(first[ids[0][0]])
