@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 import fastfocal
+from fastfocal import ops
+
+LARGE_GEMM = ops.LARGE_GEMM
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,13 +60,15 @@ def timeit(fn, reps: int, warmup: int = 1) -> list[float]:
 
 def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backends = ["auto", "torch"]
+    backends = args.backends
     rows = []
     for dtype in args.dtypes:
         codec = fastfocal.random_init(args.preset, seed=0, device=device, dtype=dtype)
         g = torch.Generator().manual_seed(0)
         for backend in backends:
-            os.environ["FASTFOCAL_BACKEND"] = backend
+            # "gemm": the default backend with ops.LARGE_GEMM (the matmul kernel's GEMM tiles)
+            os.environ["FASTFOCAL_BACKEND"] = "auto" if backend == "gemm" else backend
+            ops.LARGE_GEMM = LARGE_GEMM or backend == "gemm"
             n = int(args.seconds * 16000)
             for b in args.batches:
                 sig = (torch.randn(b, n, generator=g) * 0.1).to(device)
@@ -85,6 +90,7 @@ def run(args) -> list[dict]:
             print(f"step    {dtype:8s} {backend:6s} batch   1: p50 {p(0.5):.2f} ms  p99 {p(0.99):.2f} ms")
         del codec
     os.environ.pop("FASTFOCAL_BACKEND", None)
+    ops.LARGE_GEMM = LARGE_GEMM
     return rows
 
 
@@ -130,6 +136,8 @@ def main():
     ap.add_argument("--preset", default="50hz_4k_causal")
     ap.add_argument("--quick", action="store_true", help="CPU-sized sweep")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--backends", nargs="+", default=["auto", "torch"], choices=["auto", "torch", "gemm", "triton"],
+                    help="gemm: auto with FASTFOCAL_LARGE_GEMM=1")
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--reps", type=int, default=3)

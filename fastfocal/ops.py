@@ -208,6 +208,12 @@ def _packed(w: Tensor) -> Tensor:
 # in one Triton kernel (`kernels/linear.py`) instead of cuBLAS + an epilogue launch. Read once;
 # FASTFOCAL_SKINNY_ROWS=0 keeps cuBLAS for every size.
 SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
+# GPU, many rows (offline runs, big-batch steps): FASTFOCAL_LARGE_GEMM=1 takes the same kernel
+# with GEMM tiles for the matmuls that have an epilogue (GELU, Snake, residual, modulation) and
+# for the feature-extractor convs (windows read in place: no unfold, pad or gather copy), in
+# place of cuBLAS + an epilogue pass. Off by default until a GPU has timed it against cuBLAS
+# (bench/kernels/bench_linear.py, bench/gpu_quick.sh).
+LARGE_GEMM = os.environ.get("FASTFOCAL_LARGE_GEMM", "0") == "1"
 
 
 def _skinny_rows(x: Tensor) -> bool:
@@ -219,6 +225,12 @@ def _skinny(x: Tensor, weight: Tensor) -> bool:
     x = x.x if isinstance(x, Normed) else x
     return _skinny_rows(x) and x.dtype == weight.dtype and weight.dim() == 2 \
         and weight.stride(1) == 1  # a transposed weight stays on cuBLAS (no copy a step)
+
+
+def _fused(x: Tensor, weight: Tensor) -> bool:
+    """The matmul kernel with its epilogue: few rows, or (LARGE_GEMM) any number of rows."""
+    return _skinny(x, weight) or (LARGE_GEMM and not isinstance(x, Normed) and use_triton(x) and x.shape[-1] > 0
+                                  and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1)
 
 
 def _skinny_linear(x, weight: Tensor, bias: Tensor | None, **epi) -> Tensor:
@@ -267,7 +279,7 @@ def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none"
 
 def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,
          **rest) -> Tensor:
-    if _skinny(x, weight):
+    if _fused(x, weight):
         return _skinny_linear(x, weight, bias, act=act, res=res, **rest)
     x = value(x)
     if use_triton(x):
@@ -341,8 +353,8 @@ FE_WINDOW_ROWS = 256
 
 
 def _windows_in_place(x: Tensor, weight: Tensor, windows: int) -> bool:
-    return 0 < windows <= FE_WINDOW_ROWS and SKINNY_ROWS > 0 and use_triton(x) and x.dtype == weight.dtype \
-        and x.is_contiguous()
+    return 0 < windows and (LARGE_GEMM or (windows <= FE_WINDOW_ROWS and SKINNY_ROWS > 0)) and use_triton(x) \
+        and x.dtype == weight.dtype and x.is_contiguous()
 
 
 def _taps_kc(weight: Tensor) -> Tensor:
@@ -445,7 +457,7 @@ def focal_context(
 
 def modulate(q: Tensor, acc: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """q * context_proj(acc), weight (C, C)."""
-    if _skinny(acc, weight):
+    if _fused(acc, weight):
         return lin.linear(acc, weight, bias, mul=q)
     if use_triton(q):
         m = F.linear(acc, weight)

@@ -17,6 +17,13 @@ match, so there is no unfold copy. `causal_conv` goes further for the feature ex
 streaming convs: the windows run over [cache rows ‖ frames] read in place (no pad copy, no
 fresh-row patch, no gather of the cache rows).
 
+Many rows (offline runs, big-batch steps; `ops.LARGE_GEMM`): the same kernel with GEMM tiles
+(128 x 128 x 64 in bf16/fp16), the epilogue still fused and the conv windows still read in
+place (no unfold, pad or gather copy). Programs walk the column tiles of one row block before
+the next, so a row block is read from DRAM once and its other column tiles hit L2 (our weights,
+<= 1024 x 4096, stay in L2 throughout). With the tap boundaries on block edges (C % BLOCK_K == 0)
+a conv window's K block is one tap: one contiguous row read per window, no per-element division.
+
 Float32 accumulates IEEE products (no TF32): fp32 is the exact path.
 """
 from __future__ import annotations
@@ -32,34 +39,45 @@ from ._common import INTERPRET, check, check_device, evenly_strided_rows, pow2, 
 from .epilogue import ACTS, apply_epilogue, check_epilogue
 
 
-def _tile_override():
-    """FASTFOCAL_LINEAR_TILE=block_n,block_k,warps,stages (the GPU sweep), read once."""
-    v = os.environ.get("FASTFOCAL_LINEAR_TILE")
+def _tile_override(name: str, parts: str):
+    """FASTFOCAL_LINEAR_TILE=block_n,block_k,warps,stages (few rows) and FASTFOCAL_GEMM_TILE=
+    block_m,block_n,block_k,warps,stages (many rows): the GPU sweep's overrides, read once."""
+    v = os.environ.get(name)
     if not v:
         return None
     try:
-        bn, bk, w, s = (int(p) for p in v.split(","))
+        t = tuple(int(p) for p in v.split(","))
     except ValueError:
-        raise ValueError(f"FASTFOCAL_LINEAR_TILE must be block_n,block_k,warps,stages, got {v!r}") from None
-    return bn, bk, w, s
+        t = ()
+    if len(t) != parts.count(",") + 1:
+        raise ValueError(f"{name} must be {parts}, got {v!r}")
+    return t
 
 
-TILE_OVERRIDE = _tile_override()
+TILE_OVERRIDE = _tile_override("FASTFOCAL_LINEAR_TILE", "block_n,block_k,warps,stages")
+GEMM_TILE_OVERRIDE = _tile_override("FASTFOCAL_GEMM_TILE", "block_m,block_n,block_k,warps,stages")
 BLOCK_M = 16  # tl.dot's smallest M; the rows past M are masked (no bytes read)
+FEW_ROWS = 64  # up to here the weight read bounds the call: narrow column slabs; beyond, GEMM tiles
 NORMS = {"none": 0, "layer_norm": 1, "dyt": 2, "snake": 3}  # the prologue on x's channels
 
 
 @triton.jit
-def _a_tile(x_ptr, r, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-            CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr):
-    """Rows r, columns k of the matmul's input: x viewed as (B, T, K) rows, or (CONV) the
-    windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C + channel
-    reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's frame 0)."""
+def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
+            CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr):
+    """Rows r, columns k = k0 + arange of the matmul's input: x viewed as (B, T, K) rows, or
+    (CONV) the windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C +
+    channel reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's
+    frame 0). ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous."""
     b = r // T
     t = r % T
     if CONV:
-        p = t[:, None] * STRIDE + (k // C)[None, :]
-        c = (k % C)[None, :]
+        if ALIGNED:
+            tap = k0 // C
+            p = t[:, None] * STRIDE + tap
+            c = (k - tap * C)[None, :]
+        else:
+            p = t[:, None] * STRIDE + (k // C)[None, :]
+            c = (k % C)[None, :]
         from_x = p >= P
         if HAS_FRESH:
             from_x = from_x | (tl.load(fresh_ptr + b, mask=rm, other=0) != 0)[:, None]
@@ -78,28 +96,32 @@ def _a_tile(x_ptr, r, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C,
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, out_ptr,
                    nw_ptr, nb_ptr, nalpha_ptr, nout_ptr, cache_ptr, crow_ptr, fresh_ptr,
-                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps, C, P, STRIDE,
+                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps, C, P, STRIDE, N_TILES,
                    HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
                    ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
-                   CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                   CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INTERP: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = pid % N_TILES  # column tiles of a row block run together: its rows are read once from DRAM
+    r = (pid // N_TILES).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < M, n < N
     wrow = n.to(tl.int64) * swn
     if NORM == 1:  # LayerNorm statistics of the rows: mean, then the centred variance (as norm.py)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = _a_tile(x_ptr, r, k, rm, rm[:, None] & (k < K)[None, :], T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr,
-                        C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
+            a = _a_tile(x_ptr, r, k0, k, rm, rm[:, None] & (k < K)[None, :], T, sxb, sxt, cache_ptr, crow_ptr,
+                        fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH, ALIGNED)
             s1 += tl.sum(a.to(tl.float32), 1)
         mean = s1 / K
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km2 = rm[:, None] & (k < K)[None, :]
-            a = _a_tile(x_ptr, r, k, rm, km2, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
+            a = _a_tile(x_ptr, r, k0, k, rm, km2, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
+                        CONV, HAS_IDX, HAS_FRESH, ALIGNED)
             d = tl.where(km2, a.to(tl.float32) - mean[:, None], 0.0)
             s2 += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
@@ -108,7 +130,8 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < K
         am = rm[:, None] & km[None, :]
-        a = _a_tile(x_ptr, r, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH)
+        a = _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
+                    CONV, HAS_IDX, HAS_FRESH, ALIGNED)
         if NORM == 1:
             g = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
             b = tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
@@ -123,7 +146,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             sn = sin(al * af, INTERP)
             a = tl.where(am, af + sn * sn / (al + 1e-9), 0.0).to(w_ptr.dtype.element_ty)
         if STORE_NORM:  # one column of programs writes the normalised rows
-            if tl.program_id(1) == 0:
+            if pid_n == 0:
                 tl.store(nout_ptr + r[:, None] * K + k[None, :], a, mask=am)
         w = tl.load(w_ptr + wrow[:, None] + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         if INTERP:  # the interpreter's bf16 dot is broken: products of the same values in fp32
@@ -149,13 +172,33 @@ def _rows3(x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). On the GPU: narrow column slabs so even
-    N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512 (bf16/fp16) or 64-256
-    (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of weights in flight and
-    the 64-128 programs together the few MB that the bandwidth-latency product needs (a
-    K = 4096 slab in 128-wide blocks would be 32 dependent rounds at ~1 MB in flight)."""
-    bm = min(max(BLOCK_M, pow2(M)), 64)  # more rows: more row tiles, the slab re-read from L2
+def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int = 0) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Few rows (<= FEW_ROWS), on the GPU: narrow
+    column slabs so even N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512
+    (bf16/fp16) or 64-256 (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of
+    weights in flight and the 64-128 programs together the few MB that the bandwidth-latency
+    product needs (a K = 4096 slab in 128-wide blocks would be 32 dependent rounds at ~1 MB in
+    flight). Many rows: GEMM tiles (tensor-core sized in 16-bit, smaller for the FMA-bound
+    IEEE fp32), K blocks on the conv's tap boundaries where C allows."""
+    if M > FEW_ROWS:
+        if GEMM_TILE_OVERRIDE is not None:
+            return GEMM_TILE_OVERRIDE
+        if INTERPRET:
+            bk = min(pow2(K), 128)
+            while conv and bk > 16 and C % bk:
+                bk //= 2
+            return 128, min(pow2(N), 128), bk, 4, 1
+        if dtype == torch.float32:
+            bm, bn, bk, w = 64, 64, 32, 4
+        else:
+            bm, bn, bk, w = 128, 128 if N > 64 else 64, 64, 8
+        if conv:
+            while bk > 16 and C % bk:
+                bk //= 2
+            if C % bk:  # per-element window addressing: keep the tile in registers
+                bm = min(bm, 64)
+        return bm, bn, bk, w, 3
+    bm = min(max(BLOCK_M, pow2(M)), FEW_ROWS)  # more rows: more row tiles, the slab re-read from L2
     if INTERPRET:  # the interpreter pays per program: whole rows in few programs
         return bm, min(pow2(N), 512), min(pow2(K), 1024), 4, 1
     if TILE_OVERRIDE is not None:
@@ -252,18 +295,19 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     if M == 0 or N == 0:
         return
     cache, cidx, fresh, C, P, stride = conv if conv is not None else (None, None, None, 1, 0, 1)
-    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None)
-    _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None, C)
+    n_tiles = triton.cdiv(N, bn)
+    _linear_kernel[(triton.cdiv(M, bm) * n_tiles,)](
         x, weight, bias if bias is not None else weight, res if res is not None else out,
         gamma if gamma is not None else weight, alpha if alpha is not None else weight,
         mul if mul is not None else out, out, nw if nw is not None else weight, nb if nb is not None else weight,
         nalpha if nalpha is not None else weight, norm_out if norm_out is not None else out,
         cache if cache is not None else x, cidx if cidx is not None else out, fresh if fresh is not None else out,
-        M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride,
+        M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride, n_tiles,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
-        HAS_FRESH=fresh is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_FRESH=fresh is not None, ALIGNED=conv is not None and C % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
 

@@ -1,7 +1,10 @@
-"""The few-row matmul with its epilogue / pre-norm inside (`kernels/linear.py`) at a batch-1
-streaming step's shapes, against what the GPU path ran before it: cuBLAS, then the epilogue or
-norm kernel ("cublas+epi"); "torch" is the eager reference. Bytes: the weight (the rest is
-noise at 4 rows), so GB/s is the weight-read rate.
+"""The matmul with its epilogue / pre-norm inside (`kernels/linear.py`) against what the GPU path
+runs without it: cuBLAS, then the epilogue or norm kernel ("cublas+epi"); "torch" is the eager
+reference. Few rows (a batch-1 streaming step): bytes are the weight (the rest is noise at 4
+rows), so GB/s is the weight-read rate. Many rows (GEMM tiles, `ops.LARGE_GEMM`: offline runs,
+big batches): bytes are x + W + out (+ res / q), and "windows" is a feature-extractor conv
+whose overlapping windows the kernel reads in place where cuBLAS needs the unfold copy. The
+"cublas+epi" / "triton" ratio at these rows decides whether LARGE_GEMM becomes the default.
 
     python bench/kernels/bench_linear.py [--quick] [--dtypes ...] [--no-compile]
 """
@@ -24,11 +27,26 @@ def cases(gpu, quick):
            (4, 1024, 2051, "dyt"), (4, 1024, 1024, "mul"), (64, 1536, 512, "none")]
     if gpu and not quick:
         out += [(16, 1024, 4096, "gelu"), (16, 4096, 1024, "residual")]
+    if gpu:  # many rows: 64 x 10 s offline (32,000 frames), WavLM FFN, modulation, decoder FFN, FE conv
+        out += [(32000, 1024, 4096, "gelu"), (32000, 4096, 1024, "residual"), (32000, 1024, 1024, "mul"),
+                (32000, 1024, 2048, "gelu"), (64 * 3999, 1536, 512, "windows")]
+        if not quick:
+            out += [(4096, 1024, 4096, "gelu"), (4096, 1536, 512, "windows"), (32000, 1024, 1024, "none")]
     return [dict(M=m, K=k, N=n, epi=e) for m, k, n, e in out]
 
 
 def make(case, dtype, device):
     M, K, N, epi = case["M"], case["K"], case["N"], case["epi"]
+    if epi == "windows":  # conv k=3 stride 2 over C = K / 3 channels: M windows of B = 64 rows
+        C, B = K // 3, 64
+        T = 2 * (M // B) + 1
+        sig = torch.randn(B, T, C, device=device, dtype=dtype)
+        x = sig.as_strided((B, M // B, K), (T * C, 2 * C, 1))
+        w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
+        fused = lambda: lin.linear(x, w)  # noqa: E731
+        split = ref = lambda: F.linear(x.reshape(B, -1, K), w)  # noqa: E731  (reshape: the unfold copy)
+        nbytes = (sig.numel() + w.numel() + M * N) * sig.element_size()
+        return {"triton": fused, "cublas+epi": split, "torch": ref}, nbytes, f"windows M={M} K={K} N={N}"
     x = torch.randn(M, K, device=device, dtype=dtype)
     w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
     b = torch.randn(N, device=device, dtype=dtype)
@@ -60,6 +78,8 @@ def make(case, dtype, device):
         fused = lambda: lin.linear(x, w)  # noqa: E731
         split = ref = lambda: F.linear(x, w)  # noqa: E731
     nbytes = w.numel() * w.element_size()
+    if M > lin.FEW_ROWS:
+        nbytes += (x.numel() + M * N * (2 if epi in ("residual", "mul") else 1)) * x.element_size()
     return {"triton": fused, "cublas+epi": split, "torch": ref}, nbytes, f"{epi} M={M} K={K} N={N}"
 
 

@@ -116,6 +116,17 @@ def record(quick: bool) -> dict:
             linear.causal_conv(r(4, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, fc)
         fe = r(1, 131, 512, dtype=dt)
         linear.linear(fe.as_strided((1, 64, 1536), (131 * 512, 1024, 1)), r(512, 1536, dtype=dt))
+        # many rows (offline, big batches; ops.LARGE_GEMM): GEMM tiles with the epilogues fused
+        xm = r(2, 100, 1024, dtype=dt)
+        linear.linear(xm, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu")
+        linear.linear(r(2, 100, 4096, dtype=dt), r(1024, 4096, dtype=dt), r(1024, dtype=dt), res=xm, gamma=r(1024, dtype=dt))
+        linear.linear(xm, r(1024, 1024, dtype=dt), r(1024, dtype=dt), mul=r(2, 100, 2051, dtype=dt)[..., :1024])
+        linear.linear(xm, r(1024, 1024, dtype=dt), r(1024, dtype=dt), act="snake", alpha=r(1024, dtype=dt))
+        linear.linear(xm, r(48, 1024, dtype=dt), r(48, dtype=dt), act="clamp")
+        fe = r(2, 301, 512, dtype=dt)
+        linear.linear(fe.as_strided((2, 150, 1536), (301 * 512, 1024, 1)), r(512, 1536, dtype=dt))
+        for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256)):  # the same convs at 64 streams
+            linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)
         # epilogues, norms, modulate, BSQ, ConvNeXt front
         for shape in ((4, 4), (8, 2048)):

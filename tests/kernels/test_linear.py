@@ -130,3 +130,45 @@ def test_causal_conv_reads_cache_and_frames_in_place(dtype, C, k, s, T, rows):
     want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
     assert_close(f"causal conv k={k} s={s}", got, want, dtype)
     assert torch.equal(cache, before)
+
+
+# Many rows: GEMM tiles. A small forced tile gives several row and column blocks (and K blocks
+# on the conv's tap boundaries, or across them) at interpreter-sized shapes.
+GEMM_TILES = {"default": None, "small": (32, 32, 32, 4, 1), "wide_k": (64, 16, 64, 4, 1)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", [((3, 50), 96, 80), ((300,), 64, 130)])
+@pytest.mark.parametrize("part", ["plain", "gelu_res_gamma", "mul", "snake"])
+@pytest.mark.parametrize("tiles", list(GEMM_TILES))
+def test_many_rows_take_gemm_tiles(dtype, lead, K, N, part, tiles, monkeypatch):
+    import fastfocal.kernels.linear as lin
+    monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
+    assert lin.tile(150, N, K, dtype)[0] >= 32  # the GEMM branch, not the few-row slabs
+    test_linear(dtype, lead, K, N, part)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [64, 40])  # 64: each 32-wide K block is one tap; 40: blocks straddle taps
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_many_rows_conv_windows(dtype, C, tiles, monkeypatch):
+    """The feature extractor at a big batch: overlapping windows and causal windows over
+    [cache ‖ frames], both read in place with GEMM tiles, against float64 convs."""
+    import fastfocal.kernels.linear as lin
+    from fastfocal.ops import causal_pad
+    monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
+    B, T, k, s, N = 3, 101, 3, 2, 48
+    x = rand(B, T, C, dtype=dtype, device=DEVICE)
+    w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
+    wkc = w.permute(0, 2, 1).reshape(N, k * C)
+    Tout = (T - k) // s + 1
+    got = linear(x.as_strided((B, Tout, k * C), (T * C, s * C, 1)), wkc)
+    want = torch.nn.functional.conv1d(f64(x)[0].transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
+    assert_close("windows", got, want, dtype)
+    cache = rand(5, k - 1, C, dtype=dtype, device=DEVICE)
+    idx, fresh = torch.tensor([3, 0, 4], device=DEVICE), torch.tensor([False, False, True], device=DEVICE)
+    got = lin.causal_conv(x, wkc, k, s, cache, idx, fresh)
+    xp = causal_pad(f64(x)[0], k - 1, f64(cache[idx])[0], fresh, True, dim=1)
+    want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
+    assert got.shape[1] * B > lin.FEW_ROWS
+    assert_close("causal windows", got, want, dtype)

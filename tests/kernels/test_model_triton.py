@@ -1,5 +1,6 @@
 """The whole codec on the Triton kernels (interpreted on CPU) against the upstream golden
 vectors, and the backend switch in fastfocal.ops."""
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -80,6 +81,48 @@ def test_few_row_steps_fuse_epilogues_and_norms(causal, golden_causal, triton_ba
     assert torch.equal(t1, t0)
     assert_close("audio", y1, y0, rel=1e-5)
     assert n1 < n0 / 3, f"{n1} epilogue/norm/modulate launches with the fused kernel, {n0} without"
+
+
+def test_many_rows_on_the_gemm_kernel(causal, golden_causal, triton_backend, monkeypatch):
+    """LARGE_GEMM: an offline run (thousands of rows a Linear) on the matmul kernel with GEMM
+    tiles (epilogues fused, conv windows read in place) against the golden vectors, and a
+    6-stream engine (24 rows) against the same steps on matmul + separate epilogue passes;
+    no matmul's epilogue pass is left."""
+    import fastfocal.kernels.epilogue as ke
+    import fastfocal.kernels.linear as kl
+    import fastfocal.kernels.modulate as km
+    from fastfocal.engine import StreamEngine
+
+    seen = {"side": 0, "rows": 0}
+    for mod, name in ((ke, "epilogue"), (km, "modulate")):  # a matmul's epilogue pass writes its output in place
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: seen.__setitem__("side", seen["side"] + ("out" in k))
+                            or _r(*a, **k))
+    real_launch = kl._launch
+    monkeypatch.setattr(kl, "_launch", lambda x, w, out, M, *a, **k: seen.__setitem__("rows", max(seen["rows"], M))
+                        or real_launch(x, w, out, M, *a, **k))
+    g = golden_causal
+    monkeypatch.setattr(ops, "LARGE_GEMM", True)
+    lats = causal.sig_to_lats(T(g["sig"]))
+    assert_close("lats", lats, g["lats"])
+    assert_tokens("toks", causal.lats_to_toks(lats), g["toks"], lats=g["lats"])
+    rec = causal.codes_to_sig(causal.lats_to_codes(lats))
+    assert_close("rec_sig", rec[:, :g["rec_sig"].shape[1]], g["rec_sig"])
+    assert seen["rows"] > 1000 and seen["side"] == 0, seen
+    x = g["sig"][:1, :1280 * 2].repeat(6, 0) * np.linspace(0.5, 1.0, 6, dtype=np.float32)[:, None]
+    runs = {}
+    for large in (False, True):
+        monkeypatch.setattr(ops, "LARGE_GEMM", large)
+        seen.update(side=0, rows=0)
+        e = StreamEngine(causal, 6)
+        ids = [e.open() for _ in range(6)]
+        e.submit_batch(ids, x)
+        runs[large] = ([e.step_batch() for _ in range(2)], dict(seen))
+    (s0, n0), (s1, n1) = runs[False], runs[True]
+    for a, b in zip(s0, s1):
+        assert torch.equal(a.tokens, b.tokens) and np.array_equal(a.errors, b.errors)
+        assert_close("engine audio", b.audio, a.audio, rel=1e-5)
+    assert n1["rows"] > 16 and n1["side"] == 0 and n0["side"] > 0, (n0, n1)
 
 
 @pytest.mark.gpu
