@@ -113,17 +113,20 @@ class Codec:
         return x.to(self.device, self.dtype), squeeze
 
     # ------------------------------------------------------------------ running
-    def _run(self, stages: Sequence[str], x: Tensor, squeeze: bool, keep: str, name: str) -> Tensor:
-        """The pipeline's stages over a whole checked input; one output, float32 if audio."""
-        check_fits(x.shape[0] * self._row_bytes(stages, x, self.dtype), self.device,
+    def _run(self, stages: Sequence[str], x: Tensor, squeeze: bool, keep: str, name: str, wide: bool = False) -> Tensor:
+        """The pipeline's stages over a whole checked input; one output, float32 if audio.
+        wide: on the float32 weights (x's values as they are: float16 values are exact in float32)."""
+        dtype = torch.float32 if wide else self.dtype
+        check_fits(x.shape[0] * self._row_bytes(stages, x, dtype), self.device,
                    f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
         if stages[0] == "encoder":
             check_amplitude(x, name)
         with torch.inference_mode():
-            out = run_offline(self.model, stages, x, [keep], self.segment_frames)
+            model = self.float32_model() if wide else self.model
+            out = run_offline(model, stages, x.float() if wide else x, [keep], self.segment_frames)
             if keep == "audio":
                 out["audio"] = out["audio"].float()
-            if self.dtype == torch.float16:
+            if self.dtype == torch.float16 and not wide:
                 self._redo_overflowed(stages, x, out, keep, name)
         check_err(out["err"], name)
         return out[keep][0] if squeeze else out[keep]
@@ -228,6 +231,12 @@ class Codec:
 
     def sig_to_toks(self, sig) -> Tensor:
         return self._run(("encoder", "compressor"), *self._sig(sig), keep="toks", name="audio")
+
+    def sig_to_toks_float32(self, sig) -> Tensor:
+        """sig_to_toks on this codec's weights in float32 (`float32_model`), the input rounded to
+        the codec's dtype first: the tokens a float16 codec gives a row that overflowed, without
+        running it in float16 again (`encode-corpus` reruns such a file alone)."""
+        return self._run(("encoder", "compressor"), *self._sig(sig), keep="toks", name="audio", wide=True)
 
     def sig_to_codes(self, sig) -> Tensor:
         return self.toks_to_codes(self.sig_to_toks(sig))

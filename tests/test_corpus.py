@@ -518,16 +518,22 @@ def _overflowing_fp16(causal):
 LOUD, QUIET = X16[:20000] * np.float32(0.9 / np.abs(X16[:20000]).max()), X16[:20000] * np.float32(1e-3)
 
 
-def test_fp16_files_that_overflow_are_recomputed_alone(causal):
+def test_fp16_files_that_overflow_are_recomputed_alone(causal, monkeypatch):
     """Batched float16 encoding: a file that overflows gets the tokens sig_to_toks gives it
-    alone (its rows in float32); the quiet file sharing its calls keeps its float16 tokens."""
+    alone (its rows in float32, in one float32 run: float16 is not run again); the quiet file
+    sharing its calls keeps its float16 tokens."""
     import copy
 
+    import fastfocal.codec as codec_mod
     from fastfocal.codec import Codec
 
     half = _overflowing_fp16(causal)
     m = half.model
     loud, quiet = LOUD, QUIET
+    runs = []
+    real = codec_mod.run_offline
+    monkeypatch.setattr(codec_mod, "run_offline", lambda model, *a, **k: runs.append(next(model.parameters()).dtype)
+                        or real(model, *a, **k))
     enc = SlotEncoder(half, 2, 2, 16)
     for k, s in (("loud", loud), ("quiet", quiet)):
         enc.add(k, s)
@@ -535,6 +541,7 @@ def test_fp16_files_that_overflow_are_recomputed_alone(causal):
     while enc.busy:
         got.update(enc.step())
     assert enc.stats["fp32_files"] == 1 and [*enc.recomputed.values()] == ["loud"]
+    assert runs == [torch.float32] and half.fp32_rows == 1
     alone = Codec(copy.deepcopy(m), "alone")
     np.testing.assert_array_equal(got["loud"], alone.sig_to_toks(loud).numpy())
     assert alone.fp32_rows == 1  # alone it overflows too, and is recomputed the same way
