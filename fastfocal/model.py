@@ -376,22 +376,18 @@ class _Backbone(nn.Module):
         self.output_norm = nn.LayerNorm(c.dim, eps=1e-6)
 
     def forward(self, x: Tensor, causal: bool, st: DecoderState | None, idx) -> Tensor:
-        def conv(xt, w, b, groups, cache_buf):
+        def conv(xt, w, b):  # non-causal "same" conv, channel-major: unfold + GEMM (the library conv is slow for few frames)
             k = w.shape[-1]
-            if causal:
-                cache = ops.rows(cache_buf, idx) if st is not None else None
-                xp = ops.causal_pad(xt, k - 1, cache, None, replicate=False)
-                if st is not None:
-                    ops.put_rows(cache_buf, idx, xp[:, :, xp.shape[2] - (k - 1):])
-            else:
-                xp = F.pad(xt, ((k - 1) // 2, k // 2))
-            if groups == 1:  # dense conv as unfold + GEMM: the library conv is slow for few frames
-                u = xp.unfold(2, k, 1).transpose(1, 2).reshape(xp.shape[0], -1, w.shape[1] * k)
-                return ops.linear(u, w.reshape(w.shape[0], -1), b).transpose(1, 2)
-            return ops.grouped_conv1d(xp, w, b, groups)
+            xp = F.pad(xt, ((k - 1) // 2, k // 2))
+            u = xp.unfold(2, k, 1).transpose(1, 2).reshape(xp.shape[0], -1, w.shape[1] * k)
+            return ops.linear(u, w.reshape(w.shape[0], -1), b).transpose(1, 2)
 
         e = self.embedding
-        x = conv(x.transpose(1, 2), e.weight, e.bias, 1, st.emb_cache if st is not None else None).transpose(1, 2)
+        if causal:  # time-major, as the feature extractor's convs: the windows read in place on the GPU
+            x = ops.causal_conv_time_major(x, e.weight, 1, st.emb_cache if st is not None else None, idx,
+                                           bias=e.bias, replicate=False)
+        else:
+            x = conv(x.transpose(1, 2), e.weight, e.bias).transpose(1, 2)
         x = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, 1e-6)
         for li, L in enumerate(self.layers):
             h = ops.dwconv_layer_norm(x, L.dwconv.weight, L.dwconv.bias, L.norm.weight, L.norm.bias, 1e-6, causal,
@@ -411,7 +407,7 @@ class WaveNeXt(nn.Module):
     def init_state(self, slots: int, device, dtype) -> DecoderState:
         c = self.cfg
         k = c.kernel_size
-        return DecoderState.zeros(slots, device, dtype, emb_cache=(c.input_dim, k - 1),
+        return DecoderState.zeros(slots, device, dtype, emb_cache=(k - 1, c.input_dim),
                                   caches=[(c.dim, k - 1)] * c.num_layers)
 
     def forward(self, x: Tensor, st: DecoderState | None = None, idx: Tensor | None = None) -> Tensor:

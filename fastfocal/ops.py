@@ -363,35 +363,39 @@ def _taps_kc(weight: Tensor) -> Tensor:
     return derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
 
 
-def conv_time_major(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+def conv_time_major(x: Tensor, weight: Tensor, stride: int, bias: Tensor | None = None) -> Tensor:
     """Valid conv1d over time of x (B, T, C_in) by weight (C_out, C_in, k) -> (B, T', C_out)."""
     N, C, k = weight.shape
     B, T = x.shape[0], x.shape[1]
     Tout = (T - k) // stride + 1
     if _windows_in_place(x, weight, B * Tout):
-        return lin.linear(x.as_strided((B, Tout, k * C), (T * C, stride * C, 1), x.storage_offset()), _taps_kc(weight))
-    return linear(x.unfold(1, k, stride).reshape(B, -1, C * k), weight.reshape(N, -1), None)
+        return lin.linear(x.as_strided((B, Tout, k * C), (T * C, stride * C, 1), x.storage_offset()), _taps_kc(weight),
+                          bias)
+    return linear(x.unfold(1, k, stride).reshape(B, -1, C * k), weight.reshape(N, -1), bias)
 
 
 def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None = None,
-                           idx: Tensor | None = None, fresh: Tensor | None = None) -> Tensor:
+                           idx: Tensor | None = None, fresh: Tensor | None = None, bias: Tensor | None = None,
+                           replicate: bool = True) -> Tensor:
     """conv_time_major of x left-padded by k - 1 frames: offline (cache None) x's first frame
-    repeated; streaming, the cache rows idx (S, k - 1, C_in) (`fresh` rows: the first frame),
-    which then hold the last k - 1 input frames. With few windows on the Triton path the
-    kernel reads [cache ‖ x] in place (no pad, no fresh-row patch, no gather)."""
+    repeated (zeros if not `replicate`); streaming, the cache rows idx (S, k - 1, C_in)
+    (`fresh` rows: the first frame), which then hold the last k - 1 input frames. With few
+    windows on the Triton path the kernel reads [cache ‖ x] in place (no pad, no fresh-row
+    patch, no gather) when x has at least k - 1 frames; otherwise it reads the padded input's
+    windows in place."""
     k = weight.shape[-1]
     if k == 1:
-        return conv_time_major(x, weight, stride)
+        return conv_time_major(x, weight, stride, bias)
     B, T = x.shape[0], x.shape[1]
     if cache is not None and T >= k - 1 and _windows_in_place(x, weight, B * ((T - 1) // stride + 1)) \
-            and cache.dtype == x.dtype and cache.is_contiguous():
-        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh)
+            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or fresh is None):
+        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh, bias)
         put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
         return y
-    xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, True, dim=1)
+    xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, replicate, dim=1)
     if cache is not None:
         put_rows(cache, idx, xp[:, xp.shape[1] - (k - 1):])
-    return conv_time_major(xp, weight, stride)
+    return conv_time_major(xp, weight, stride, bias)
 
 
 # --------------------------------------------------------------------------- causal padding

@@ -95,5 +95,5 @@ class FocalState(StageState):
 @dataclass
 class DecoderState(StageState):
     pos: Tensor  # (S,) frames already decoded
-    emb_cache: Tensor  # (S, input_dim, k-1)
+    emb_cache: Tensor  # (S, k-1, input_dim), time-major
     caches: list[Tensor]  # per ConvNeXt block (S, dim, k-1)

@@ -262,8 +262,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
 
 
 def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor, idx: Tensor | None = None,
-                fresh: Tensor | None = None) -> Tensor:
-    """Causal conv1d over time, no bias: x (B, T, C) contiguous frames left-padded by the k - 1
+                fresh: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Causal conv1d over time (+ bias): x (B, T, C) contiguous frames left-padded by the k - 1
     frames of cache rows idx ((S, k - 1, C) contiguous; rows b for idx None), or by x's first
     frame repeated for `fresh` rows ((B,) bool); weight_kc (N, k * C), taps in (k, C) order.
     -> (B, T', N). The cache is only read (its update is the caller's, after this)."""
@@ -282,10 +282,13 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
         check(fresh.shape == (B,) and fresh.dtype == torch.bool, f"fresh must be ({B},) bool")
     if weight_kc.stride(1) != 1:
         weight_kc = weight_kc.contiguous()
-    check_device(x, weight_kc, cache, *[v for v in (idx, fresh) if v is not None])
+    if bias is not None:
+        check(bias.shape == (weight_kc.shape[0],) and bias.dtype == x.dtype,
+              f"bias must be ({weight_kc.shape[0]},) {x.dtype}")
+    check_device(x, weight_kc, cache, *[v for v in (idx, fresh, bias) if v is not None])
     Tout = (T - 1) // stride + 1 if T else 0  # padded length T + P, windows of k = P + 1
     out = torch.empty(B, Tout, weight_kc.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, weight_kc, out, B * Tout, Tout, T * C, 0, (cache, idx, fresh, C, P, stride))
+    _launch(x, weight_kc, out, B * Tout, Tout, T * C, 0, (cache, idx, fresh, C, P, stride), bias=bias)
     return out
 
 

@@ -122,12 +122,14 @@ def test_causal_conv_reads_cache_and_frames_in_place(dtype, C, k, s, T, rows):
     cache = rand(S, k - 1, C, dtype=dtype, device=DEVICE)
     idx = torch.tensor([4, 0, 2], device=DEVICE) if rows == "indexed" else None
     fresh = torch.tensor([False, True, False], device=DEVICE)
+    bias = rand(N, dtype=dtype, device=DEVICE) if rows == "indexed" else None  # the decoder's embedding has one
     before = cache.clone()
     got = causal_conv(x, w.permute(0, 2, 1).reshape(N, k * C), k, s, cache if idx is not None else cache[:B].contiguous(),
-                      idx, fresh)
+                      idx, fresh, bias)
     rows_c = cache[idx] if idx is not None else cache[:B]
     xp = causal_pad(f64(x)[0], k - 1, f64(rows_c)[0], fresh, True, dim=1)
-    want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
+    want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], None if bias is None else f64(bias)[0],
+                                      stride=s).transpose(1, 2)
     assert_close(f"causal conv k={k} s={s}", got, want, dtype)
     assert torch.equal(cache, before)
 
