@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: the whole test suite (kernel tests run on CUDA there), then every benchmark,
-# in one call, ending with a one-screen summary.
+# in one call, ending with a one-screen summary. It needs well over 15 minutes: with the device
+# tool's current budget (15 min per task, start-up included) run bench/gpu_quick.sh instead.
 #   bash bench/gpu_check.sh            (QUICK=1 for a shorter sweep; JOBS=n test processes)
 # Writes bench/results/gpu-<device>/{pytest.xml,kernels.jsonl,log.txt}; the end-to-end
 # benches append to their own files under bench/results/ (rows carry the device name).
