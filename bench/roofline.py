@@ -44,7 +44,7 @@ def state_bytes(model, stages, dtype) -> dict[str, tuple[int, int, int]]:
                 H, R, d = t.shape[1:]
                 add("attention K/V rings", t.numel() * e, t.numel() * e, H * T * d * e)
             t = st.pos_conv_cache
-            add("positional-conv cache", t.numel() * e, t.numel() * e, t.shape[1] * T * e)
+            add("positional-conv cache", t.numel() * e, t.numel() * e, t.shape[2] * T * e)
             for t in st.fe_caches:  # short caches at each conv's own rate: counted whole
                 add("feature-extractor caches", t.numel() * e, t.numel() * e, t.numel() * e)
         elif s in ("compressor", "decompressor"):

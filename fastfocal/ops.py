@@ -398,6 +398,22 @@ def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor
     return conv_time_major(xp, weight, stride, bias)
 
 
+def grouped_windows_in_place(xp: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether `grouped_conv_gelu_time_major` reads xp's windows in place (the Triton path with
+    few windows, or LARGE_GEMM; channels per group powers of two)."""
+    O, I, k = weight.shape
+    Og = O // groups
+    return _windows_in_place(xp, weight, xp.shape[0] * (xp.shape[1] - k + 1)) and I & (I - 1) == 0 \
+        and Og & (Og - 1) == 0 and Og >= 16 and O % groups == 0
+
+
+def grouped_conv_gelu_time_major(xp: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """GELU(grouped conv1d(xp) + bias) of a padded time-major xp (B, L, C) -> (B, L - k + 1, O),
+    its windows read in place by the matmul kernel (`grouped_windows_in_place` holds)."""
+    k = weight.shape[-1]
+    return lin.grouped_windows(xp, _taps_kc(weight), k, groups, bias, "gelu")
+
+
 # --------------------------------------------------------------------------- causal padding
 def causal_pad(
     x: Tensor,

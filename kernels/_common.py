@@ -104,8 +104,9 @@ _DERIVED = WeakIdKeyDictionary()  # weight -> {tag: (version stamp, derived tens
 
 def derived(w: torch.Tensor, tag, make):
     """make(w), computed once per weight and tag and redone if the weight changes (inference
-    tensors have no version counter to watch: computed every time)."""
-    if w.is_inference():
+    tensors have no version counter to watch, and traced ones (export, compile) no storage: computed
+    every time)."""
+    if w.is_inference() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return make(w)
     stamp = (w._version, w.data_ptr())
     cache = _DERIVED.setdefault(w, {})

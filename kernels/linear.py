@@ -62,12 +62,15 @@ NORMS = {"none": 0, "layer_norm": 1, "dyt": 2, "snake": 3}  # the prologue on x'
 
 
 @triton.jit
-def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-            CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr):
+def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, goff,
+            CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
+            GROUP_I: tl.constexpr):
     """Rows r, columns k = k0 + arange of the matmul's input: x viewed as (B, T, K) rows, or
     (CONV) the windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C +
     channel reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's
-    frame 0). ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous."""
+    frame 0). ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous.
+    GROUP_I: a grouped conv's windows, column k = tap * GROUP_I + i reading frame t + tap
+    (frames C apart), channel goff + i (goff: the program's group times GROUP_I)."""
     b = r // T
     t = r % T
     if CONV:
@@ -89,6 +92,9 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
             crow = b
         vc = tl.load(cache_ptr + crow[:, None] * (P * C) + p * C + c, mask=am & (p < P) & ~from_x, other=0.0)
         return tl.where(from_x, vx, vc)
+    elif GROUP_I > 0:
+        off = (k // GROUP_I) * C + goff + k % GROUP_I  # GROUP_I a power of two: shifts and masks
+        return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + off[None, :], mask=am, other=0.0)
     else:
         return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + k[None, :], mask=am, other=0.0)
 
@@ -96,11 +102,11 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, out_ptr,
                    nw_ptr, nb_ptr, nalpha_ptr, nout_ptr, cache_ptr, crow_ptr, fresh_ptr,
-                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps, C, P, STRIDE, N_TILES,
+                   M, N, K, T, sxb, sxt, swn, mul_sr, lo, hi, eps, C, P, STRIDE, N_TILES, GROUP_O,
                    HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
                    ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
                    CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_I: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERP: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = pid % N_TILES  # column tiles of a row block run together: its rows are read once from DRAM
@@ -108,12 +114,13 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < M, n < N
     wrow = n.to(tl.int64) * swn
+    goff = (pid_n * BLOCK_N) // GROUP_O * GROUP_I  # a grouped conv: the column tile's group (BLOCK_N | GROUP_O)
     if NORM == 1:  # LayerNorm statistics of the rows: mean, then the centred variance (as norm.py)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = _a_tile(x_ptr, r, k0, k, rm, rm[:, None] & (k < K)[None, :], T, sxb, sxt, cache_ptr, crow_ptr,
-                        fresh_ptr, C, P, STRIDE, CONV, HAS_IDX, HAS_FRESH, ALIGNED)
+                        fresh_ptr, C, P, STRIDE, goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
             s1 += tl.sum(a.to(tl.float32), 1)
         mean = s1 / K
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -121,7 +128,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             k = k0 + tl.arange(0, BLOCK_K)
             km2 = rm[:, None] & (k < K)[None, :]
             a = _a_tile(x_ptr, r, k0, k, rm, km2, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-                        CONV, HAS_IDX, HAS_FRESH, ALIGNED)
+                        goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
             d = tl.where(km2, a.to(tl.float32) - mean[:, None], 0.0)
             s2 += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
@@ -131,7 +138,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         km = k < K
         am = rm[:, None] & km[None, :]
         a = _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-                    CONV, HAS_IDX, HAS_FRESH, ALIGNED)
+                    goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
         if NORM == 1:
             g = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
             b = tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
@@ -292,13 +299,44 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
     return out
 
 
+def grouped_windows(xp: Tensor, weight_kc: Tensor, k: int, groups: int, bias: Tensor | None = None,
+                    act: str = "none") -> Tensor:
+    """ACT(grouped conv1d + bias) over time of an already padded, time-major xp (B, L, C), read
+    in place (no unfold copy): weight_kc (O, k * C / groups), each row's taps in (k, C/groups)
+    order. -> (B, L - k + 1, O). WavLM's positional conv (128 taps, 16 groups) in a step."""
+    check(xp.dim() == 3 and xp.is_contiguous(), f"xp must be contiguous (B, L, C), got {tuple(xp.shape)}")
+    B, L, C = xp.shape
+    O = weight_kc.shape[0]
+    check(groups >= 1 and C % groups == 0 and O % groups == 0, f"{groups} groups must divide {C} and {O} channels")
+    I, Og = C // groups, O // groups
+    check(I == pow2(I) and Og == pow2(Og) and Og >= 16,
+          f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
+    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == xp.dtype,
+          f"weight must be ({O}, {k * I}) {xp.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    check(L >= k, f"xp has {L} frames, fewer than the {k} taps")
+    res = check_epilogue((B, L - k + 1, O), act, bias, None, None, None)
+    if weight_kc.stride(1) != 1:
+        weight_kc = weight_kc.contiguous()
+    check_device(xp, weight_kc, *[v for v in (bias,) if v is not None])
+    T = L - k + 1
+    out = torch.empty(B, T, O, dtype=xp.dtype, device=xp.device)
+    _launch(xp, weight_kc, out, B * T, T, L * C, C, None, bias=bias, act=act, res=res, group=(I, Og, C))
+    return out
+
+
 def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=None, gamma=None, alpha=None,
-            mul=None, mul_sr=0, lo=-1.0, hi=1.0, kind="none", nw=None, nb=None, eps=0.0, nalpha=None, norm_out=None):
+            mul=None, mul_sr=0, lo=-1.0, hi=1.0, kind="none", nw=None, nb=None, eps=0.0, nalpha=None, norm_out=None,
+            group=None):
     N, K = weight.shape
     if M == 0 or N == 0:
         return
     cache, cidx, fresh, C, P, stride = conv if conv is not None else (None, None, None, 1, 0, 1)
+    gi, go = (0, N) if group is None else group[:2]
+    if group is not None:
+        C = group[2]  # the frame stride of the grouped windows
     bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None, C)
+    if group is not None:
+        bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
     _linear_kernel[(triton.cdiv(M, bm) * n_tiles,)](
         x, weight, bias if bias is not None else weight, res if res is not None else out,
@@ -306,11 +344,12 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         mul if mul is not None else out, out, nw if nw is not None else weight, nb if nb is not None else weight,
         nalpha if nalpha is not None else weight, norm_out if norm_out is not None else out,
         cache if cache is not None else x, cidx if cidx is not None else out, fresh if fresh is not None else out,
-        M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride, n_tiles,
+        M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride, n_tiles, go,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
-        HAS_FRESH=fresh is not None, ALIGNED=conv is not None and C % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_FRESH=fresh is not None, ALIGNED=conv is not None and C % bk == 0,
+        GROUP_I=gi, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
 

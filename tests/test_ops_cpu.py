@@ -93,8 +93,9 @@ def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
 @pytest.mark.parametrize("B,T", [(1, 4), (1, 65), (3, 200), (80, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_conv_forms_equal_the_conv(B, T, dtype):
-    """model._grouped_conv (batched GEMM for short runs; for long bf16 runs ~64 rows at a time,
-    whatever the chunk boundaries) against the float64 conv; fp32 long runs are the library conv."""
+    """model._grouped_conv over time-major input (batched GEMM for short runs; for long bf16 runs
+    ~64 rows at a time, whatever the chunk boundaries) against the float64 conv; fp32 long runs
+    are the library conv."""
     from fastfocal.model import _grouped_conv
 
     g = torch.Generator().manual_seed(B * 1000 + T)
@@ -103,7 +104,7 @@ def test_grouped_conv_forms_equal_the_conv(B, T, dtype):
     w = torch.randn(C, C // G, k, generator=g) / (C // G * k) ** 0.5
     b = torch.randn(C, generator=g)
     want = F.conv1d(xp.double(), w.double(), b.double(), groups=G)
-    got = _grouped_conv(xp.to(dtype), w.to(dtype), b.to(dtype), G)
+    got = _grouped_conv(xp.to(dtype).transpose(1, 2).contiguous(), w.to(dtype), b.to(dtype), G).transpose(1, 2)
     assert got.shape == (B, C, T) and got.dtype == dtype
     # bf16: inputs rounded to bf16 and one rounding of the output (the bias inside the GEMM)
     ref = F.conv1d(xp.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), groups=G) if dtype != torch.float32 else want

@@ -174,3 +174,24 @@ def test_many_rows_conv_windows(dtype, C, tiles, monkeypatch):
     want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
     assert got.shape[1] * B > lin.FEW_ROWS
     assert_close("causal windows", got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L", [(1, 10), (2, 13), (3, 60)])  # 4 rows, 14 rows, 162 rows (GEMM tiles)
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_grouped_conv_windows_read_in_place(dtype, B, L, tiles, monkeypatch):
+    """GELU(grouped conv + bias) over a padded time-major signal, windows read in place (WavLM's
+    positional conv in a step), against the float64 library conv."""
+    import fastfocal.kernels.linear as lin
+    monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
+    C, O, G, k = 32, 64, 4, 7
+    xp = rand(B, L, C, dtype=dtype, device=DEVICE)
+    w = rand(O, C // G, k, dtype=dtype, device=DEVICE, scale=(C // G * k) ** -0.5)
+    b = rand(O, dtype=dtype, device=DEVICE)
+    got = lin.grouped_windows(xp, w.permute(0, 2, 1).reshape(O, -1), k, G, b, "gelu")
+    want = torch.nn.functional.gelu(torch.nn.functional.conv1d(f64(xp)[0].transpose(1, 2), f64(w)[0], f64(b)[0],
+                                                               groups=G)).transpose(1, 2)
+    assert got.shape == (B, L - k + 1, O)
+    assert_close("grouped windows", got, want, dtype)
+    with pytest.raises(ValueError, match="groups must divide"):
+        lin.grouped_windows(xp, w.permute(0, 2, 1).reshape(O, -1), k, 5, b)
