@@ -117,11 +117,20 @@ def main():
         codec = fastfocal.random_init(args.preset, seed=0, dtype=dtype)
         for mode, n in probes or []:
             xs = inputs(codec, mode)
-            engine = StreamEngine(codec, n, mode=mode, cuda_graphs=graphs)
-            ok = point(engine, mode, dtype, n, "target")
+            engine = None
+            try:
+                engine = StreamEngine(codec, n, mode=mode, cuda_graphs=graphs)
+                ok = point(engine, mode, dtype, n, "target")
+            except (MemoryError, RuntimeError, fastfocal.InputError) as e:  # does not fit: a result too; the next probe runs
+                keep({**base, "kind": "target", "dtype": dtype, "mode": mode, "batch": n, "error": str(e)[:300]})
+                print(f"{mode:6s} {dtype:8s}: {n} streams FAIL ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            finally:
+                del engine
+                gc.collect()
+                if gpu:
+                    torch.cuda.empty_cache()
             print(f"{mode:6s} {dtype:8s}: {n} streams {'PASS' if ok else 'FAIL'} ({args.budget_ms:.0f} ms at p99)")
-            del engine
-            gc.collect()
         for mode in ([] if probes else args.modes):
             xs = inputs(codec, mode)
             if gpu:
