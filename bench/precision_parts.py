@@ -23,13 +23,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fastfocal  # noqa: E402
-from fastfocal import model as fmodel, ops  # noqa: E402
+from fastfocal import ops  # noqa: E402
 from precision import parser, speech  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # op name -> position of its weight argument; every encoder matmul and norm goes through these
-WRAPPED = ("linear", "linear_gelu", "linear_residual_layer_norm", "linear_residual", "layer_norm_gelu", "layer_norm")
+WRAPPED = ("linear", "linear_gelu", "linear_residual_layer_norm", "linear_residual", "layer_norm_gelu", "layer_norm",
+           "grouped_conv_gelu_time_major")
 
 
 def parts_of(enc) -> dict[int, str]:
@@ -67,7 +68,6 @@ class Rounding:
         self.part, self.active, self.what = part, set(), "all"
         for name in WRAPPED:
             setattr(ops, name, self._wrap(getattr(ops, name)))
-        fmodel._grouped_conv = self._wrap(fmodel._grouped_conv)
 
     def _wrap(self, fn):
         def f(*a, **k):

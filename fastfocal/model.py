@@ -31,33 +31,6 @@ def _container(**mods) -> nn.Module:
     return m
 
 
-def _grouped_conv(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Tensor:
-    """Grouped conv of an already padded, time-major xp (B, T+k-1, C) -> (B, T, O). For a few
-    output frames (a streaming step) a batched GEMM over unfolded windows is ~8x faster than the
-    library conv on CPU. So it is for long bf16 runs on CPU taken ~64 rows at a time (the
-    unfolded windows stay in cache): there the library conv runs in fp32 (`grouped_conv1d`),
-    3-4x slower (WavLM's pos conv over 500 frames: 61 -> 16 ms at batch 1, 214 -> 90 ms at batch 4)."""
-    B, L, C = xp.shape
-    O, I, k = w.shape
-    T = L - k + 1
-    if T > 64:
-        if xp.device.type != "cpu" or xp.dtype != torch.bfloat16:
-            return ops.grouped_conv1d(xp.transpose(1, 2), w, b, groups).transpose(1, 2)
-        n = max(1, 64 // B)
-        return torch.cat([_grouped_conv(xp[:, a:min(T, a + n) + k - 1], w, b, groups) for a in range(0, T, n)], 1)
-    G, Og = groups, O // groups
-    # group g's window at (b, t) is xp[b, t:t+k, g*I:(g+1)*I]: taps-major, rows of I contiguous channels
-    xp = xp.contiguous()
-    u = xp.as_strided((G, B, T, k, I), (I, L * C, C, C, 1), xp.storage_offset()).reshape(G, B * T, k * I)
-    wg = ops.derived(w, "taps_kc", lambda v: v.permute(0, 2, 1).reshape(O, k * I).contiguous()).view(G, Og, k * I)
-    if xp.dtype == torch.float32:
-        y = torch.bmm(wg, u.transpose(1, 2))  # G, Og, B*T
-        return y.view(G, Og, B, T).permute(2, 3, 0, 1).reshape(B, T, O) + b
-    # reduced precision: the bias inside the GEMM, so the output is rounded once, as the conv's
-    y = torch.baddbmm(b.view(G, Og, 1).expand(G, Og, B * T), wg, u.transpose(1, 2))
-    return y.view(G, Og, B, T).permute(2, 3, 0, 1).reshape(B, T, O)
-
-
 # =========================================================================== encoder (WavLM)
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -142,10 +115,7 @@ class WavLM(nn.Module):
             xp = ops.causal_pad(x, c.conv_pos - 1, cache, fresh, True, dim=1)
             if st is not None:
                 ops.put_rows(st.pos_conv_cache, idx, xp[:, xp.shape[1] - (c.conv_pos - 1):])
-            if ops.grouped_windows_in_place(xp, pconv.weight, c.conv_pos_groups):  # GELU and bias fused
-                x = x + ops.grouped_conv_gelu_time_major(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
-            else:
-                x = x + ops.gelu(_grouped_conv(xp, pconv.weight, pconv.bias, c.conv_pos_groups))
+            x = x + ops.grouped_conv_gelu_time_major(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
         else:
             pad = c.conv_pos // 2
             p = ops.grouped_conv1d(F.pad(x.transpose(1, 2), (pad, pad)), pconv.weight, pconv.bias, c.conv_pos_groups)

@@ -93,10 +93,10 @@ def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
 @pytest.mark.parametrize("B,T", [(1, 4), (1, 65), (3, 200), (80, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_conv_forms_equal_the_conv(B, T, dtype):
-    """model._grouped_conv over time-major input (batched GEMM for short runs; for long bf16 runs
+    """ops.grouped_conv_time_major (the CPU / long-run form) (batched GEMM for short runs; for long bf16 runs
     ~64 rows at a time, whatever the chunk boundaries) against the float64 conv; fp32 long runs
     are the library conv."""
-    from fastfocal.model import _grouped_conv
+    from fastfocal.ops import grouped_conv_time_major as _grouped_conv
 
     g = torch.Generator().manual_seed(B * 1000 + T)
     C, G, k = 64, 4, 9
