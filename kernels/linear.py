@@ -314,13 +314,13 @@ def grouped_windows(xp: Tensor, weight_kc: Tensor, k: int, groups: int, bias: Te
     check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == xp.dtype,
           f"weight must be ({O}, {k * I}) {xp.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
     check(L >= k, f"xp has {L} frames, fewer than the {k} taps")
-    res = check_epilogue((B, L - k + 1, O), act, bias, None, None, None)
+    T = L - k + 1
+    check_epilogue((B, T, O), act, bias, None, None, None)
     if weight_kc.stride(1) != 1:
         weight_kc = weight_kc.contiguous()
-    check_device(xp, weight_kc, *[v for v in (bias,) if v is not None])
-    T = L - k + 1
+    check_device(xp, weight_kc, *([bias] if bias is not None else []))
     out = torch.empty(B, T, O, dtype=xp.dtype, device=xp.device)
-    _launch(xp, weight_kc, out, B * T, T, L * C, C, None, bias=bias, act=act, res=res, group=(I, Og, C))
+    _launch(xp, weight_kc, out, B * T, T, L * C, C, None, bias=bias, act=act, group=(I, Og))
     return out
 
 
@@ -331,9 +331,9 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     if M == 0 or N == 0:
         return
     cache, cidx, fresh, C, P, stride = conv if conv is not None else (None, None, None, 1, 0, 1)
-    gi, go = (0, N) if group is None else group[:2]
+    gi, go = (0, N) if group is None else group
     if group is not None:
-        C = group[2]  # the frame stride of the grouped windows
+        C = sxt  # the grouped windows' taps are frames apart
     bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None, C)
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
