@@ -232,11 +232,17 @@ class Codec:
     def sig_to_toks(self, sig) -> Tensor:
         return self._run(("encoder", "compressor"), *self._sig(sig), keep="toks", name="audio")
 
-    def sig_to_toks_float32(self, sig) -> Tensor:
+    def sig_to_toks_float32(self, sig, name: str = "audio") -> Tensor:
         """sig_to_toks on this codec's weights in float32 (`float32_model`), the input rounded to
         the codec's dtype first: the tokens a float16 codec gives a row that overflowed, without
-        running it in float16 again (`encode-corpus` reruns such a file alone)."""
-        return self._run(("encoder", "compressor"), *self._sig(sig), keep="toks", name="audio", wide=True)
+        running it in float16 again (`encode-corpus` reruns such a file alone). Counted in
+        `fp32_rows` and logged, as `sig_to_toks`'s own recompute is."""
+        x, sq = self._sig(sig)
+        toks = self._run(("encoder", "compressor"), x, sq, keep="toks", name=name, wide=True)
+        if self.dtype != torch.float32:
+            self.fp32_rows += x.shape[0]
+            log.warning("float16 overflowed on %s; recomputed in float32", name)
+        return toks
 
     def sig_to_codes(self, sig) -> Tensor:
         return self.toks_to_codes(self.sig_to_toks(sig))

@@ -12,7 +12,6 @@ import fcntl
 import glob
 import hashlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -33,8 +32,6 @@ from .codec import Codec
 from .inputs import InputError, available_bytes, check_audio, token_dtype
 from .loading import open_codec, provenance
 from .pipeline import ERR_NONFINITE_OUTPUT, NumericsError, Pipeline, check_err
-
-log = logging.getLogger("fastfocal")
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 SR = 16000
@@ -267,9 +264,7 @@ class SlotEncoder:
                     if r.err == ERR_NONFINITE_OUTPUT and self.codec.dtype == torch.float16:
                         # overflowed in float16: the file alone again, in float32 (as sig_to_toks
                         # recomputes an overflowed row; its float16 run is not repeated)
-                        res = self.codec.sig_to_toks_float32(r.sig).cpu().numpy()
-                        self.codec.fp32_rows += 1
-                        log.warning("float16 overflowed on %s; recomputed in float32", r.name)
+                        res = self.codec.sig_to_toks_float32(r.sig, r.name).cpu().numpy()
                         self.stats["fp32_files"] += 1
                         self.recomputed[id(r.key)] = r.key
                     else:
