@@ -43,8 +43,8 @@ def state_bytes(model, stages, dtype) -> dict[str, tuple[int, int, int]]:
             for t in st.k_ring + st.v_ring:  # (1, H, R, d): read whole, T frames written
                 H, R, d = t.shape[1:]
                 add("attention K/V rings", t.numel() * e, t.numel() * e, H * T * d * e)
-            t = st.pos_conv_cache
-            add("positional-conv cache", t.numel() * e, t.numel() * e, t.shape[2] * T * e)
+            t = st.pos_conv_cache  # (1, R, C) ring: the conv_pos - 1 frames before the step read
+            add("positional-conv cache", t.numel() * e, (model.encoder.cfg.conv_pos - 1) * t.shape[2] * e, t.shape[2] * T * e)
             for t in st.fe_caches:  # short caches at each conv's own rate: counted whole
                 add("feature-extractor caches", t.numel() * e, t.numel() * e, t.numel() * e)
         elif s in ("compressor", "decompressor"):
@@ -54,7 +54,9 @@ def state_bytes(model, stages, dtype) -> dict[str, tuple[int, int, int]]:
                     assert t.shape[2] == ring_len(k)
                     add("focal rings", t.numel() * e, C * (k - 1) * e, C * T * e)
         else:
-            for t in [st.emb_cache] + list(st.caches):
+            t = st.emb_cache  # time-major (1, k - 1, C)
+            add("decoder conv caches", t.numel() * e, t.numel() * e, t.shape[2] * T * e)
+            for t in st.caches:  # channel-major (1, C, k - 1)
                 add("decoder conv caches", t.numel() * e, t.numel() * e, t.shape[1] * T * e)
     return {k: tuple(v) for k, v in out.items()}
 

@@ -79,7 +79,7 @@ class WavLM(nn.Module):
         return EncoderState.zeros(
             slots, device, dtype,
             fe_caches=[(k - 1, i) for i, k in zip(ins, c.kernel_sizes)],
-            pos_conv_cache=(c.conv_pos - 1, c.dim),
+            pos_conv_cache=(ops.ring_len_time_major(c.conv_pos - 1, self.chunk), c.dim),
             k_ring=[(c.num_heads, R, d)] * c.num_layers,
             v_ring=[(c.num_heads, R, d)] * c.num_layers,
         )
@@ -110,11 +110,12 @@ class WavLM(nn.Module):
         x = ops.linear(ops.pre_norm(x, self.norm.weight, self.norm.bias, 1e-5), self.feature_proj.weight, self.feature_proj.bias)
 
         pconv = self.encoder.positional_embedding.conv
-        if c.causal:  # time-major, its cache (S, conv_pos - 1, dim) too
-            cache = ops.rows(st.pos_conv_cache, idx) if st is not None else None
-            xp = ops.causal_pad(x, c.conv_pos - 1, cache, fresh, True, dim=1)
-            if st is not None:
-                ops.put_rows(st.pos_conv_cache, idx, xp[:, xp.shape[1] - (c.conv_pos - 1):])
+        start = ops.rows(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        if c.causal and st is not None:  # time-major, its cache a ring (S, R, dim)
+            x = x + ops.grouped_conv_gelu_ring(x, pconv.weight, pconv.bias, c.conv_pos_groups, st.pos_conv_cache,
+                                               idx, start)
+        elif c.causal:
+            xp = ops.causal_pad(x, c.conv_pos - 1, None, None, True, dim=1)
             x = x + ops.grouped_conv_gelu_time_major(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
         else:
             pad = c.conv_pos // 2
@@ -124,7 +125,6 @@ class WavLM(nn.Module):
             x = x + ops.gelu(p).transpose(1, 2)
 
         T = x.shape[1]
-        start = ops.rows(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         layers = self.encoder.layers
         memo: dict = {}  # what the layers of this step share (the CPU attention's position bias)
         # each residual add is fused with the norm that follows it (the next layer's LN_a)

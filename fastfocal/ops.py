@@ -398,12 +398,12 @@ def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor
     return conv_time_major(xp, weight, stride, bias)
 
 
-def _grouped_in_place(xp: Tensor, weight: Tensor, groups: int) -> bool:
-    """The matmul kernel reads xp's grouped windows in place: the Triton path with few windows
+def _grouped_in_place(x: Tensor, weight: Tensor, groups: int, windows: int) -> bool:
+    """The matmul kernel reads x's grouped windows in place: the Triton path with few windows
     (or LARGE_GEMM), channels per group powers of two."""
     O, I, k = weight.shape
     Og = O // groups
-    return _windows_in_place(xp, weight, xp.shape[0] * (xp.shape[1] - k + 1)) and I & (I - 1) == 0 \
+    return _windows_in_place(x, weight, windows) and I & (I - 1) == 0 \
         and Og & (Og - 1) == 0 and Og >= 16 and O % groups == 0
 
 
@@ -411,9 +411,39 @@ def grouped_conv_gelu_time_major(xp: Tensor, weight: Tensor, bias: Tensor, group
     """GELU(grouped conv1d(xp) + bias) of a padded time-major xp (B, L, C) -> (B, L - k + 1, O):
     on the Triton path the kernel reads the windows in place with bias and GELU fused, else
     `grouped_conv_time_major` then GELU."""
-    if _grouped_in_place(xp, weight, groups):
+    if _grouped_in_place(xp, weight, groups, xp.shape[0] * (xp.shape[1] - weight.shape[-1] + 1)):
         return lin.grouped_windows(xp, _taps_kc(weight), weight.shape[-1], groups, bias, "gelu")
     return gelu(grouped_conv_time_major(xp, weight, bias, groups))
+
+
+def ring_len_time_major(P: int, frames: int) -> int:
+    """Slots of a time-major conv ring that a step of `frames` frames can read (P frames
+    back) and write (its own) in one launch: P + frames rounded up to a power of two."""
+    return 1 << (P + frames - 1).bit_length()
+
+
+def grouped_conv_gelu_ring(x: Tensor, weight: Tensor, bias: Tensor, groups: int, ring: Tensor,
+                           idx: Tensor | None, start: Tensor) -> Tensor:
+    """GELU(grouped causal conv1d + bias) of x's frames (B, T, C) -> (B, T, O), left-padded by
+    the k - 1 frames before them from a time-major ring (S, R, C) (stream frame f in slot
+    f mod R, rows idx, None: row b; start (B,) each row's frames before x; frames before a
+    stream's first are its first), then x's frames go into the ring. WavLM's positional conv
+    streaming: no shift of the other R - T frames. On the Triton path the kernel reads the
+    windows over [ring ‖ x] in place (no gather, pad or fresh-row patch) and, in a step, writes
+    the new frames itself; elsewhere the padded input is built and `grouped_conv_gelu_time_major`
+    runs on it."""
+    B, T, _ = x.shape
+    k = weight.shape[-1]
+    if _grouped_in_place(x, weight, groups, B * T) and ring.dtype == x.dtype and ring.is_contiguous():
+        return lin.grouped_ring_conv(x.contiguous(), _taps_kc(weight), k, groups, ring, idx, start, bias, "gelu")
+    P = k - 1
+    left = lin.ring_frames_time_major(ring, idx, start, P).to(x.dtype)
+    fresh = start == 0
+    if any_rows(fresh):
+        left = torch.where(fresh[:, None, None], x[:, :1].expand(-1, P, -1), left)
+    xp = torch.cat([left, x], 1)
+    lin.ring_write_time_major(ring, idx, start, x)
+    return grouped_conv_gelu_time_major(xp, weight, bias, groups)
 
 
 def grouped_conv_time_major(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Tensor:

@@ -81,7 +81,7 @@ class StageState:
 class EncoderState(StageState):
     pos: Tensor  # (S,) frames already encoded
     fe_caches: list[Tensor]  # feature-extractor conv inputs, time-major (S, k-1, C_in)
-    pos_conv_cache: Tensor  # (S, conv_pos-1, dim), time-major
+    pos_conv_cache: Tensor  # (S, R, dim) time-major ring, R >= conv_pos - 1 + chunk (ops.ring_len_time_major)
     k_ring: list[Tensor]  # per layer (S, H, R, d), R = window - chunk
     v_ring: list[Tensor]
 

@@ -29,6 +29,12 @@ def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def ring_slots(start: torch.Tensor, first: int, n: int, R: int) -> torch.Tensor:
+    """(B, n) ring slots of stream frames start+first .. start+first+n-1 (frames before 0: frame 0's)."""
+    f = start[:, None] + first + torch.arange(n, device=start.device)[None, :]
+    return torch.remainder(f.clamp(min=0), R)
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2
+from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2, ring_slots
 
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
@@ -341,12 +341,6 @@ def _causal_pad(x: Tensor, pad: int, cache: Tensor | None, fresh: Tensor | None)
     else:
         left = torch.where(fresh[:, None, None], x[:, :, :1].expand(-1, -1, pad), cache.to(x.dtype))
     return torch.cat([left, x], dim=2)
-
-
-def ring_slots(start: Tensor, first: int, n: int, R: int) -> Tensor:
-    """(B, n) ring slots of stream frames start+first .. start+first+n-1 (frames before 0: frame 0's)."""
-    f = start[:, None] + first + torch.arange(n, device=start.device)[None, :]
-    return torch.remainder(f.clamp(min=0), R)
 
 
 def ring_window(buf: Tensor, idx: Tensor, start: Tensor, P: int) -> Tensor:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, evenly_strided_rows, pow2, sin, tanh
+from ._common import INTERPRET, check, check_device, evenly_strided_rows, pow2, ring_slots, sin, tanh
 from .epilogue import ACTS, apply_epilogue, check_epilogue
 
 
@@ -64,13 +64,17 @@ NORMS = {"none": 0, "layer_norm": 1, "dyt": 2, "snake": 3}  # the prologue on x'
 @triton.jit
 def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE, goff,
             CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
-            GROUP_I: tl.constexpr):
+            GROUP_I: tl.constexpr, RING: tl.constexpr):
     """Rows r, columns k = k0 + arange of the matmul's input: x viewed as (B, T, K) rows, or
     (CONV) the windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C +
     channel reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's
     frame 0). ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous.
     GROUP_I: a grouped conv's windows, column k = tap * GROUP_I + i reading frame t + tap
-    (frames C apart), channel goff + i (goff: the program's group times GROUP_I)."""
+    (frames C apart), channel goff + i (goff: the program's group times GROUP_I). With RING (its
+    slot count, a power of two) the padded frames are [ring ‖ x]: padded frame p of row b is
+    stream frame g = max(start_b - P + p, 0) (before a stream's first: its first), new frame
+    g - start_b when g >= start_b, else ring slot g mod RING of cache row crow (fresh_ptr holds
+    the rows' starts)."""
     b = r // T
     t = r % T
     if CONV:
@@ -92,11 +96,40 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
             crow = b
         vc = tl.load(cache_ptr + crow[:, None] * (P * C) + p * C + c, mask=am & (p < P) & ~from_x, other=0.0)
         return tl.where(from_x, vx, vc)
+    elif GROUP_I > 0 and RING > 0:
+        s = tl.load(fresh_ptr + b, mask=rm, other=0)[:, None]
+        g = tl.maximum(s - P + t[:, None] + (k // GROUP_I)[None, :], 0)
+        new = g >= s
+        ch = (goff + k % GROUP_I)[None, :]
+        vx = tl.load(x_ptr + b[:, None] * sxb + (g - s) * C + ch, mask=am & new, other=0.0)
+        if HAS_IDX:
+            crow = tl.load(crow_ptr + b, mask=rm, other=0)
+        else:
+            crow = b
+        vr = tl.load(cache_ptr + crow[:, None] * (RING * C) + (g & (RING - 1)) * C + ch, mask=am & ~new, other=0.0)
+        return tl.where(new, vx, vr)
     elif GROUP_I > 0:
         off = (k // GROUP_I) * C + goff + k % GROUP_I  # GROUP_I a power of two: shifts and masks
         return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + off[None, :], mask=am, other=0.0)
     else:
         return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + k[None, :], mask=am, other=0.0)
+
+
+@triton.jit
+def _ring_store(x_ptr, ring_ptr, crow_ptr, start_ptr, r, rm, T, sxb, C, goff, RING: tl.constexpr,
+                HAS_IDX: tl.constexpr, GROUP_I: tl.constexpr):
+    """x's frame t of row b (channels goff ..+ GROUP_I) into ring slot (start_b + t) mod RING."""
+    b = r // T
+    t = r % T
+    ch = goff + tl.arange(0, GROUP_I)
+    v = tl.load(x_ptr + (b * sxb + t * C)[:, None] + ch[None, :], mask=rm[:, None], other=0.0)
+    s = tl.load(start_ptr + b, mask=rm, other=0)
+    if HAS_IDX:
+        crow = tl.load(crow_ptr + b, mask=rm, other=0)
+    else:
+        crow = b
+    slot = (s + t) & (RING - 1)
+    tl.store(ring_ptr + (crow * (RING * C) + slot * C)[:, None] + ch[None, :], v, mask=rm[:, None])
 
 
 @triton.jit
@@ -106,7 +139,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
                    HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
                    ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
                    CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
-                   GROUP_I: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_I: tl.constexpr, RING: tl.constexpr, WRITE_RING: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERP: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = pid % N_TILES  # column tiles of a row block run together: its rows are read once from DRAM
@@ -120,7 +153,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = _a_tile(x_ptr, r, k0, k, rm, rm[:, None] & (k < K)[None, :], T, sxb, sxt, cache_ptr, crow_ptr,
-                        fresh_ptr, C, P, STRIDE, goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
+                        fresh_ptr, C, P, STRIDE, goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I, RING)
             s1 += tl.sum(a.to(tl.float32), 1)
         mean = s1 / K
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -128,7 +161,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             k = k0 + tl.arange(0, BLOCK_K)
             km2 = rm[:, None] & (k < K)[None, :]
             a = _a_tile(x_ptr, r, k0, k, rm, km2, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-                        goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
+                        goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I, RING)
             d = tl.where(km2, a.to(tl.float32) - mean[:, None], 0.0)
             s2 += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
@@ -138,7 +171,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
         km = k < K
         am = rm[:, None] & km[None, :]
         a = _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr, C, P, STRIDE,
-                    goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I)
+                    goff, CONV, HAS_IDX, HAS_FRESH, ALIGNED, GROUP_I, RING)
         if NORM == 1:
             g = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
             b = tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
@@ -160,6 +193,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w), input_precision=PREC)
+    if WRITE_RING:  # the rows' new frames into the ring: one program per group, the group's channels
+        if (pid_n * BLOCK_N) % GROUP_O == 0:  # (no window of this step reads those slots: RING >= P + T)
+            _ring_store(x_ptr, cache_ptr, crow_ptr, fresh_ptr, r, rm, T, sxb, C, goff, RING, HAS_IDX, GROUP_I)
     y = apply_epilogue(acc, r, n, rm, nm, N, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, mul_sr, lo, hi,
                        HAS_BIAS, HAS_MUL, HAS_GAMMA, HAS_RES, ACT, INTERP)
     tl.store(out_ptr + r[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
@@ -324,9 +360,63 @@ def grouped_windows(xp: Tensor, weight_kc: Tensor, k: int, groups: int, bias: Te
     return out
 
 
+def grouped_ring_conv(x: Tensor, weight_kc: Tensor, k: int, groups: int, ring: Tensor, idx: Tensor | None,
+                      start: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """ACT(grouped causal conv1d + bias) over [ring frames ‖ x] -> (B, T, O), read in place (no
+    pad, gather or fresh-row patch), and x's frames written into the ring. x (B, T, C)
+    contiguous new frames; ring (S, R, C) contiguous, R a power of two >= k - 1 + T, stream
+    frame f in slot f mod R, rows idx (None: row b); start (B,) each row's frames before x (0:
+    a fresh stream; frames before a stream's first are its first). weight_kc (O, k * C /
+    groups), taps in (k, C / groups) order. WavLM's positional conv in a step."""
+    check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
+    B, T, C = x.shape
+    O = weight_kc.shape[0]
+    check(groups >= 1 and C % groups == 0 and O % groups == 0, f"{groups} groups must divide {C} and {O} channels")
+    I, Og = C // groups, O // groups
+    check(I == pow2(I) and Og == pow2(Og) and Og >= 16,
+          f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
+    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == x.dtype,
+          f"weight must be ({O}, {k * I}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    R = ring.shape[1] if ring.dim() == 3 else 0
+    check(ring.dim() == 3 and ring.shape[2] == C and R == pow2(R) and R >= k - 1 and ring.is_contiguous()
+          and ring.dtype == x.dtype,
+          f"ring must be contiguous (S, R, {C}) {x.dtype}, R a power of two >= {k - 1}, got {tuple(ring.shape)} {ring.dtype}")
+    check(idx is not None or ring.shape[0] == B, f"without idx the ring holds one row per input row ({B})")
+    if idx is not None:
+        check(idx.shape == (B,) and idx.dtype == torch.long, f"idx must be ({B},) int64")
+    check(start.shape == (B,) and start.dtype == torch.long, f"start must be ({B},) int64")
+    check_epilogue((B, T, O), act, bias, None, None, None)
+    if weight_kc.stride(1) != 1:
+        weight_kc = weight_kc.contiguous()
+    check_device(x, weight_kc, ring, start, *[v for v in (idx, bias) if v is not None])
+    out = torch.empty(B, T, O, dtype=x.dtype, device=x.device)
+    # the kernel writes the new frames when no window of this step reads their slots
+    write = R >= k - 1 + T
+    _launch(x, weight_kc, out, B * T, T, T * C, C, None, bias=bias, act=act, group=(I, Og),
+            ring=(ring, idx, start, k - 1, write))
+    if not write:  # a long run (an offline segment): after every read
+        ring_write_time_major(ring, idx, start, x)
+    return out
+
+
+def ring_frames_time_major(ring: Tensor, idx: Tensor | None, start: Tensor, P: int) -> Tensor:
+    """(B, P, C) frames start-P .. start-1 of time-major ring rows idx (S, R, C) (None: row b;
+    frames before 0 read frame 0's slot). Meaningless for fresh rows (start 0)."""
+    rows = torch.arange(start.shape[0], device=start.device) if idx is None else idx
+    return ring[rows[:, None], ring_slots(start, -P, P, ring.shape[1])]
+
+
+def ring_write_time_major(ring: Tensor, idx: Tensor | None, start: Tensor, x: Tensor) -> None:
+    """x's frames (B, T, C) into time-major ring rows idx: the newest min(T, R), frame f in slot f mod R."""
+    T, R = x.shape[1], ring.shape[1]
+    m = min(T, R)
+    rows = torch.arange(x.shape[0], device=x.device) if idx is None else idx
+    ring[rows[:, None], ring_slots(start, T - m, m, R)] = x[:, T - m:].to(ring.dtype)
+
+
 def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=None, gamma=None, alpha=None,
             mul=None, mul_sr=0, lo=-1.0, hi=1.0, kind="none", nw=None, nb=None, eps=0.0, nalpha=None, norm_out=None,
-            group=None):
+            group=None, ring=None):
     N, K = weight.shape
     if M == 0 or N == 0:
         return
@@ -334,6 +424,10 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     gi, go = (0, N) if group is None else group
     if group is not None:
         C = sxt  # the grouped windows' taps are frames apart
+    R, write = 0, False
+    if ring is not None:  # (ring, idx, start, P, write): grouped windows over [ring ‖ x]
+        cache, cidx, fresh, P, write = ring
+        R = cache.shape[1]
     bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None, C)
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
@@ -348,8 +442,8 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
-        HAS_FRESH=fresh is not None, ALIGNED=conv is not None and C % bk == 0,
-        GROUP_I=gi, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_FRESH=conv is not None and fresh is not None, ALIGNED=conv is not None and C % bk == 0,
+        GROUP_I=gi, RING=R, WRITE_RING=write, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
 

@@ -127,6 +127,11 @@ def record(quick: bool) -> dict:
         linear.linear(fe.as_strided((2, 150, 1536), (301 * 512, 1024, 1)), r(512, 1536, dtype=dt))
         for B in (1, 64):  # WavLM's positional conv in a step: 128 taps, 16 groups, GELU fused
             linear.grouped_windows(r(B, 131, 1024, dtype=dt), r(1024, 128 * 64, dtype=dt), 128, 16, r(1024, dtype=dt), "gelu")
+            # ... and from its ring: a step (the kernel writes the frames) and an offline segment (it cannot)
+            for T, S in ((4, B + 1), (200, B)):
+                linear.grouped_ring_conv(r(B, T, 1024, dtype=dt), r(1024, 128 * 64, dtype=dt), 128, 16,
+                                         r(S, 256, 1024, dtype=dt), torch.arange(B) if S > B else None,
+                                         torch.full((B,), 300), r(1024, dtype=dt), "gelu")
         for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256)):  # the same convs at 64 streams
             linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)

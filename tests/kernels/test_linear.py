@@ -195,3 +195,55 @@ def test_grouped_conv_windows_read_in_place(dtype, B, L, tiles, monkeypatch):
     assert_close("grouped windows", got, want, dtype)
     with pytest.raises(ValueError, match="groups must divide"):
         lin.grouped_windows(xp, w.permute(0, 2, 1).reshape(O, -1), k, 5, b)
+
+
+def _stream_ref(sig, w, b, k):
+    """float64 GELU(grouped conv + b) of whole streams (S, L, C), left-padded by each stream's
+    first frame repeated: what every streaming step must reproduce."""
+    G = sig.shape[2] // w.shape[1]
+    xp = torch.cat([sig[:, :1].expand(-1, k - 1, -1), sig], 1)
+    return torch.nn.functional.gelu(torch.nn.functional.conv1d(xp.transpose(1, 2), w, b, groups=G)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_grouped_conv_over_a_ring(dtype, tiles, monkeypatch):
+    """WavLM's positional conv streaming from a ring (`grouped_ring_conv`): streams stepped in
+    any order and subsets, at their own positions (fresh, before the ring first wraps, after
+    many wraps), rows idx or in order, few rows, GEMM tiles (17 x 4 rows) and a long run the
+    kernel cannot write itself; every step equals the float64 conv over the whole stream."""
+    import fastfocal.kernels.linear as lin
+    monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
+    S, L, C, O, G, k, T = 18, 80, 32, 64, 2, 7, 4
+    R = 16  # >= k - 1 + T: a 4-frame step writes its frames in the kernel
+    sig = rand(S, L, C, dtype=dtype, device=DEVICE)
+    w = rand(O, C // G, k, dtype=dtype, device=DEVICE, scale=(C // G * k) ** -0.5)
+    b = rand(O, dtype=dtype, device=DEVICE)
+    want = _stream_ref(*f64(sig, w, b), k)
+    wkc = w.permute(0, 2, 1).reshape(O, -1)
+    ring = torch.zeros(S, R, C, dtype=dtype, device=DEVICE)
+    pos = [0] * S
+
+    def step(rows, n, in_order=False):
+        start = torch.tensor([pos[s] for s in rows], device=DEVICE)
+        x = torch.stack([sig[s, pos[s]:pos[s] + n] for s in rows])
+        if in_order:
+            assert rows == list(range(S))
+            got = lin.grouped_ring_conv(x, wkc, k, G, ring, None, start, b, "gelu")
+        else:
+            got = lin.grouped_ring_conv(x, wkc, k, G, ring, torch.tensor(rows, device=DEVICE), start, b, "gelu")
+        ref = torch.stack([want[s, pos[s]:pos[s] + n] for s in rows])
+        assert_close(f"rows {rows} at {[pos[s] for s in rows]}", got, ref, dtype)
+        for s in rows:
+            pos[s] += n
+
+    for _ in range(6):
+        step([5], T)  # stream 5 alone: 24 frames, the ring wrapped
+    step([5, 0, 9], T)  # fresh rows beside a wrapped one
+    step([0, 9], 1)  # a 1-frame step: the frames before stream 0's first still read slot 0
+    step(list(range(1, S)), T)  # 68 rows: GEMM tiles, fresh, early and wrapped rows together
+    step([9, 5, 0], 12)  # 12 > R - (k - 1): read in place, the frames written after
+    step(list(range(S)), T, in_order=True)
+    with pytest.raises(ValueError, match="power of two"):
+        lin.grouped_ring_conv(sig[:1, :T].contiguous(), wkc, k, G, torch.zeros(1, 12, C, dtype=dtype, device=DEVICE),
+                              None, torch.zeros(1, dtype=torch.long, device=DEVICE), b)

@@ -125,6 +125,41 @@ def test_many_rows_on_the_gemm_kernel(causal, golden_causal, triton_backend, mon
     assert n1["rows"] > 16 and n1["side"] == 0 and n0["side"] > 0, (n0, n1)
 
 
+def test_positional_conv_ring_in_the_encoder(data_dir, golden_causal, triton_backend, monkeypatch):
+    """The encoder with its positional conv on the ring kernel (8 groups of 16 channels, so the
+    kernel takes it; 16 taps, so the 32-slot ring wraps within the test): two streams stepped
+    at different positions through slot indices give the frames the whole signal gives in one
+    offline call on the reference ops, and the kernel ran on every step."""
+    import json
+
+    import fastfocal
+    import fastfocal.kernels.linear as kl
+
+    cfg = json.loads((data_dir / "tiny_causal" / "config.json").read_text())
+    cfg["encoder_config"].update(conv_pos=16, conv_pos_groups=8)
+    enc = fastfocal.random_init(cfg, seed=3, device=DEVICE).model.encoder
+    calls = []
+    real = kl.grouped_ring_conv
+    monkeypatch.setattr(kl, "grouped_ring_conv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    sig = T(golden_causal["sig"][:2, :1280 * 11]).to(DEVICE) * torch.tensor([[1.0], [0.7]], device=DEVICE)
+    with torch.inference_mode():
+        monkeypatch.setenv("FASTFOCAL_BACKEND", "torch")
+        whole = enc(sig, enc.init_state(2, DEVICE, torch.float32))
+        monkeypatch.setenv("FASTFOCAL_BACKEND", "triton")
+        st = enc.init_state(3, DEVICE, torch.float32)
+        got = [[], []]
+        for i in range(11):  # stream 0 on slot 2 runs 3 chunks ahead of stream 1 on slot 0
+            rows = [0] if i < 3 else [0, 1]
+            n = {0: i, 1: i - 3}
+            x = torch.stack([sig[r, 1280 * n[r]:1280 * (n[r] + 1)] for r in rows])
+            y = enc(x, st, torch.tensor([2, 0][:len(rows)], device=DEVICE))
+            for j, r in enumerate(rows):
+                got[r].append(y[j])
+    assert_close("stream 0", torch.cat(got[0]), whole[0])
+    assert_close("stream 1", torch.cat(got[1]), whole[1, :8 * 4])
+    assert len(calls) == 11, calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_full_size_triton_vs_torch(monkeypatch, dtype):
