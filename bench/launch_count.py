@@ -3,7 +3,7 @@ kernels under TRITON_INTERPRET=1, everything else as the aten ops that would eac
 kernel) with its launches listed by name. At batch 1 the step's bytes take ~0.1 ms on an H200
 (bench/ROOFLINE.md), so launches set the time: a graph replay costs a few microseconds per node.
 
-    TRITON_INTERPRET=1 python bench/launch_count.py [--mode full] [--preset 50hz_4k_causal]
+    TRITON_INTERPRET=1 python bench/launch_count.py [--mode full] [--preset 50hz_4k_causal] [--where]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import collections
 import importlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -40,21 +41,30 @@ STATE = {"counting": False, "in_kernel": False}
 class Count(TorchDispatchMode):
     """aten ops outside the Triton launches (the interpreter's own tensor traffic is not a launch)."""
 
-    def __init__(self):
+    def __init__(self, where: bool = False):
         super().__init__()
         self.ops = collections.Counter()
         self.bytes = collections.Counter()  # bytes each op writes (what it costs at many streams)
+        self.where = collections.Counter() if where else None  # (op, the fastfocal lines that called it)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
         if STATE["counting"] and not STATE["in_kernel"] and name not in FREE and not _aliases(name, out, args):
             self.ops[name] += 1
+            if self.where is not None:
+                self.where[(name, _site())] += 1
             o = out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None) \
                 if isinstance(out, (tuple, list)) else None
             if o is not None:
                 self.bytes[name] += o.numel() * o.element_size()
         return out
+
+
+def _site() -> str:
+    """The innermost two fastfocal frames that led here (the op's wrapper and its caller)."""
+    fr = [f for f in traceback.extract_stack() if "/fastfocal/" in f.filename.replace("\\", "/")]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(fr[-2:]))
 
 
 def _aliases(name: str, out, args) -> bool:
@@ -71,6 +81,7 @@ def main() -> None:
     ap.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
     ap.add_argument("--streams", type=int, default=1, help="rows stepped together (more than 4 take the cuBLAS path)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="sets the bytes column")
+    ap.add_argument("--where", action="store_true", help="also list where each aten op of the session comes from")
     args = ap.parse_args()
     codec = fastfocal.random_init(args.preset, seed=0, device="cpu", dtype=args.dtype)
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
@@ -92,12 +103,14 @@ def main() -> None:
         launches.clear()
         with torch.inference_mode():
             pipe.step(x, idx)  # not the first chunk
-            mode = Count()
+            mode = Count(where=args.where and idx is None)
             with mode:
                 STATE["counting"] = True
                 pipe.step(x, idx)
                 STATE["counting"] = False
         results[label] = (collections.Counter(launches), mode.ops, mode.bytes)
+        if mode.where is not None:
+            sites = mode.where
     extra = "".join(f" --{k} {v}" for k, v in (("streams", n), ("dtype", args.dtype)) if v != ap.get_default(k))
     print(f"# Launches of one {n}-stream streaming step ({args.preset}, mode {args.mode}, {args.dtype})\n")
     print(f"`TRITON_INTERPRET=1 python bench/launch_count.py --mode {args.mode}{extra}`\n")
@@ -113,6 +126,10 @@ def main() -> None:
     for k in sorted(set(at) | set(sess), key=lambda k: -max(at.get(k, 0), sess.get(k, 0))):
         print(f"| {k} | {at.get(k, 0)} | {sess.get(k, 0)} | {nb.get(k, 0) / n / 1e6:.3f} |")
     print(f"\naten ops outside the kernels write {sum(nb.values()) / n / 1e6:.2f} MB per stream per step (engine row).")
+    if args.where:
+        print("\nSession, where each aten op comes from:\n\n| aten op | called at | launches |\n|---|---|---|")
+        for (op, site), v in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"| {op} | {site} | {v} |")
 
 
 class _Counted:

@@ -54,8 +54,8 @@ def state_bytes(model, stages, dtype) -> dict[str, tuple[int, int, int]]:
                     assert t.shape[2] == ring_len(k)
                     add("focal rings", t.numel() * e, C * (k - 1) * e, C * T * e)
         else:
-            t = st.emb_cache  # time-major (1, k - 1, C)
-            add("decoder conv caches", t.numel() * e, t.numel() * e, t.shape[2] * T * e)
+            t = st.emb_cache  # time-major ring (1, R, C): the k - 1 frames before the step read
+            add("decoder conv caches", t.numel() * e, (model.decoder.cfg.kernel_size - 1) * t.shape[2] * e, t.shape[2] * T * e)
             for t in st.caches:  # channel-major (1, C, k - 1)
                 add("decoder conv caches", t.numel() * e, t.numel() * e, t.shape[1] * T * e)
     return {k: tuple(v) for k, v in out.items()}

@@ -95,25 +95,25 @@ class WavLM(nn.Module):
         """sig (B, N) -> feats (B, T, dim). Causal with a state: one streaming step."""
         c = self.cfg
         B = sig.shape[0]
-        fresh = (ops.rows(st.pos, idx) == 0) if st is not None else None
+        start = ops.rows(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=sig.device)
         # time-major (B, T, C) throughout: each conv is an unfold + GEMM, LayerNorm needs no transpose
         x = sig.unsqueeze(-1)
         if not c.causal and x.shape[1] < self.min_samples():
             x = F.pad(x, (0, 0, 0, self.min_samples() - x.shape[1]))
         for i, layer in enumerate(self.feature_extractor.layers):
+            tail = None  # the conv's cache write, left to the norm's launch
             if c.causal:
-                x = ops.causal_conv_time_major(x, layer.conv.weight, c.strides[i],
-                                               st.fe_caches[i] if st is not None else None, idx, fresh)
+                x, tail = ops.causal_conv_time_major(x, layer.conv.weight, c.strides[i],
+                                                     st.fe_caches[i] if st is not None else None, idx, defer=True,
+                                                     start=start if st is not None else None)
             else:
                 x = ops.conv_time_major(x, layer.conv.weight, c.strides[i])
-            x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5)
+            x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5, tail)
         x = ops.linear(ops.pre_norm(x, self.norm.weight, self.norm.bias, 1e-5), self.feature_proj.weight, self.feature_proj.bias)
 
         pconv = self.encoder.positional_embedding.conv
-        start = ops.rows(st.pos, idx) if st is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         if c.causal and st is not None:  # time-major, its cache a ring (S, R, dim)
-            x = x + ops.grouped_conv_gelu_ring(x, pconv.weight, pconv.bias, c.conv_pos_groups, st.pos_conv_cache,
-                                               idx, start)
+            x = ops.pos_conv_ring(x, pconv.weight, pconv.bias, c.conv_pos_groups, st.pos_conv_cache, idx, start)
         elif c.causal:
             xp = ops.causal_pad(x, c.conv_pos - 1, None, None, True, dim=1)
             x = x + ops.grouped_conv_gelu_time_major(xp, pconv.weight, pconv.bias, c.conv_pos_groups)
@@ -325,7 +325,7 @@ class FocalDecoder(nn.Module):
         B, T, C = x.shape
         g = self.group
         pad = (-T) % g
-        v = F.pad(x, (0, 0, 0, pad)).reshape(B, (T + pad) // g, g * C)
+        v = (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, (T + pad) // g, g * C)  # a step: whole groups, a view
         r = self.refiner
         v = ops.linear_residual(ops.linear_gelu(v, r.in_proj.weight, r.in_proj.bias), r.out_proj.weight, r.out_proj.bias, v)
         return v.reshape(B, T + pad, C)[:, :T]
@@ -350,7 +350,7 @@ class _Backbone(nn.Module):
         )
         self.output_norm = nn.LayerNorm(c.dim, eps=1e-6)
 
-    def forward(self, x: Tensor, causal: bool, st: DecoderState | None, idx) -> Tensor:
+    def forward(self, x: Tensor, causal: bool, st: DecoderState | None, idx, start: Tensor | None = None) -> Tensor:
         def conv(xt, w, b):  # non-causal "same" conv, channel-major: unfold + GEMM (the library conv is slow for few frames)
             k = w.shape[-1]
             xp = F.pad(xt, ((k - 1) // 2, k // 2))
@@ -358,9 +358,10 @@ class _Backbone(nn.Module):
             return ops.linear(u, w.reshape(w.shape[0], -1), b).transpose(1, 2)
 
         e = self.embedding
-        if causal:  # time-major, as the feature extractor's convs: the windows read in place on the GPU
-            x = ops.causal_conv_time_major(x, e.weight, 1, st.emb_cache if st is not None else None, idx,
-                                           bias=e.bias, replicate=False)
+        if causal and st is not None:  # time-major, its cache a ring: one launch on the GPU (zero padding)
+            x = ops.causal_conv_ring(x, e.weight, st.emb_cache, idx, start, e.bias, replicate=False)
+        elif causal:
+            x = ops.causal_conv_time_major(x, e.weight, 1, None, bias=e.bias, replicate=False)
         else:
             x = conv(x.transpose(1, 2), e.weight, e.bias).transpose(1, 2)
         x = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, 1e-6)
@@ -373,23 +374,25 @@ class _Backbone(nn.Module):
 
 
 class WaveNeXt(nn.Module):
-    def __init__(self, c: WaveNeXtConfig):
+    def __init__(self, c: WaveNeXtConfig, chunk: int = 4):
         super().__init__()
         self.cfg = c
+        self.chunk = chunk  # frames a streaming step decodes (sizes the embedding conv's ring)
         self.backbone = _Backbone(c)
         self.head = _container(proj=nn.Linear(c.dim, c.hop_length))
 
     def init_state(self, slots: int, device, dtype) -> DecoderState:
         c = self.cfg
         k = c.kernel_size
-        return DecoderState.zeros(slots, device, dtype, emb_cache=(k - 1, c.input_dim),
+        return DecoderState.zeros(slots, device, dtype, emb_cache=(ops.ring_len_time_major(k - 1, self.chunk), c.input_dim),
                                   caches=[(c.dim, k - 1)] * c.num_layers)
 
     def forward(self, x: Tensor, st: DecoderState | None = None, idx: Tensor | None = None) -> Tensor:
         """qfeats (B, T, C) -> sig (B, T * hop)."""
-        h = self.backbone(x, self.cfg.causal, st, idx)
+        start = ops.rows(st.pos, idx) if st is not None else None
+        h = self.backbone(x, self.cfg.causal, st, idx, start)
         if st is not None:
-            ops.advance(st.pos, idx, ops.rows(st.pos, idx), x.shape[1])
+            ops.advance(st.pos, idx, start, x.shape[1])
         # (B, T, hop) is already the waveform's layout: frame t's samples are contiguous
         return ops.linear_clamp(h, self.head.proj.weight, self.head.proj.bias, -1.0, 1.0).reshape(x.shape[0], -1)
 
@@ -433,7 +436,7 @@ class FocalCodecModel(nn.Module):
         self.encoder = WavLM(cfg.encoder, cfg.chunk_frames)
         self.compressor = FocalEncoder(cfg.compressor)
         self.decompressor = FocalDecoder(cfg.decompressor)
-        self.decoder = WaveNeXt(cfg.decoder) if cfg.is_wavenext else Vocos(cfg.decoder)
+        self.decoder = WaveNeXt(cfg.decoder, cfg.chunk_frames) if cfg.is_wavenext else Vocos(cfg.decoder)
 
 
 def num_params(model: nn.Module) -> int:

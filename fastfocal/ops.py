@@ -91,16 +91,23 @@ def gelu(x: Tensor) -> Tensor:
     return epilogue.epilogue_ref(x, act="gelu")  # exact erf form
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    if use_triton(x) and x.shape[-1] <= 8192:
-        return norm.norm(x.contiguous(), weight, bias, eps)
-    return norm.norm_ref(x, weight, bias, eps)
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, tail: tuple | None = None) -> Tensor:
+    """tail: a causal conv's deferred cache write (`causal_conv_time_major(..., defer=True)`),
+    done by the norm kernel's programs (no launch of its own) or after the norm."""
+    return _norm(x, weight, bias, eps, False, tail)
 
 
-def layer_norm_gelu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def layer_norm_gelu(x: Tensor, weight: Tensor, bias: Tensor, eps: float, tail: tuple | None = None) -> Tensor:
+    return _norm(x, weight, bias, eps, True, tail)
+
+
+def _norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act_gelu: bool, tail: tuple | None) -> Tensor:
     if use_triton(x) and x.shape[-1] <= 8192:
-        return norm.norm(x.contiguous(), weight, bias, eps, act_gelu=True)
-    return norm.norm_ref(x, weight, bias, eps, act_gelu=True)
+        return norm.norm(x.contiguous(), weight, bias, eps, act_gelu=act_gelu, tail=tail)
+    y = norm.norm_ref(x, weight, bias, eps, act_gelu=act_gelu)
+    if tail is not None:
+        norm.tail_copy_ref(tail)
+    return y
 
 
 class Normed:
@@ -376,26 +383,37 @@ def conv_time_major(x: Tensor, weight: Tensor, stride: int, bias: Tensor | None 
 
 def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None = None,
                            idx: Tensor | None = None, fresh: Tensor | None = None, bias: Tensor | None = None,
-                           replicate: bool = True) -> Tensor:
+                           replicate: bool = True, defer: bool = False, start: Tensor | None = None):
     """conv_time_major of x left-padded by k - 1 frames: offline (cache None) x's first frame
     repeated (zeros if not `replicate`); streaming, the cache rows idx (S, k - 1, C_in)
-    (`fresh` rows: the first frame), which then hold the last k - 1 input frames. With few
+    (`fresh` rows, or rows whose `start` is 0: the first frame), which then hold the last
+    k - 1 input frames. With few
     windows on the Triton path the kernel reads [cache ‖ x] in place (no pad, no fresh-row
     patch, no gather) when x has at least k - 1 frames; otherwise it reads the padded input's
-    windows in place."""
+    windows in place.
+
+    defer: returns (y, tail): the cache write the in-place kernel leaves (it must follow the
+    kernel's reads) as (x, cache, idx) for the norm after the conv to do (`layer_norm(...,
+    tail=)`, no launch of its own), or None when it is done."""
     k = weight.shape[-1]
     if k == 1:
-        return conv_time_major(x, weight, stride, bias)
+        y = conv_time_major(x, weight, stride, bias)
+        return (y, None) if defer else y
     B, T = x.shape[0], x.shape[1]
     if cache is not None and T >= k - 1 and _windows_in_place(x, weight, B * ((T - 1) // stride + 1)) \
-            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or fresh is None):
-        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh, bias)
+            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or (fresh is None and start is None)):
+        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh if start is None else start, bias)
+        if defer:
+            return y, (x, cache, idx)
         put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
         return y
+    if fresh is None and start is not None:
+        fresh = start == 0
     xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, replicate, dim=1)
     if cache is not None:
         put_rows(cache, idx, xp[:, xp.shape[1] - (k - 1):])
-    return conv_time_major(xp, weight, stride, bias)
+    y = conv_time_major(xp, weight, stride, bias)
+    return (y, None) if defer else y
 
 
 def _grouped_in_place(x: Tensor, weight: Tensor, groups: int, windows: int) -> bool:
@@ -422,28 +440,53 @@ def ring_len_time_major(P: int, frames: int) -> int:
     return 1 << (P + frames - 1).bit_length()
 
 
-def grouped_conv_gelu_ring(x: Tensor, weight: Tensor, bias: Tensor, groups: int, ring: Tensor,
-                           idx: Tensor | None, start: Tensor) -> Tensor:
-    """GELU(grouped causal conv1d + bias) of x's frames (B, T, C) -> (B, T, O), left-padded by
+def pos_conv_ring(x: Tensor, weight: Tensor, bias: Tensor, groups: int, ring: Tensor,
+                  idx: Tensor | None, start: Tensor) -> Tensor:
+    """x + GELU(grouped causal conv1d + bias) of x's frames (B, T, C) -> (B, T, C), left-padded by
     the k - 1 frames before them from a time-major ring (S, R, C) (stream frame f in slot
     f mod R, rows idx, None: row b; start (B,) each row's frames before x; frames before a
     stream's first are its first), then x's frames go into the ring. WavLM's positional conv
     streaming: no shift of the other R - T frames. On the Triton path the kernel reads the
     windows over [ring ‖ x] in place (no gather, pad or fresh-row patch) and, in a step, writes
-    the new frames itself; elsewhere the padded input is built and `grouped_conv_gelu_time_major`
-    runs on it."""
+    the new frames itself, the residual add in its epilogue; elsewhere the padded input is
+    built and `grouped_conv_gelu_time_major` runs on it."""
     B, T, _ = x.shape
     k = weight.shape[-1]
     if _grouped_in_place(x, weight, groups, B * T) and ring.dtype == x.dtype and ring.is_contiguous():
-        return lin.grouped_ring_conv(x.contiguous(), _taps_kc(weight), k, groups, ring, idx, start, bias, "gelu")
-    P = k - 1
+        x = x.contiguous()
+        return lin.grouped_ring_conv(x, _taps_kc(weight), k, groups, ring, idx, start, bias, "gelu_then_res", x)
+    return x + grouped_conv_gelu_time_major(_ring_padded(x, ring, idx, start, k - 1, True), weight, bias, groups)
+
+
+def causal_conv_ring(x: Tensor, weight: Tensor, ring: Tensor, idx: Tensor | None, start: Tensor,
+                     bias: Tensor | None = None, replicate: bool = True) -> Tensor:
+    """Causal conv1d (stride 1, + bias) of x's frames (B, T, C_in) -> (B, T, C_out), left-padded
+    by the k - 1 frames before them from a time-major ring (as `pos_conv_ring`'s; before a
+    stream's first frame: its first if `replicate`, else zeros), then x's frames go into the
+    ring. On the Triton path with few windows the kernel reads [ring ‖ x] in place and, in a
+    step, writes the frames itself: the decoder's embedding conv costs one launch."""
+    k = weight.shape[-1]
+    B, T, _ = x.shape
+    if _windows_in_place(x, weight, B * T) and ring.dtype == x.dtype and ring.is_contiguous():
+        return lin.causal_ring_conv(x.contiguous(), _taps_kc(weight), k, ring, idx, start, bias, replicate)
+    return conv_time_major(_ring_padded(x, ring, idx, start, k - 1, replicate), weight, 1, bias)
+
+
+def _ring_padded(x: Tensor, ring: Tensor, idx: Tensor | None, start: Tensor, P: int, replicate: bool) -> Tensor:
+    """[the P frames before x ‖ x] (B, P + T, C) from a time-major ring; x's frames are then
+    written into the ring (the result is a copy, so the conv may follow)."""
     left = lin.ring_frames_time_major(ring, idx, start, P).to(x.dtype)
-    fresh = start == 0
-    if any_rows(fresh):
-        left = torch.where(fresh[:, None, None], x[:, :1].expand(-1, P, -1), left)
+    if replicate:  # frames before 0 already read frame 0's slot; a fresh row has none yet
+        fresh = start == 0
+        if any_rows(fresh):
+            left = torch.where(fresh[:, None, None], x[:, :1].expand(-1, P, -1), left)
+    else:
+        before = (start[:, None] + torch.arange(-P, 0, device=start.device)) < 0
+        if any_rows(before[:, 0]):
+            left = left.masked_fill(before[:, :, None], 0)
     xp = torch.cat([left, x], 1)
     lin.ring_write_time_major(ring, idx, start, x)
-    return grouped_conv_gelu_time_major(xp, weight, bias, groups)
+    return xp
 
 
 def grouped_conv_time_major(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Tensor:

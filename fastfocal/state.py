@@ -95,5 +95,5 @@ class FocalState(StageState):
 @dataclass
 class DecoderState(StageState):
     pos: Tensor  # (S,) frames already decoded
-    emb_cache: Tensor  # (S, k-1, input_dim), time-major
+    emb_cache: Tensor  # (S, R, input_dim) time-major ring, R >= k - 1 + chunk (ops.ring_len_time_major)
     caches: list[Tensor]  # per ConvNeXt block (S, dim, k-1)

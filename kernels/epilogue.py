@@ -3,7 +3,8 @@
     out = ACT(res + gamma * (h + bias))      every part optional
 
 ACT: none, exact GELU (FFN / refiner / ConvNeXt hidden), clamp (WaveNeXt head: the frame's
-480 samples are already the contiguous layout of the waveform), Snake (per-channel alpha).
+480 samples are already the contiguous layout of the waveform), Snake (per-channel alpha);
+"gelu_then_res" is res + GELU(gamma * (h + bias)) (WavLM's positional conv and its residual).
 The matmul runs without bias so bias, scale, residual and activation cost one read and one
 write; `out` may be `h` itself (each element is read before it is written, by one thread).
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2, sin
 
-ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3}
+ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3, "gelu_then_res": 4}
 
 
 @triton.jit
@@ -33,9 +34,9 @@ def apply_epilogue(x, r, c, rm, cm, C, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul
         x = x * tl.load(mul_ptr + r[:, None] * mul_sr + c[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         x = x * tl.load(gamma_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
+    if HAS_RES and ACT != 4:
         x += tl.load(res_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-    if ACT == 1:
+    if ACT == 1 or ACT == 4:
         x = gelu(x, INTERP)
     elif ACT == 2:
         x = tl.minimum(tl.maximum(x, lo), hi)
@@ -43,6 +44,8 @@ def apply_epilogue(x, r, c, rm, cm, C, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul
         a = tl.load(alpha_ptr + c, mask=cm, other=1.0).to(tl.float32)[None, :]
         s = sin(a * x, INTERP)
         x = x + s * s / (a + 1e-9)
+    if HAS_RES and ACT == 4:
+        x += tl.load(res_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
     return x
 
 
@@ -69,6 +72,7 @@ def check_epilogue(shape: tuple, act: str, bias, res, gamma, alpha):
         if v is not None:
             check(v.numel() == C and v.is_contiguous(), f"{name} must hold {C} contiguous values, got {tuple(v.shape)}")
     check(act != "snake" or alpha is not None, "snake needs alpha")
+    check(act != "gelu_then_res" or res is not None, "gelu_then_res needs res")
     if res is not None:
         check(tuple(res.shape) == tuple(shape), f"res must be {tuple(shape)}, got {tuple(res.shape)}")
         res = res.contiguous()
@@ -101,10 +105,12 @@ def epilogue_ref(h: Tensor, bias: Tensor | None = None, act: str = "none", res: 
     x = h if bias is None else h + bias
     if gamma is not None:
         x = x * gamma
-    if res is not None:
+    if res is not None and act != "gelu_then_res":
         x = res + x
-    if act == "gelu":
+    if act in ("gelu", "gelu_then_res"):
         x = F.gelu(x)
+    if act == "gelu_then_res":
+        x = res + x
     elif act == "clamp":
         x = x.clamp(lo, hi)
     elif act == "snake":

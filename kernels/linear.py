@@ -68,16 +68,23 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
     """Rows r, columns k = k0 + arange of the matmul's input: x viewed as (B, T, K) rows, or
     (CONV) the windows of a causal conv over [cache rows ‖ x]: row (b, t), column k = tap * C +
     channel reads padded frame t * STRIDE + tap, the first P from the cache (a fresh row: x's
-    frame 0). ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous.
+    frame 0; HAS_FRESH 1: fresh_ptr a (B,) mask, 2: the rows' frame counts, fresh where 0).
+    ALIGNED (C % BLOCK_K == 0): the block is one tap, its channels contiguous.
     GROUP_I: a grouped conv's windows, column k = tap * GROUP_I + i reading frame t + tap
     (frames C apart), channel goff + i (goff: the program's group times GROUP_I). With RING (its
-    slot count, a power of two) the padded frames are [ring ‖ x]: padded frame p of row b is
-    stream frame g = max(start_b - P + p, 0) (before a stream's first: its first), new frame
-    g - start_b when g >= start_b, else ring slot g mod RING of cache row crow (fresh_ptr holds
-    the rows' starts)."""
+    slot count, a power of two; CONV or GROUP_I) the padded frames are [ring ‖ x] (`_ring_tile`)."""
     b = r // T
     t = r % T
-    if CONV:
+    if RING > 0:
+        if CONV:
+            p = t[:, None] * STRIDE + (k // C)[None, :]
+            ch = (k % C)[None, :]
+        else:
+            p = t[:, None] + (k // GROUP_I)[None, :]
+            ch = (goff + k % GROUP_I)[None, :]
+        return _ring_tile(x_ptr, cache_ptr, crow_ptr, fresh_ptr, b, rm, am, p, ch, sxb, C, P, RING, HAS_IDX,
+                          HAS_FRESH == 2)
+    elif CONV:
         if ALIGNED:
             tap = k0 // C
             p = t[:, None] * STRIDE + tap
@@ -86,8 +93,10 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
             p = t[:, None] * STRIDE + (k // C)[None, :]
             c = (k % C)[None, :]
         from_x = p >= P
-        if HAS_FRESH:
+        if HAS_FRESH == 1:  # a (B,) mask
             from_x = from_x | (tl.load(fresh_ptr + b, mask=rm, other=0) != 0)[:, None]
+        elif HAS_FRESH == 2:  # the rows' frame counts: fresh where 0
+            from_x = from_x | (tl.load(fresh_ptr + b, mask=rm, other=1) == 0)[:, None]
         xi = tl.where(p >= P, p - P, 0)
         vx = tl.load(x_ptr + b[:, None] * sxb + xi * C + c, mask=am & from_x, other=0.0)
         if HAS_IDX:
@@ -96,18 +105,6 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
             crow = b
         vc = tl.load(cache_ptr + crow[:, None] * (P * C) + p * C + c, mask=am & (p < P) & ~from_x, other=0.0)
         return tl.where(from_x, vx, vc)
-    elif GROUP_I > 0 and RING > 0:
-        s = tl.load(fresh_ptr + b, mask=rm, other=0)[:, None]
-        g = tl.maximum(s - P + t[:, None] + (k // GROUP_I)[None, :], 0)
-        new = g >= s
-        ch = (goff + k % GROUP_I)[None, :]
-        vx = tl.load(x_ptr + b[:, None] * sxb + (g - s) * C + ch, mask=am & new, other=0.0)
-        if HAS_IDX:
-            crow = tl.load(crow_ptr + b, mask=rm, other=0)
-        else:
-            crow = b
-        vr = tl.load(cache_ptr + crow[:, None] * (RING * C) + (g & (RING - 1)) * C + ch, mask=am & ~new, other=0.0)
-        return tl.where(new, vx, vr)
     elif GROUP_I > 0:
         off = (k // GROUP_I) * C + goff + k % GROUP_I  # GROUP_I a power of two: shifts and masks
         return tl.load(x_ptr + (b * sxb + t * sxt)[:, None] + off[None, :], mask=am, other=0.0)
@@ -116,20 +113,43 @@ def _a_tile(x_ptr, r, k0, k, rm, am, T, sxb, sxt, cache_ptr, crow_ptr, fresh_ptr
 
 
 @triton.jit
-def _ring_store(x_ptr, ring_ptr, crow_ptr, start_ptr, r, rm, T, sxb, C, goff, RING: tl.constexpr,
-                HAS_IDX: tl.constexpr, GROUP_I: tl.constexpr):
-    """x's frame t of row b (channels goff ..+ GROUP_I) into ring slot (start_b + t) mod RING."""
+def _ring_tile(x_ptr, ring_ptr, crow_ptr, start_ptr, b, rm, am, p, ch, sxb, C, P, RING: tl.constexpr,
+               HAS_IDX: tl.constexpr, REPLICATE: tl.constexpr):
+    """Padded frame p, channel ch of rows b over [ring ‖ x]: stream frame g = start_b - P + p,
+    a new frame (x's g - start_b) when g >= start_b, else ring slot g mod RING of cache row
+    crow; before a stream's first frame its first (REPLICATE) or zeros."""
+    s = tl.load(start_ptr + b, mask=rm, other=0)[:, None]
+    g = s - P + p
+    if REPLICATE:
+        g = tl.maximum(g, 0)
+    new = g >= s
+    vx = tl.load(x_ptr + b[:, None] * sxb + (g - s) * C + ch, mask=am & new, other=0.0)
+    if HAS_IDX:
+        crow = tl.load(crow_ptr + b, mask=rm, other=0)
+    else:
+        crow = b
+    vr = tl.load(ring_ptr + crow[:, None] * (RING * C) + (g & (RING - 1)) * C + ch, mask=am & ~new & (g >= 0),
+                 other=0.0)
+    return tl.where(new, vx, vr)
+
+
+@triton.jit
+def _ring_store(x_ptr, ring_ptr, crow_ptr, start_ptr, r, rm, T, sxb, C, c0, n, RING: tl.constexpr,
+                HAS_IDX: tl.constexpr, CH: tl.constexpr):
+    """x's frame t of row b (channels c0 .. c0 + n, CH at a time) into ring slot (start_b + t) mod RING."""
     b = r // T
     t = r % T
-    ch = goff + tl.arange(0, GROUP_I)
-    v = tl.load(x_ptr + (b * sxb + t * C)[:, None] + ch[None, :], mask=rm[:, None], other=0.0)
     s = tl.load(start_ptr + b, mask=rm, other=0)
     if HAS_IDX:
         crow = tl.load(crow_ptr + b, mask=rm, other=0)
     else:
         crow = b
-    slot = (s + t) & (RING - 1)
-    tl.store(ring_ptr + (crow * (RING * C) + slot * C)[:, None] + ch[None, :], v, mask=rm[:, None])
+    src = (b * sxb + t * C)[:, None]
+    dst = (crow * (RING * C) + ((s + t) & (RING - 1)) * C)[:, None]
+    for j in range(0, n, CH):
+        ch = c0 + j + tl.arange(0, CH)
+        m = rm[:, None] & (ch < c0 + n)[None, :]
+        tl.store(ring_ptr + dst + ch[None, :], tl.load(x_ptr + src + ch[None, :], mask=m, other=0.0), mask=m)
 
 
 @triton.jit
@@ -193,9 +213,14 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w), input_precision=PREC)
-    if WRITE_RING:  # the rows' new frames into the ring: one program per group, the group's channels
-        if (pid_n * BLOCK_N) % GROUP_O == 0:  # (no window of this step reads those slots: RING >= P + T)
-            _ring_store(x_ptr, cache_ptr, crow_ptr, fresh_ptr, r, rm, T, sxb, C, goff, RING, HAS_IDX, GROUP_I)
+    # the rows' new frames into the ring (no window of this step reads their slots: RING >= P + T):
+    # a grouped conv's first column tile of each group writes the group's channels, else column tile 0 all
+    if WRITE_RING and GROUP_I > 0:
+        if (pid_n * BLOCK_N) % GROUP_O == 0:
+            _ring_store(x_ptr, cache_ptr, crow_ptr, fresh_ptr, r, rm, T, sxb, C, goff, GROUP_I, RING, HAS_IDX, GROUP_I)
+    elif WRITE_RING:
+        if pid_n == 0:
+            _ring_store(x_ptr, cache_ptr, crow_ptr, fresh_ptr, r, rm, T, sxb, C, 0, C, RING, HAS_IDX, BLOCK_K)
     y = apply_epilogue(acc, r, n, rm, nm, N, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, mul_sr, lo, hi,
                        HAS_BIAS, HAS_MUL, HAS_GAMMA, HAS_RES, ACT, INTERP)
     tl.store(out_ptr + r[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
@@ -308,7 +333,8 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
                 fresh: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Causal conv1d over time (+ bias): x (B, T, C) contiguous frames left-padded by the k - 1
     frames of cache rows idx ((S, k - 1, C) contiguous; rows b for idx None), or by x's first
-    frame repeated for `fresh` rows ((B,) bool); weight_kc (N, k * C), taps in (k, C) order.
+    frame repeated for `fresh` rows ((B,) bool, or the rows' frame counts (B,) int64: fresh
+    where 0, so no mask is made); weight_kc (N, k * C), taps in (k, C) order.
     -> (B, T', N). The cache is only read (its update is the caller's, after this)."""
     check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
     B, T, C = x.shape
@@ -322,7 +348,8 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
     if idx is not None:
         check(idx.shape == (B,) and idx.dtype == torch.long, f"idx must be ({B},) int64")
     if fresh is not None:
-        check(fresh.shape == (B,) and fresh.dtype == torch.bool, f"fresh must be ({B},) bool")
+        check(fresh.shape == (B,) and fresh.dtype in (torch.bool, torch.long),
+              f"fresh must be ({B},) bool, or the rows' frame counts ({B},) int64")
     if weight_kc.stride(1) != 1:
         weight_kc = weight_kc.contiguous()
     if bias is not None:
@@ -361,9 +388,10 @@ def grouped_windows(xp: Tensor, weight_kc: Tensor, k: int, groups: int, bias: Te
 
 
 def grouped_ring_conv(x: Tensor, weight_kc: Tensor, k: int, groups: int, ring: Tensor, idx: Tensor | None,
-                      start: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
+                      start: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None) -> Tensor:
     """ACT(grouped causal conv1d + bias) over [ring frames ‖ x] -> (B, T, O), read in place (no
-    pad, gather or fresh-row patch), and x's frames written into the ring. x (B, T, C)
+    pad, gather or fresh-row patch), and x's frames written into the ring (res: the epilogue's
+    residual, e.g. x itself with act "gelu_then_res"). x (B, T, C)
     contiguous new frames; ring (S, R, C) contiguous, R a power of two >= k - 1 + T, stream
     frame f in slot f mod R, rows idx (None: row b); start (B,) each row's frames before x (0:
     a fresh stream; frames before a stream's first are its first). weight_kc (O, k * C /
@@ -377,6 +405,24 @@ def grouped_ring_conv(x: Tensor, weight_kc: Tensor, k: int, groups: int, ring: T
           f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
     check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == x.dtype,
           f"weight must be ({O}, {k * I}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    R = _check_ring(x, k, ring, idx, start)
+    res = check_epilogue((B, T, O), act, bias, res, None, None)
+    if weight_kc.stride(1) != 1:
+        weight_kc = weight_kc.contiguous()
+    check_device(x, weight_kc, ring, start, *[v for v in (idx, bias, res) if v is not None])
+    out = torch.empty(B, T, O, dtype=x.dtype, device=x.device)
+    # the kernel writes the new frames when no window of this step reads their slots
+    write = R >= k - 1 + T
+    _launch(x, weight_kc, out, B * T, T, T * C, C, None, bias=bias, act=act, res=res, group=(I, Og),
+            ring=(ring, idx, start, k - 1, write, True))
+    if not write:  # a long run (an offline segment): after every read
+        ring_write_time_major(ring, idx, start, x)
+    return out
+
+
+def _check_ring(x: Tensor, k: int, ring: Tensor, idx: Tensor | None, start: Tensor) -> int:
+    """A time-major ring (S, R, C) for x (B, T, C): R a power of two >= k - 1. Returns R."""
+    B, _, C = x.shape
     R = ring.shape[1] if ring.dim() == 3 else 0
     check(ring.dim() == 3 and ring.shape[2] == C and R == pow2(R) and R >= k - 1 and ring.is_contiguous()
           and ring.dtype == x.dtype,
@@ -385,16 +431,31 @@ def grouped_ring_conv(x: Tensor, weight_kc: Tensor, k: int, groups: int, ring: T
     if idx is not None:
         check(idx.shape == (B,) and idx.dtype == torch.long, f"idx must be ({B},) int64")
     check(start.shape == (B,) and start.dtype == torch.long, f"start must be ({B},) int64")
-    check_epilogue((B, T, O), act, bias, None, None, None)
+    return R
+
+
+def causal_ring_conv(x: Tensor, weight_kc: Tensor, k: int, ring: Tensor, idx: Tensor | None, start: Tensor,
+                     bias: Tensor | None = None, replicate: bool = True) -> Tensor:
+    """Causal conv1d over time (stride 1, + bias) over [ring frames ‖ x] -> (B, T, N), read in
+    place, and x's frames written into the ring (in the kernel when no window reads their slots,
+    R >= k - 1 + T). x (B, T, C) contiguous; ring (S, R, C) as `grouped_ring_conv`'s; frames
+    before a stream's first are its first (`replicate`) or zeros. weight_kc (N, k * C), taps
+    in (k, C) order. The decoder's embedding conv in a step."""
+    check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
+    B, T, C = x.shape
+    check(k >= 2, f"a causal conv needs k >= 2 taps, got {k}")
+    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * C and weight_kc.dtype == x.dtype,
+          f"weight must be (N, {k * C}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    R = _check_ring(x, k, ring, idx, start)
+    N = weight_kc.shape[0]
+    check_epilogue((B, T, N), "none", bias, None, None, None)
     if weight_kc.stride(1) != 1:
         weight_kc = weight_kc.contiguous()
     check_device(x, weight_kc, ring, start, *[v for v in (idx, bias) if v is not None])
-    out = torch.empty(B, T, O, dtype=x.dtype, device=x.device)
-    # the kernel writes the new frames when no window of this step reads their slots
+    out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
     write = R >= k - 1 + T
-    _launch(x, weight_kc, out, B * T, T, T * C, C, None, bias=bias, act=act, group=(I, Og),
-            ring=(ring, idx, start, k - 1, write))
-    if not write:  # a long run (an offline segment): after every read
+    _launch(x, weight_kc, out, B * T, T, T * C, C, None, bias=bias, ring=(ring, idx, start, k - 1, write, replicate))
+    if not write:
         ring_write_time_major(ring, idx, start, x)
     return out
 
@@ -424,11 +485,15 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     gi, go = (0, N) if group is None else group
     if group is not None:
         C = sxt  # the grouped windows' taps are frames apart
-    R, write = 0, False
-    if ring is not None:  # (ring, idx, start, P, write): grouped windows over [ring ‖ x]
-        cache, cidx, fresh, P, write = ring
+    R, write, is_conv = 0, False, conv is not None
+    fresh_kind = 0 if conv is None or fresh is None else 2 if fresh.dtype == torch.long else 1
+    if ring is not None:  # (ring, idx, start, P, write, replicate): windows over [ring ‖ x], grouped or not
+        cache, cidx, fresh, P, write, replicate = ring
         R = cache.shape[1]
-    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, conv is not None, C)
+        fresh_kind = 2 if replicate else 0
+        if group is None:  # a causal conv of stride 1 over x's C channels
+            is_conv, C = True, x.shape[2]
+    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, is_conv, C)
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
@@ -441,8 +506,8 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         M, N, K, T, sxb, sxt, weight.stride(0), mul_sr, float(lo), float(hi), eps, C, P, stride, n_tiles, go,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, HAS_GAMMA=gamma is not None,
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
-        STORE_NORM=norm_out is not None, CONV=conv is not None, HAS_IDX=cidx is not None,
-        HAS_FRESH=conv is not None and fresh is not None, ALIGNED=conv is not None and C % bk == 0,
+        STORE_NORM=norm_out is not None, CONV=is_conv, HAS_IDX=cidx is not None,
+        HAS_FRESH=fresh_kind, ALIGNED=conv is not None and C % bk == 0,
         GROUP_I=gi, RING=R, WRITE_RING=write, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )

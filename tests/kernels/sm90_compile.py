@@ -132,6 +132,9 @@ def record(quick: bool) -> dict:
                 linear.grouped_ring_conv(r(B, T, 1024, dtype=dt), r(1024, 128 * 64, dtype=dt), 128, 16,
                                          r(S, 256, 1024, dtype=dt), torch.arange(B) if S > B else None,
                                          torch.full((B,), 300), r(1024, dtype=dt), "gelu")
+        for B, T in ((1, 4), (64, 4), (2, 200)):  # the decoder's embedding conv from its ring (zero padding)
+            linear.causal_ring_conv(r(B, T, 1024, dtype=dt), r(1024, 7 * 1024, dtype=dt), 7, r(B + 1, 16, 1024, dtype=dt),
+                                    torch.arange(B), torch.full((B,), 30), r(1024, dtype=dt), False)
         for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256)):  # the same convs at 64 streams
             linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)
@@ -145,6 +148,9 @@ def record(quick: bool) -> dict:
                 norm.norm(x, r(C, dtype=dt), r(C, dtype=dt), 1e-5, res=r(*shape, C, dtype=dt), h_bias=r(C, dtype=dt))
                 norm.norm(x, alpha=r(1, dtype=dt), res=r(*shape, C, dtype=dt), h_bias=r(C, dtype=dt))
             norm.norm(r(*shape, 512, dtype=dt), r(512, dtype=dt), r(512, dtype=dt), 1e-5, act_gelu=True)
+            # ... with the conv's cache write before it on the side (the feature extractor's streaming convs)
+            norm.norm(r(*shape, 512, dtype=dt), r(512, dtype=dt), r(512, dtype=dt), 1e-5, act_gelu=True,
+                      tail=(r(shape[0], 16, 512, dtype=dt), r(shape[0] + 1, 2, 512, dtype=dt), torch.arange(shape[0])))
             modulate.modulate(r(*shape, 2 * 1024 + 3, dtype=dt)[..., :1024], r(*shape, 1024, dtype=dt), r(1024, dtype=dt))
             lat = r(*shape, 12, dtype=dt)
             bsq.bsq(lat)

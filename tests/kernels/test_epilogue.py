@@ -12,7 +12,8 @@ SHAPES = [(1, 1, 12), (2, 4, 96), (2, 37, 12), (1, 37, 1024), (3, 5, 145)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act,res,gamma", [("gelu", False, False), ("none", True, False), ("none", True, True),
-                                           ("clamp", False, False), ("snake", False, False), ("gelu", True, True)])
+                                           ("clamp", False, False), ("snake", False, False), ("gelu", True, True),
+                                           ("gelu_then_res", True, True)])
 def test_epilogue(dtype, shape, act, res, gamma):
     C = shape[-1]
     h = rand(*shape, dtype=dtype, device=DEVICE, scale=2.0)
@@ -23,6 +24,9 @@ def test_epilogue(dtype, shape, act, res, gamma):
     out = epilogue(h, b, act, res=r, gamma=gm, alpha=alpha, lo=-0.5, hi=0.7)
     want = epilogue_ref(*f64(h, b), act, res=f64(r)[0], gamma=f64(gm)[0], alpha=f64(alpha)[0], lo=-0.5, hi=0.7)
     assert_close(f"{act} res={res} gamma={gamma}", out, want, dtype)
+    if act == "gelu_then_res":  # the residual after the activation, not inside it
+        direct = f64(r)[0] + torch.nn.functional.gelu(f64(gm)[0] * (f64(h)[0] + f64(b)[0]))
+        assert_close("res + gelu", out, direct, dtype)
 
 
 def test_in_place_and_no_bias():

@@ -109,10 +109,11 @@ def test_norm_prologue(dtype, lead, K, N, kind, store):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,k,s,T", [(1, 10, 5, 1280), (48, 3, 2, 23), (40, 2, 2, 8), (24, 3, 2, 2)])
-@pytest.mark.parametrize("rows", ["in_order", "indexed"])
+@pytest.mark.parametrize("rows", ["in_order", "indexed", "indexed_starts"])
 def test_causal_conv_reads_cache_and_frames_in_place(dtype, C, k, s, T, rows):
-    """Windows over [cache rows ‖ x] (fresh rows: x's first frame repeated), read in place, against
-    the float64 conv of the explicitly padded input; the cache is left as it was."""
+    """Windows over [cache rows ‖ x] (fresh rows: x's first frame repeated; given as a mask or
+    as the rows' frame counts, fresh where 0), read in place, against the float64 conv of the
+    explicitly padded input; the cache is left as it was."""
     from fastfocal.ops import causal_pad
     from fastfocal.kernels.linear import causal_conv
 
@@ -120,12 +121,13 @@ def test_causal_conv_reads_cache_and_frames_in_place(dtype, C, k, s, T, rows):
     x = rand(B, T, C, dtype=dtype, device=DEVICE)
     w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
     cache = rand(S, k - 1, C, dtype=dtype, device=DEVICE)
-    idx = torch.tensor([4, 0, 2], device=DEVICE) if rows == "indexed" else None
+    idx = torch.tensor([4, 0, 2], device=DEVICE) if rows.startswith("indexed") else None
     fresh = torch.tensor([False, True, False], device=DEVICE)
+    given = torch.tensor([12, 0, 3], device=DEVICE) if rows == "indexed_starts" else fresh
     bias = rand(N, dtype=dtype, device=DEVICE) if rows == "indexed" else None  # the decoder's embedding has one
     before = cache.clone()
     got = causal_conv(x, w.permute(0, 2, 1).reshape(N, k * C), k, s, cache if idx is not None else cache[:B].contiguous(),
-                      idx, fresh, bias)
+                      idx, given, bias)
     rows_c = cache[idx] if idx is not None else cache[:B]
     xp = causal_pad(f64(x)[0], k - 1, f64(rows_c)[0], fresh, True, dim=1)
     want = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], None if bias is None else f64(bias)[0],
@@ -197,12 +199,26 @@ def test_grouped_conv_windows_read_in_place(dtype, B, L, tiles, monkeypatch):
         lin.grouped_windows(xp, w.permute(0, 2, 1).reshape(O, -1), k, 5, b)
 
 
-def _stream_ref(sig, w, b, k):
-    """float64 GELU(grouped conv + b) of whole streams (S, L, C), left-padded by each stream's
-    first frame repeated: what every streaming step must reproduce."""
+def _stream_ref(sig, w, b, k, replicate=True, gelu=True):
+    """float64 (GELU of) the grouped conv + b of whole streams (S, L, C), left-padded by each
+    stream's first frame repeated (or zeros): what every streaming step must reproduce."""
     G = sig.shape[2] // w.shape[1]
-    xp = torch.cat([sig[:, :1].expand(-1, k - 1, -1), sig], 1)
-    return torch.nn.functional.gelu(torch.nn.functional.conv1d(xp.transpose(1, 2), w, b, groups=G)).transpose(1, 2)
+    first = sig[:, :1].expand(-1, k - 1, -1)
+    xp = torch.cat([first if replicate else torch.zeros_like(first), sig], 1)
+    y = torch.nn.functional.conv1d(xp.transpose(1, 2), w, b, groups=G).transpose(1, 2)
+    return torch.nn.functional.gelu(y) if gelu else y
+
+
+def _step_streams(conv, want, sig, pos, rows, n, in_order, dtype):
+    """One streaming call of `conv(x, idx, start)` on streams `rows` at their positions, checked
+    against the whole-stream reference; the positions advance."""
+    start = torch.tensor([pos[s] for s in rows], device=DEVICE)
+    x = torch.stack([sig[s, pos[s]:pos[s] + n] for s in rows])
+    got = conv(x, None if in_order else torch.tensor(rows, device=DEVICE), start)
+    ref = torch.stack([want[s, pos[s]:pos[s] + n] for s in rows])
+    assert_close(f"rows {rows} at {[pos[s] for s in rows]}", got, ref, dtype)
+    for s in rows:
+        pos[s] += n
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -210,11 +226,12 @@ def _stream_ref(sig, w, b, k):
 def test_grouped_conv_over_a_ring(dtype, tiles, monkeypatch):
     """WavLM's positional conv streaming from a ring (`grouped_ring_conv`): streams stepped in
     any order and subsets, at their own positions (fresh, before the ring first wraps, after
-    many wraps), rows idx or in order, few rows, GEMM tiles (17 x 4 rows) and a long run the
-    kernel cannot write itself; every step equals the float64 conv over the whole stream."""
+    many wraps), rows idx or in order (with the residual), few rows, GEMM tiles (17 x 4 rows)
+    and a long run the kernel cannot write itself; every step equals the float64 conv over the
+    whole stream."""
     import fastfocal.kernels.linear as lin
     monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
-    S, L, C, O, G, k, T = 18, 80, 32, 64, 2, 7, 4
+    S, L, C, O, G, k, T = 18, 80, 32, 32, 2, 7, 4  # O = C: the residual x fits
     R = 16  # >= k - 1 + T: a 4-frame step writes its frames in the kernel
     sig = rand(S, L, C, dtype=dtype, device=DEVICE)
     w = rand(O, C // G, k, dtype=dtype, device=DEVICE, scale=(C // G * k) ** -0.5)
@@ -224,26 +241,49 @@ def test_grouped_conv_over_a_ring(dtype, tiles, monkeypatch):
     ring = torch.zeros(S, R, C, dtype=dtype, device=DEVICE)
     pos = [0] * S
 
-    def step(rows, n, in_order=False):
-        start = torch.tensor([pos[s] for s in rows], device=DEVICE)
-        x = torch.stack([sig[s, pos[s]:pos[s] + n] for s in rows])
-        if in_order:
-            assert rows == list(range(S))
-            got = lin.grouped_ring_conv(x, wkc, k, G, ring, None, start, b, "gelu")
-        else:
-            got = lin.grouped_ring_conv(x, wkc, k, G, ring, torch.tensor(rows, device=DEVICE), start, b, "gelu")
-        ref = torch.stack([want[s, pos[s]:pos[s] + n] for s in rows])
-        assert_close(f"rows {rows} at {[pos[s] for s in rows]}", got, ref, dtype)
-        for s in rows:
-            pos[s] += n
+    def conv(x, idx, start):  # in order: with the residual after the GELU, as WavLM adds it
+        if idx is None:
+            return lin.grouped_ring_conv(x, wkc, k, G, ring, None, start, b, "gelu_then_res", x) - x
+        return lin.grouped_ring_conv(x, wkc, k, G, ring, idx, start, b, "gelu")
 
     for _ in range(6):
-        step([5], T)  # stream 5 alone: 24 frames, the ring wrapped
-    step([5, 0, 9], T)  # fresh rows beside a wrapped one
-    step([0, 9], 1)  # a 1-frame step: the frames before stream 0's first still read slot 0
-    step(list(range(1, S)), T)  # 68 rows: GEMM tiles, fresh, early and wrapped rows together
-    step([9, 5, 0], 12)  # 12 > R - (k - 1): read in place, the frames written after
-    step(list(range(S)), T, in_order=True)
+        _step_streams(conv, want, sig, pos, [5], T, False, dtype)  # stream 5 alone: 24 frames, the ring wrapped
+    _step_streams(conv, want, sig, pos, [5, 0, 9], T, False, dtype)  # fresh rows beside a wrapped one
+    _step_streams(conv, want, sig, pos, [0, 9], 1, False, dtype)  # 1 frame: frames before stream 0's first still read slot 0
+    _step_streams(conv, want, sig, pos, list(range(1, S)), T, False, dtype)  # 68 rows: GEMM tiles
+    _step_streams(conv, want, sig, pos, [9, 5, 0], 12, False, dtype)  # 12 > R - (k - 1): the frames written after
+    _step_streams(conv, want, sig, pos, list(range(S)), T, True, dtype)
     with pytest.raises(ValueError, match="power of two"):
         lin.grouped_ring_conv(sig[:1, :T].contiguous(), wkc, k, G, torch.zeros(1, 12, C, dtype=dtype, device=DEVICE),
                               None, torch.zeros(1, dtype=torch.long, device=DEVICE), b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("replicate", [True, False])
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_causal_conv_over_a_ring(dtype, replicate, tiles, monkeypatch):
+    """A dense causal conv (the decoder's embedding: zero padding; or replicating the first
+    frame) streaming from a ring (`causal_ring_conv`): streams in any order and subsets, at
+    their own positions, fresh and wrapped, rows idx or in order, GEMM tiles, and a long run
+    the kernel cannot write itself; every step equals the float64 conv over the whole stream."""
+    import fastfocal.kernels.linear as lin
+    monkeypatch.setattr(lin, "GEMM_TILE_OVERRIDE", GEMM_TILES[tiles])
+    S, L, C, N, k, T, R = 18, 60, 24, 40, 7, 4, 16
+    sig = rand(S, L, C, dtype=dtype, device=DEVICE)
+    w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
+    b = rand(N, dtype=dtype, device=DEVICE)
+    want = _stream_ref(*f64(sig, w, b), k, replicate, gelu=False)
+    wkc = w.permute(0, 2, 1).reshape(N, -1)
+    ring = rand(S, R, C, dtype=dtype, device=DEVICE)  # whatever a closed stream left: never read before its frames
+    pos = [0] * S
+
+    def conv(x, idx, start):
+        return lin.causal_ring_conv(x, wkc, k, ring, idx, start, b, replicate)
+
+    for _ in range(5):
+        _step_streams(conv, want, sig, pos, [3], T, False, dtype)  # 20 frames: the ring wrapped
+    _step_streams(conv, want, sig, pos, [3, 0, 7], T, False, dtype)
+    _step_streams(conv, want, sig, pos, [0, 7], 2, False, dtype)  # still before frame k - 1
+    _step_streams(conv, want, sig, pos, list(range(1, S)), T, False, dtype)  # 68 rows: GEMM tiles
+    _step_streams(conv, want, sig, pos, [7, 3], 13, False, dtype)  # 13 > R - (k - 1): written after the reads
+    _step_streams(conv, want, sig, pos, list(range(S)), T, True, dtype)

@@ -61,3 +61,30 @@ def test_gpu_sizes(dtype):
         got = norm(h, w, b, 1e-5, res=res)
         want = norm_ref(*f64(h, w, b), 1e-5, res=res.double())
         assert_close("normed", got[1], want[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("src_shape,P,with_idx", [((3, 7, 40), 3, True), ((2, 300, 33), 200, False), ((1, 4, 1), 4, True)])
+def test_norm_writes_a_conv_cache_on_the_side(dtype, src_shape, P, with_idx):
+    """tail: the programs of a norm launch also copy the last P frames of each src row into its
+    cache row (a causal conv's deferred state write): rows idx or b, the other rows untouched,
+    the norm's output unchanged; more frames than the launch has programs loop over them."""
+    from fastfocal.kernels.norm import tail_copy_ref
+
+    h = rand(1, 2, 16, dtype=dtype, device=DEVICE)  # one program
+    w, b = rand(16, dtype=dtype, device=DEVICE) + 1, rand(16, dtype=dtype, device=DEVICE)
+    B, T, C = src_shape
+    src = rand(B, T, C, dtype=dtype, device=DEVICE)
+    S = B + 2 if with_idx else B
+    cache = rand(S, P, C, dtype=dtype, device=DEVICE)
+    idx = torch.arange(1, B + 1, device=DEVICE) if with_idx else None  # no row on its own slot
+    want = cache.clone()
+    tail_copy_ref((src, want, idx))
+    rows = idx.tolist() if with_idx else list(range(B))
+    for j, r in enumerate(rows):  # the reference itself, against plain indexing
+        assert torch.equal(want[r], src[j, T - P:])
+    got = norm(h, w, b, 1e-5, act_gelu=True, tail=(src, cache, idx))
+    assert_equal("cache", cache, want)
+    assert_equal("normed", got, norm(h, w, b, 1e-5, act_gelu=True))
+    with pytest.raises(ValueError, match="tail copy"):
+        norm(h, w, b, 1e-5, tail=(src, torch.zeros(S, T + 1, C, dtype=dtype, device=DEVICE), idx))
