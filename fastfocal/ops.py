@@ -15,7 +15,9 @@ rest with the kernel's `_ref`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +59,30 @@ def put_rows(state: Tensor, idx: Tensor | None, v: Tensor) -> None:
         state.index_copy_(0, idx, v.to(state.dtype))
 
 
+_DEFER = threading.local()  # .advances: the step's collected advances (`deferred_advances`), per thread
+
+
+@contextlib.contextmanager
+def deferred_advances(active: bool):
+    """Within: `advance` collects the stages' frame-count updates instead of doing them, for
+    the step's status launch to do after every read (`row_status(..., advances)`): no launch
+    of their own. Yields the list (None when not active, and `advance` works as ever)."""
+    prev = getattr(_DEFER, "advances", None)
+    _DEFER.advances = [] if active else None
+    try:
+        yield _DEFER.advances
+    finally:
+        _DEFER.advances = prev
+
+
 def advance(pos: Tensor, idx: Tensor | None, start: Tensor, n: int) -> None:
     """pos[idx] = start + n, start = rows(pos, idx): a stage's frame counts after a step (all
-    rows for idx None: one in-place add instead of an add and a copy)."""
+    rows for idx None: one in-place add instead of an add and a copy; within
+    `deferred_advances`, left to the step's status launch)."""
+    pending = getattr(_DEFER, "advances", None)
+    if pending is not None:
+        pending.append((pos, idx, start, n))
+        return
     if idx is None:
         pos.add_(n)
     else:
@@ -624,11 +647,14 @@ def rel_attention(
 
 
 # --------------------------------------------------------------------------- step status
-def row_status(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows: int) -> Tensor:
-    """Per-row error codes of a step (`kernels/status.py`): one launch on the Triton path."""
+def row_status(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows: int, advances=None) -> Tensor:
+    """Per-row error codes of a step (`kernels/status.py`), and the stages' deferred frame-count
+    advances: one launch on the Triton path."""
     if use_triton(audio if audio is not None else checked[0]):
-        return status.row_status(audio, checked, max_amp, rows)
-    return status.row_status_ref(audio, checked, max_amp, rows)
+        return status.row_status(audio, checked, max_amp, rows, advances)
+    code = status.row_status_ref(audio, checked, max_amp, rows)
+    status.apply_advances_ref(advances or [])
+    return code
 
 
 # --------------------------------------------------------------------------- quantizer

@@ -64,19 +64,22 @@ def run_stages(model: FocalCodecModel, stages: Sequence[str], x: Tensor, states:
     stages over x: streaming over rows idx of `states`, or stateless (non-causal, whole input)."""
     out: dict[str, Tensor] = {}
     first = x
-    for name in stages:
-        st = states[name] if states is not None else None
-        dt = stage_dtype(model, name)
-        if x.is_floating_point() and x.dtype != dt:  # mixed precision: each stage in its own dtype
-            x = x.to(dt)
-        if name == "compressor":  # normalise + quantize in one pass; tokens feed the decompressor
-            out["lats"], x, _ = model.compressor(x, st, idx, quantize=True)
-        else:
-            x = getattr(model, name)(x, st, idx)
-        out[PRODUCES[name]] = x
+    # on the Triton path the stages' frame counts advance in the status launch at the end
+    with ops.deferred_advances(states is not None and ops.use_triton(x)) as advances:
+        for name in stages:
+            st = states[name] if states is not None else None
+            dt = stage_dtype(model, name)
+            if x.is_floating_point() and x.dtype != dt:  # mixed precision: each stage in its own dtype
+                x = x.to(dt)
+            if name == "compressor":  # normalise + quantize in one pass; tokens feed the decompressor
+                out["lats"], x, _ = model.compressor(x, st, idx, quantize=True)
+            else:
+                x = getattr(model, name)(x, st, idx)
+            out[PRODUCES[name]] = x
     # checked: the signs' source and what is handed out
     checked = [out[k] for k in dict.fromkeys(("lats", PRODUCES[stages[-1]])) if k in out and out[k].is_floating_point()]
-    out["err"] = ops.row_status(first if stages[0] == "encoder" else None, checked, MAX_AMPLITUDE, first.shape[0])
+    out["err"] = ops.row_status(first if stages[0] == "encoder" else None, checked, MAX_AMPLITUDE, first.shape[0],
+                                advances)
     return out
 
 

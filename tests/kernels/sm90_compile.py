@@ -138,6 +138,9 @@ def record(quick: bool) -> dict:
         for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256)):  # the same convs at 64 streams
             linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)
+        ix = torch.arange(4)  # ... and the four stages' frame counts advanced in the same launch
+        status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt)], 1e3, 4,
+                          [(torch.zeros(5, dtype=torch.long), ix, torch.zeros(4, dtype=torch.long), 4) for _ in range(4)])
         # epilogues, norms, modulate, BSQ, ConvNeXt front
         for shape in ((4, 4), (8, 2048)):
             for C, kw in ((4096, dict(act="gelu")), (1024, dict(res=r(*shape, 1024, dtype=dt), gamma=r(1024, dtype=dt))),

@@ -37,3 +37,29 @@ def test_row_status_audio_only_and_no_rows():
     audio[2, 3999] = float("nan")  # past the first block
     assert row_status(audio, [], MAX_AMPLITUDE, 3).tolist() == [0, 0, 1]
     assert row_status(audio[:0], [], MAX_AMPLITUDE, 0).numel() == 0
+
+
+@pytest.mark.parametrize("with_idx", [True, False])
+def test_row_status_advances_the_frame_counts(with_idx):
+    """The status launch also does the stages' pos[idx] = start + n (each its own n), rows idx or
+    in order; the other slots and the codes are untouched."""
+    from fastfocal.kernels.status import apply_advances_ref
+
+    B, S = 3, 6
+    idx = torch.tensor([4, 0, 2], device=DEVICE) if with_idx else None
+    audio = (torch.randn(B, 1280) * 0.1).to(DEVICE)
+    audio[1, 3] = float("nan")
+    pos = [torch.arange(S if with_idx else B, device=DEVICE) * 10 + j for j in range(4)]
+    starts = [torch.tensor([7, 0, 123], device=DEVICE) + j for j in range(4)]
+    adv = [(p, idx, s, n) for p, s, n in zip(pos, starts, (4, 4, 1, 8))]
+    want = [p.clone() for p in pos]
+    apply_advances_ref([(p, idx, s, n) for p, s, n in zip(want, starts, (4, 4, 1, 8))])
+    rows = idx.tolist() if with_idx else list(range(B))
+    for w, s, n in zip(want, starts, (4, 4, 1, 8)):  # the reference, against plain indexing
+        assert w[rows].tolist() == (s + n).tolist()
+    got = row_status(audio, [], MAX_AMPLITUDE, B, adv)
+    assert torch.equal(got.cpu(), row_status_ref(audio, [], MAX_AMPLITUDE, B).cpu())
+    for p, w in zip(pos, want):
+        assert torch.equal(p, w), (p.tolist(), w.tolist())
+    with pytest.raises(ValueError, match="one slot index"):
+        row_status(audio, [], MAX_AMPLITUDE, B, [(pos[0], idx, starts[0], 1), (pos[1], torch.arange(B), starts[1], 1)])
