@@ -362,20 +362,28 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
     return out
 
 
+def _check_grouped(x: Tensor, weight_kc: Tensor, k: int, groups: int, name: str) -> tuple[int, int, int]:
+    """A grouped conv's input (B, L, C) contiguous and weight (O, k * C / groups), channels per
+    group powers of two (outputs >= 16: a column tile stays in one group). Returns x's shape."""
+    check(x.dim() == 3 and x.is_contiguous(), f"{name} must be contiguous (B, L, C), got {tuple(x.shape)}")
+    C, O = x.shape[2], weight_kc.shape[0]
+    check(groups >= 1 and C % groups == 0 and O % groups == 0, f"{groups} groups must divide {C} and {O} channels")
+    I, Og = C // groups, O // groups
+    check(I == pow2(I) and Og == pow2(Og) and Og >= 16,
+          f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
+    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == x.dtype,
+          f"weight must be ({O}, {k * I}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
+    return tuple(x.shape)
+
+
 def grouped_windows(xp: Tensor, weight_kc: Tensor, k: int, groups: int, bias: Tensor | None = None,
                     act: str = "none") -> Tensor:
     """ACT(grouped conv1d + bias) over time of an already padded, time-major xp (B, L, C), read
     in place (no unfold copy): weight_kc (O, k * C / groups), each row's taps in (k, C/groups)
     order. -> (B, L - k + 1, O). WavLM's positional conv (128 taps, 16 groups) in a step."""
-    check(xp.dim() == 3 and xp.is_contiguous(), f"xp must be contiguous (B, L, C), got {tuple(xp.shape)}")
-    B, L, C = xp.shape
+    B, L, C = _check_grouped(xp, weight_kc, k, groups, "xp")
     O = weight_kc.shape[0]
-    check(groups >= 1 and C % groups == 0 and O % groups == 0, f"{groups} groups must divide {C} and {O} channels")
     I, Og = C // groups, O // groups
-    check(I == pow2(I) and Og == pow2(Og) and Og >= 16,
-          f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
-    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == xp.dtype,
-          f"weight must be ({O}, {k * I}) {xp.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
     check(L >= k, f"xp has {L} frames, fewer than the {k} taps")
     T = L - k + 1
     check_epilogue((B, T, O), act, bias, None, None, None)
@@ -392,19 +400,14 @@ def grouped_ring_conv(x: Tensor, weight_kc: Tensor, k: int, groups: int, ring: T
     """ACT(grouped causal conv1d + bias) over [ring frames ‖ x] -> (B, T, O), read in place (no
     pad, gather or fresh-row patch), and x's frames written into the ring (res: the epilogue's
     residual, e.g. x itself with act "gelu_then_res"). x (B, T, C)
-    contiguous new frames; ring (S, R, C) contiguous, R a power of two >= k - 1 + T, stream
+    contiguous new frames; ring (S, R, C) contiguous, R a power of two >= k - 1 (the kernel
+    writes the frames itself when R >= k - 1 + T, else they are written after it), stream
     frame f in slot f mod R, rows idx (None: row b); start (B,) each row's frames before x (0:
     a fresh stream; frames before a stream's first are its first). weight_kc (O, k * C /
     groups), taps in (k, C / groups) order. WavLM's positional conv in a step."""
-    check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
-    B, T, C = x.shape
+    B, T, C = _check_grouped(x, weight_kc, k, groups, "x")
     O = weight_kc.shape[0]
-    check(groups >= 1 and C % groups == 0 and O % groups == 0, f"{groups} groups must divide {C} and {O} channels")
     I, Og = C // groups, O // groups
-    check(I == pow2(I) and Og == pow2(Og) and Og >= 16,
-          f"channels per group must be powers of two (outputs >= 16), got {I} in, {Og} out")
-    check(weight_kc.dim() == 2 and weight_kc.shape[1] == k * I and weight_kc.dtype == x.dtype,
-          f"weight must be ({O}, {k * I}) {x.dtype}, got {tuple(weight_kc.shape)} {weight_kc.dtype}")
     R = _check_ring(x, k, ring, idx, start)
     res = check_epilogue((B, T, O), act, bias, res, None, None)
     if weight_kc.stride(1) != 1:
