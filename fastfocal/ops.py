@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
-from .kernels._common import derived, exact_convs, grouped_conv1d  # noqa: F401  (the model reaches them through ops)
+from .kernels._common import derived, exact_convs, grouped_conv1d, pow2  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
 
@@ -405,11 +405,11 @@ def conv_time_major(x: Tensor, weight: Tensor, stride: int, bias: Tensor | None 
 
 
 def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None = None,
-                           idx: Tensor | None = None, fresh: Tensor | None = None, bias: Tensor | None = None,
-                           replicate: bool = True, defer: bool = False, start: Tensor | None = None):
+                           idx: Tensor | None = None, start: Tensor | None = None, bias: Tensor | None = None,
+                           replicate: bool = True, defer: bool = False):
     """conv_time_major of x left-padded by k - 1 frames: offline (cache None) x's first frame
-    repeated (zeros if not `replicate`); streaming, the cache rows idx (S, k - 1, C_in)
-    (`fresh` rows, or rows whose `start` is 0: the first frame), which then hold the last
+    repeated (zeros if not `replicate`); streaming, the cache rows idx (S, k - 1, C_in) (rows
+    whose frame count `start` is 0 are fresh: the first frame), which then hold the last
     k - 1 input frames. With few
     windows on the Triton path the kernel reads [cache ‖ x] in place (no pad, no fresh-row
     patch, no gather) when x has at least k - 1 frames; otherwise it reads the padded input's
@@ -424,14 +424,13 @@ def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor
         return (y, None) if defer else y
     B, T = x.shape[0], x.shape[1]
     if cache is not None and T >= k - 1 and _windows_in_place(x, weight, B * ((T - 1) // stride + 1)) \
-            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or (fresh is None and start is None)):
-        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, fresh if start is None else start, bias)
+            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or start is None):
+        y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, start, bias)
         if defer:
             return y, (x, cache, idx)
         put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
         return y
-    if fresh is None and start is not None:
-        fresh = start == 0
+    fresh = start == 0 if start is not None else None
     xp = causal_pad(x, k - 1, rows(cache, idx) if cache is not None else None, fresh, replicate, dim=1)
     if cache is not None:
         put_rows(cache, idx, xp[:, xp.shape[1] - (k - 1):])
@@ -460,7 +459,7 @@ def grouped_conv_gelu_time_major(xp: Tensor, weight: Tensor, bias: Tensor, group
 def ring_len_time_major(P: int, frames: int) -> int:
     """Slots of a time-major conv ring that a step of `frames` frames can read (P frames
     back) and write (its own) in one launch: P + frames rounded up to a power of two."""
-    return 1 << (P + frames - 1).bit_length()
+    return pow2(P + frames)
 
 
 def pos_conv_ring(x: Tensor, weight: Tensor, bias: Tensor, groups: int, ring: Tensor,
@@ -498,17 +497,14 @@ def causal_conv_ring(x: Tensor, weight: Tensor, ring: Tensor, idx: Tensor | None
 def _ring_padded(x: Tensor, ring: Tensor, idx: Tensor | None, start: Tensor, P: int, replicate: bool) -> Tensor:
     """[the P frames before x ‖ x] (B, P + T, C) from a time-major ring; x's frames are then
     written into the ring (the result is a copy, so the conv may follow)."""
-    left = lin.ring_frames_time_major(ring, idx, start, P).to(x.dtype)
-    if replicate:  # frames before 0 already read frame 0's slot; a fresh row has none yet
-        fresh = start == 0
-        if any_rows(fresh):
-            left = torch.where(fresh[:, None, None], x[:, :1].expand(-1, P, -1), left)
-    else:
+    rows_ = all_rows(idx, x.shape[0], x.device)
+    left = lin.ring_frames_time_major(ring, rows_, start, P)  # frames before 0 read frame 0's slot
+    if not replicate:  # ... which zero padding makes zeros
         before = (start[:, None] + torch.arange(-P, 0, device=start.device)) < 0
         if any_rows(before[:, 0]):
             left = left.masked_fill(before[:, :, None], 0)
-    xp = torch.cat([left, x], 1)
-    lin.ring_write_time_major(ring, idx, start, x)
+    xp = causal_pad(x, P, left, start == 0, replicate, dim=1)  # a fresh row has nothing in the ring yet
+    lin.ring_write_time_major(ring, rows_, start, x)
     return xp
 
 
