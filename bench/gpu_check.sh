@@ -45,6 +45,7 @@ step tile-sweep     env PYTHON=python bash bench/kernels/tile_sweep.sh "$OUT/ker
 step e2e            python bench/e2e.py $Q --dtypes float32 bfloat16 float16
 step stream-latency python bench/stream_latency.py $Q
 step stream-latency-cublas env FASTFOCAL_SKINNY_ROWS=0 python bench/stream_latency.py $Q
+step stream-latency-pdl env FASTFOCAL_PDL=1 python bench/stream_latency.py $Q
 step serve-capacity python bench/serve_capacity.py $Q
 step bf16-agreement python bench/bf16_agreement.py --random-init 50hz_4k_causal --audio tests/data/audio
 step engine-host    python bench/engine_host.py --random-init 50hz_4k_causal --device cuda --dtype bf16 --mode full --streams 256,1024,4096 --steps 6

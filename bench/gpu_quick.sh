@@ -54,8 +54,10 @@ step 90 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; w
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
 step 120 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
     python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
-step 50 "batch-1 full step, few-row kernel (prediction ~1.0 ms bf16, was 1.83; 144 launches)" \
+step 50 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
     python3 bench/stream_latency.py --modes full --steps 200
+step 40 "batch-1 full step with programmatic dependent launch (FASTFOCAL_PDL=1: no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
+    env FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200
 step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
     env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
 step 50 "bf16 1024-stream full step with FASTFOCAL_LARGE_GEMM=1 (epilogues fused, FE windows in place)" \

@@ -38,7 +38,8 @@ def machine() -> dict:
     except OSError:
         commit = "?"
     return {"machine": dev, "commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1m": round(os.getloadavg()[0], 2)}  # >cores: noisy
+            "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1m": round(os.getloadavg()[0], 2),  # >cores: noisy
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTFOCAL_")}}  # the A/B knobs
 
 
 def peak_bw(dev: str) -> float | None:

@@ -15,6 +15,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 from triton.language.extra import libdevice
 
+try:  # grid dependency control (programmatic dependent launch, Hopper+); absent in old Tritons
+    import dataclasses
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    if "launch_pdl" not in {f.name for f in dataclasses.fields(CUDAOptions)}:
+        gdc_launch_dependents = gdc_wait = None
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 # read once: triton.jit decides interpretation at decoration time, so must we
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -23,6 +34,56 @@ SQRT1_2 = 0.7071067811865476
 # The interpreter pays per program and per op, not per element: there, tiles are 16x larger
 # and channel blocks whole. Same kernels, same code paths, fewer programs.
 TILE = 4096 * (16 if INTERPRET else 1)
+
+
+# Programmatic dependent launch (FASTFOCAL_PDL=1; off until the GPU A/B says otherwise): a
+# kernel's CTAs may start while the previous kernel finishes; each kernel waits for it
+# (`pdl_wait`) before touching any activation or state, and the matmul prefetches its weight
+# slab into L2 before waiting. What a batch-1 step's chain of ~120 small launches loses is the
+# gap between them and each weight's first DRAM round trip.
+_PDL = {"env": os.environ.get("FASTFOCAL_PDL", "0") not in ("", "0"), "force": None}
+_PDL_DEVICES: dict = {}
+
+
+def set_pdl(on: bool | None) -> None:
+    """Turn programmatic dependent launch on or off for later launches (None: FASTFOCAL_PDL's
+    say). Where the device or Triton cannot, it stays off."""
+    _PDL["force"] = on
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL: asked for, compiled (not the interpreter),
+    a Triton with grid dependency control and a device of compute capability 9.0 or newer."""
+    on = _PDL["env"] if _PDL["force"] is None else _PDL["force"]
+    if not on or INTERPRET or gdc_wait is None or t.device.type != "cuda":
+        return False
+    i = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if i not in _PDL_DEVICES:
+        _PDL_DEVICES[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _PDL_DEVICES[i]
+
+
+def launch_opts(t: torch.Tensor) -> dict:
+    """A launch's PDL constexpr and launch option for tensors on t's device (both or neither:
+    a kernel launched with PDL must wait for its predecessor itself)."""
+    return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Under PDL: wait until the previous kernel is done and its writes visible, then let the
+    next kernel's CTAs launch (they wait here in turn, so the chain stays ordered). Every kernel
+    calls it before its first load or store of anything a kernel writes."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask L2 for the lines at ptrs where mask (no registers filled, nothing waited for)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def pow2(n: int) -> int:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, derived, out_or_new, pow2
+from ._common import INTERPRET, check, check_device, derived, launch_opts, out_or_new, pdl_wait, pow2
 
 LOG2E = 1.4426950408889634
 ATTN_BLOCK = 256  # reference: query frames per block, bounds memory at O(block * window)
@@ -85,7 +85,9 @@ def _attn_kernel(
     CAUSAL: tl.constexpr, HAS_RING: tl.constexpr, WRITE_RING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     # (batch row, head) on grid axis 0: 4096 streams x 16 heads overflow axis 1 (max 65535)
     pid_m = tl.program_id(1)
     b = (tl.program_id(0) // H).to(tl.int64)
@@ -250,6 +252,7 @@ def rel_attention(
         D=D, MD=max_distance, CHUNK=chunk, WINDOW=window or 0, CAUSAL=window is not None,
         HAS_RING=has_ring, WRITE_RING=write_ring, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(D),
         PREC=prec, DOT_F32=INTERPRET or qkv.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        **launch_opts(qkv),
     )
     if has_ring and not write_ring:
         write_kv_ring(qkv, start, k_ring, v_ring, idx, H)

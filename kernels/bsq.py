@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE, check, check_device, out_or_new, pow2
+from ._common import TILE, check, check_device, launch_opts, out_or_new, pdl_wait, pow2
 
 
 
@@ -33,7 +33,8 @@ def code_value(D: int, dtype: torch.dtype) -> float:
 @triton.jit
 def _bsq_kernel(x_ptr, lats_ptr, toks_ptr, codes_ptr, N, D, eps, code,
                 NORMALIZE: tl.constexpr, QUANTIZE: tl.constexpr, WRITE_CODES: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     i = tl.arange(0, BLOCK_D)
     im = i < D
@@ -56,7 +57,8 @@ def _bsq_kernel(x_ptr, lats_ptr, toks_ptr, codes_ptr, N, D, eps, code,
 
 @triton.jit
 def _code_proj_kernel(src_ptr, w_ptr, b_ptr, out_ptr, N, O, code,
-                      D: tl.constexpr, FROM_TOKENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+                      D: tl.constexpr, FROM_TOKENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     rm = r < N
@@ -92,7 +94,7 @@ def bsq(x: Tensor, normalize: bool = True, quantize: bool = True, codes: bool = 
     _bsq_kernel[(triton.cdiv(N, br),)](
         x, lats if normalize else x, toks if quantize else x, cds if cds is not None else x, N, D, float(eps),
         code_value(D, x.dtype), NORMALIZE=normalize, QUANTIZE=quantize, WRITE_CODES=cds is not None,
-        BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+        BLOCK_R=br, BLOCK_D=bd, num_warps=4, **launch_opts(x),
     )
     return lats, toks, cds
 
@@ -117,7 +119,7 @@ def code_proj(src: Tensor, weight: Tensor, bias: Tensor, D: int | None = None, d
     br = max(1, min(TILE // bo, pow2(N)))
     _code_proj_kernel[(triton.cdiv(N, br), triton.cdiv(O, bo))](
         src, weight, bias, out, N, O, code_value(D, dtype), D=D, FROM_TOKENS=from_tokens,
-        BLOCK_R=br, BLOCK_O=bo, num_warps=4,
+        BLOCK_R=br, BLOCK_O=bo, num_warps=4, **launch_opts(src),
     )
     return out
 

@@ -16,14 +16,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE, check, check_device, grouped_conv1d, out_or_new, pow2
+from ._common import TILE, check, check_device, grouped_conv1d, launch_opts, out_or_new, pdl_wait, pow2
 
 
 
 @triton.jit
 def _dwconv_ln_kernel(x_ptr, w_ptr, b_ptr, lw_ptr, lb_ptr, cache_ptr, idx_ptr, out_ptr, T, C, eps,
                       K: tl.constexpr, PADL: tl.constexpr, HAS_CACHE: tl.constexpr, WRITE_CACHE: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # axis 1 < 65536: T < 500k frames
     c = tl.arange(0, BLOCK_C)
@@ -93,7 +94,7 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
     _dwconv_ln_kernel[(B, n_t)](
         x, weight, bias, ln_weight, ln_bias, cache if has_cache else x, idx if has_cache else x, out, T, C, float(eps),
         K=K, PADL=K - 1 if causal else (K - 1) // 2, HAS_CACHE=has_cache, WRITE_CACHE=write,
-        BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 else 8,
+        BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 else 8, **launch_opts(x),
     )
     if has_cache and not write:  # here T > K-1: the new cache is x's last K-1 frames
         cache.index_copy_(0, idx, x[:, T - (K - 1):].transpose(1, 2).to(cache.dtype))

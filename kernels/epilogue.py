@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2, sin
+from ._common import INTERPRET, TILE, check, check_device, gelu, launch_opts, out_or_new, pdl_wait, pow2, sin
 
 ACTS = {"none": 0, "gelu": 1, "clamp": 2, "snake": 3, "gelu_then_res": 4}
 
@@ -52,7 +52,8 @@ def apply_epilogue(x, r, c, rm, cm, C, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul
 @triton.jit
 def _epilogue_kernel(h_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, out_ptr, N, C, lo, hi,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rm, cm = r < N, c < C
@@ -95,7 +96,7 @@ def epilogue(h: Tensor, bias: Tensor | None = None, act: str = "none", res: Tens
         h, bias if bias is not None else h, res if res is not None else h, gamma if gamma is not None else h,
         alpha if alpha is not None else h, out, N, C, float(lo), float(hi),
         HAS_BIAS=bias is not None, HAS_RES=res is not None, HAS_GAMMA=gamma is not None, ACT=ACTS[act],
-        BLOCK_R=br, BLOCK_C=bc, INTERP=INTERPRET, num_warps=4,
+        BLOCK_R=br, BLOCK_C=bc, INTERP=INTERPRET, num_warps=4, **launch_opts(h),
     )
     return out
 

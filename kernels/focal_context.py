@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, out_or_new, pow2, ring_slots
+from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, launch_opts, out_or_new, pdl_wait, pow2, ring_slots
 
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
@@ -154,7 +154,9 @@ def _focal_causal_kernel(
     HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -213,7 +215,9 @@ def _focal_same_kernel(
     w0_ptr, b0_ptr, w1_ptr, b1_ptr, s0_ptr, s1_ptr, out_ptr, T, C,
     K0: tl.constexpr, K1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     BK0: tl.constexpr, BK1: tl.constexpr, INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -321,14 +325,14 @@ def focal_context(
             K0=ks[0], K1=ks[1], K2=ks[2], R0=rs[0], R1=rs[1], R2=rs[2],
             HAS_CACHE=has_cache, STREAM=has_cache and T <= STREAM_FRAMES, BLOCK_C=bc, BLOCK_T=bt,
             BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_R=br, BLOCK_U=min(pow2(T), 64),
-            INTERP=INTERPRET, num_warps=warps,
+            INTERP=INTERPRET, num_warps=warps, **launch_opts(ctx),
         )
     else:
         _focal_same_kernel[grid](
             ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
             weights[0], biases[0], weights[1], biases[1], scratch[0], scratch[1], out, T, C,
             K0=ks[0], K1=ks[1], BLOCK_C=bc, BLOCK_T=bt, BK0=bks[0], BK1=bks[1], INTERP=INTERPRET,
-            num_warps=warps,
+            num_warps=warps, **launch_opts(ctx),
         )
     return out
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, evenly_strided_rows, pow2, ring_slots, sin, tanh
+from ._common import INTERPRET, check, check_device, evenly_strided_rows, launch_opts, pdl_wait, pow2, prefetch_l2, ring_slots, sin, tanh
 from .epilogue import ACTS, apply_epilogue, check_epilogue
 
 
@@ -160,13 +160,19 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
                    ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
                    CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
                    GROUP_I: tl.constexpr, RING: tl.constexpr, WRITE_RING: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   INTERP: tl.constexpr):
+                   INTERP: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = pid % N_TILES  # column tiles of a row block run together: its rows are read once from DRAM
     r = (pid // N_TILES).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < M, n < N
     wrow = n.to(tl.int64) * swn
+    if PDL == 2:  # few rows: the weight slab into L2 while the previous kernel finishes (no kernel writes weights)
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        for k0 in range(0, K, 32 * LINE):
+            kl = k0 + tl.arange(0, 32) * LINE
+            prefetch_l2(w_ptr + wrow[:, None] + kl[None, :], nm[:, None] & (kl < K)[None, :])
+    pdl_wait(PDL)
     goff = (pid_n * BLOCK_N) // GROUP_O * GROUP_I  # a grouped conv: the column tile's group (BLOCK_N | GROUP_O)
     if NORM == 1:  # LayerNorm statistics of the rows: mean, then the centred variance (as norm.py)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -500,6 +506,9 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
+    opts = launch_opts(x)
+    if opts["PDL"] and M <= FEW_ROWS:  # a weight-read-bound call: prefetch its slab before the wait
+        opts["PDL"] = 2
     _linear_kernel[(triton.cdiv(M, bm) * n_tiles,)](
         x, weight, bias if bias is not None else weight, res if res is not None else out,
         gamma if gamma is not None else weight, alpha if alpha is not None else weight,
@@ -513,6 +522,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         HAS_FRESH=fresh_kind, ALIGNED=conv is not None and C % bk == 0,
         GROUP_I=gi, RING=R, WRITE_RING=write, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
+        **opts,
     )
 
 

@@ -11,12 +11,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE, check, check_device, evenly_strided_rows, out_or_new, pow2
+from ._common import TILE, check, check_device, evenly_strided_rows, launch_opts, out_or_new, pdl_wait, pow2
 
 
 
 @triton.jit
-def _modulate_kernel(q_ptr, q_sr, m_ptr, b_ptr, out_ptr, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulate_kernel(q_ptr, q_sr, m_ptr, b_ptr, out_ptr, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -39,7 +40,8 @@ def modulate(q: Tensor, m: Tensor, bias: Tensor, out: Tensor | None = None) -> T
     out = m if out is m else out_or_new(out, m.shape, m.dtype, m.device)
     bc = min(pow2(C), 1024)
     br = max(1, min(TILE // bc, pow2(N)))
-    _modulate_kernel[(triton.cdiv(N, br), triton.cdiv(C, bc))](q, q.stride(-2), m, bias, out, N, C, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    _modulate_kernel[(triton.cdiv(N, br), triton.cdiv(C, bc))](q, q.stride(-2), m, bias, out, N, C, BLOCK_R=br, BLOCK_C=bc,
+                                                                 num_warps=4, **launch_opts(q))
     return out
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, TILE, check, check_device, gelu, out_or_new, pow2, tanh
+from ._common import INTERPRET, TILE, check, check_device, gelu, launch_opts, out_or_new, pdl_wait, pow2, tanh
 
 
 
@@ -48,7 +48,8 @@ def _norm_kernel(h_ptr, hb_ptr, res_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, y_ptr, 
                  tsrc_ptr, tdst_ptr, tidx_ptr, TB, TT, TP, TC,
                  HAS_HB: tl.constexpr, HAS_RES: tl.constexpr, DYT: tl.constexpr, GELU: tl.constexpr,
                  TAIL: tl.constexpr, TAIL_IDX: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     if TAIL:
         _tail_copy(tsrc_ptr, tdst_ptr, tidx_ptr, TB, TT, TP, TC, TAIL_IDX, 1024)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -137,6 +138,7 @@ def norm(h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, ep
         HAS_HB=h_bias is not None, HAS_RES=res is not None, DYT=dyt, GELU=act_gelu,
         TAIL=tail is not None, TAIL_IDX=tidx is not None,
         BLOCK_R=br, BLOCK_C=bc, INTERP=INTERPRET, num_warps=4 if bc <= 1024 else 8,
+        **launch_opts(h),
     )
     return (x_out, y) if res is not None else y
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, pow2
+from ._common import INTERPRET, check, check_device, launch_opts, pdl_wait, pow2
 
 ERR_NONFINITE_INPUT, ERR_OUT_OF_RANGE, ERR_NONFINITE_OUTPUT = 1, 2, 3
 
@@ -48,7 +48,8 @@ def _status_kernel(a_ptr, a_n, a_sr, l_ptr, l_n, l_sr, o_ptr, o_n, o_sr, code_pt
                    p0, s0, n0, p1, s1, n1, p2, s2, n2, p3, s3, n3,
                    HAS_A: tl.constexpr, HAS_L: tl.constexpr, HAS_O: tl.constexpr, BLOCK: tl.constexpr,
                    ERR_INPUT: tl.constexpr, ERR_RANGE: tl.constexpr, ERR_OUTPUT: tl.constexpr,
-                   N_ADV: tl.constexpr, HAS_IDX: tl.constexpr):
+                   N_ADV: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     if N_ADV > 0:
         if HAS_IDX:
@@ -130,7 +131,8 @@ def row_status(audio: Tensor | None, checked: list[Tensor], max_amp: float, rows
                             aidx if aidx is not None else dummy, *adv,
                             HAS_A=a is not None, HAS_L=l is not None, HAS_O=o is not None, BLOCK=block,
                             ERR_INPUT=ERR_NONFINITE_INPUT, ERR_RANGE=ERR_OUT_OF_RANGE, ERR_OUTPUT=ERR_NONFINITE_OUTPUT,
-                            N_ADV=len(advances), HAS_IDX=aidx is not None, num_warps=4)
+                            N_ADV=len(advances), HAS_IDX=aidx is not None, num_warps=4,
+                            **launch_opts(code))
     return code
 
 

@@ -66,9 +66,12 @@ class Recorder:
         return launch
 
 
-def record(quick: bool) -> dict:
+def record(quick: bool, pdl: bool = False) -> dict:
     from fastfocal import kernels
-    from fastfocal.kernels import attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm, status
+    from fastfocal.kernels import _common, attention, bsq, convnext, epilogue, focal_context, linear, modulate, norm, status
+
+    if pdl:  # the configurations a Hopper with FASTFOCAL_PDL=1 launches
+        _common.pdl = lambda t: True
 
     mods = [importlib.import_module(f"fastfocal.kernels.{m}") for m in kernels.KERNEL_MODULES]
     log: dict = {}
@@ -168,10 +171,27 @@ def record(quick: bool) -> dict:
     return log
 
 
+def _pdl_ok(name: str, consts: dict, ptx: str) -> bool:
+    """A kernel launched with PDL waits on the grid dependency (else it could read its inputs
+    before the previous kernel wrote them) and lets its dependents launch; PDL 2 (few-row
+    matmul) also prefetches its weights into L2 before the wait."""
+    if not consts.get("PDL"):
+        return False
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0 or "griddepcontrol.launch_dependents" not in ptx:
+        return False
+    if consts["PDL"] == 2:
+        pf = ptx.find("prefetch.global.L2")
+        return 0 <= pf < wait
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16 only")
+    ap.add_argument("--pdl", action="store_true", help="the kernels as FASTFOCAL_PDL=1 launches them (programmatic "
+                    "dependent launch): each must wait on the grid dependency, few-row matmuls prefetch their weights")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the compiler needs real JIT functions")
@@ -182,7 +202,7 @@ def main(argv=None) -> int:
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     target = GPUTarget("cuda", args.arch, 32)
-    configs = record(args.quick)
+    configs = record(args.quick, args.pdl)
     failed = 0
     print(f"{len(configs)} kernel configurations for sm_{args.arch}")
     for (name, *_), (fn, sig, c, nw, div, ns) in sorted(configs.items(), key=lambda kv: kv[0][0]):
@@ -195,6 +215,10 @@ def main(argv=None) -> int:
         except Exception as e:  # report every failure, not just the first
             failed += 1
             print(f"FAIL {name} {dtypes} {short}: {type(e).__name__}: {str(e)[:400]}")
+            continue
+        if args.pdl and not _pdl_ok(name, c, k.asm["ptx"]):
+            failed += 1
+            print(f"FAIL {name} {dtypes} {short}: PDL launch without griddepcontrol.wait, or a few-row matmul without its prefetch")
             continue
         use = "?"
         if cuobjdump.exists():

@@ -69,6 +69,32 @@ def test_weight_without_unit_stride_and_rejected_inputs():
         linear(x, _w(8, 64, torch.float32), act="snake")
 
 
+def test_pdl_only_where_it_can_run(monkeypatch):
+    """FASTFOCAL_PDL asks for programmatic dependent launch; the interpreter and CPU tensors
+    never get it (the interpreter has no grid-dependency ops), and the launchers pass the
+    kernel's PDL constexpr and the launch option together: few-row matmuls as 2 (prefetch the
+    weights, then wait), everything else as 1."""
+    from fastfocal.kernels import _common, linear as lin
+
+    _common.set_pdl(True)
+    try:
+        assert _common.launch_opts(torch.zeros(1)) == {"PDL": False}
+        seen = []
+
+        class Rec:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: seen.append({k: kw.get(k) for k in ("PDL", "launch_pdl")})
+
+        monkeypatch.setattr(_common, "pdl", lambda t: True)
+        monkeypatch.setattr(lin, "_linear_kernel", Rec())
+        w = _w(32, 64, torch.float32)
+        linear(rand(1, 4, 64, device=DEVICE), w)
+        linear(rand(2, 100, 64, device=DEVICE), w)
+        assert seen == [{"PDL": 2, "launch_pdl": True}, {"PDL": True, "launch_pdl": True}]
+    finally:
+        _common.set_pdl(None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_model_sizes(dtype):

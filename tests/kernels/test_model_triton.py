@@ -221,6 +221,32 @@ def test_gpu_step_under_cuda_graph():
             assert (out == want).float().mean().item() > 0.99
 
 
+@pytest.mark.gpu
+def test_gpu_pdl_session_equals_plain_launches():
+    """FASTFOCAL_PDL: a full-duplex session's CUDA-graph steps with programmatic dependent
+    launch (each kernel waits for the previous one itself, matmuls prefetch weights first) give
+    bit for bit what plain launches give, on the same weights and audio."""
+    import fastfocal
+    from fastfocal.kernels import _common
+
+    if torch.cuda.get_device_capability()[0] < 9 or _common.gdc_wait is None:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+ and a Triton with it")
+    codec = fastfocal.random_init("50hz_4k_causal", seed=0, device="cuda", dtype="bfloat16")
+    sig = (torch.randn(2, 1280 * 12, generator=torch.Generator().manual_seed(3)) * 0.1).cuda()
+    got = {}
+    try:
+        for on in (False, True):
+            _common.set_pdl(on)
+            assert _common.pdl(sig) == on
+            s = codec.stream(batch_size=2)
+            outs = [s.push(sig[:, a:a + 1280]) for a in range(0, sig.shape[1], 1280)]
+            got[on] = [torch.cat(o, 1) for o in zip(*outs)]
+    finally:
+        _common.set_pdl(None)
+    for name, a, b in zip(("tokens", "audio"), got[False], got[True]):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_decompressor_from_tokens(causal, golden_causal, monkeypatch, backend):
     """Tokens go straight into in_proj (signed sums of weight columns) and give what codes give."""

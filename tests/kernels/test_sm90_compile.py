@@ -13,12 +13,15 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas")
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_kernels_compile_for_sm90(pdl):
+    """pdl: as FASTFOCAL_PDL=1 launches them; the script also fails a kernel whose PTX lacks the
+    grid-dependency wait (or a few-row matmul whose weight prefetch does not come before it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = Path(__file__).with_name("sm90_compile.py")
-    out = subprocess.run([sys.executable, str(script), "--quick", "--arch", "90"], capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = subprocess.run([sys.executable, str(script), "--quick", "--arch", "90"] + (["--pdl"] if pdl else []),
+                         capture_output=True, text=True, env=env, timeout=600)
     print(out.stdout)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "FAIL" not in out.stdout
