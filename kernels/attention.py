@@ -235,8 +235,13 @@ def rel_attention(
     # and spill at 64 queries; 32-key blocks with 8 warps take 106 (16 queries) to 202 (64)
     block_m = 16 if T <= 16 else 64
     block_n, warps, stages = 32, 8, 3
-    # a streaming step's ring loop is cp.async-pipelined (3 stages, 94 registers); its tile is
-    # not yet tuned on a GPU: FASTFOCAL_ATTN_TILE="keys,warps,stages" overrides it for sweeps
+    if T <= 16:
+        # a streaming step reads its K/V rings (bandwidth-bound): 64-key blocks, cp.async 3 stages
+        # deep, take 75 registers (bf16; 32-key blocks took 94) and 39 KB of shared memory, so
+        # 3 programs fit an SM instead of 2, with 96 KB of K/V in flight per SM instead of 32
+        # (Little's law at 4.3 TB/s wants ~50 KB). Untimed: FASTFOCAL_ATTN_TILE="keys,warps,stages"
+        # overrides it for the GPU sweep.
+        block_n = 64
     if _TILE_OVERRIDE and T <= 16 and not INTERPRET:
         block_n, warps, stages = (int(v) for v in _TILE_OVERRIDE.split(","))
     n_m = triton.cdiv(T, block_m)
