@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -186,12 +187,38 @@ def _pdl_ok(name: str, consts: dict, ptx: str) -> bool:
     return True
 
 
+def _loops(cuobjdump: Path, cubin: bytes) -> list[str]:
+    """Each loop of the SASS (a backward branch), innermost last: its instruction count and
+    how many are global loads, FP adds/multiplies/FMAs and warp shuffles."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True).stdout
+    ins = {}
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins[int(m.group(1), 16)] = m.group(2)
+    out = []
+    for a, text in ins.items():
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a:
+            body = [v for x, v in ins.items() if int(m.group(1), 16) <= x <= a]
+            n = lambda *ops: sum(any(f" {o}" in f" {v}" for o in ops) for v in body)  # noqa: E731
+            out.append(f"loop {int(m.group(1), 16):#06x}-{a:#06x}: {len(body)} instructions, {n('LDG')} LDG, "
+                       f"{n('FFMA', 'FMUL', 'FADD', 'HFMA2', 'HMUL2', 'HADD2')} FP, {n('SHFL')} SHFL, {n('HMMA', 'HGMMA')} MMA")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16 only")
     ap.add_argument("--pdl", action="store_true", help="the kernels as FASTFOCAL_PDL=1 launches them (programmatic "
                     "dependent launch): each must wait on the grid dependency, few-row matmuls prefetch their weights")
+    ap.add_argument("--only", help="compile only the kernels whose name contains this")
+    ap.add_argument("--loops", action="store_true", help="also print each loop's SASS: instructions, global loads, "
+                    "FP ops and shuffles per iteration (what an issue-bound kernel costs per trip)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the compiler needs real JIT functions")
@@ -205,6 +232,8 @@ def main(argv=None) -> int:
     configs = record(args.quick, args.pdl)
     failed = 0
     print(f"{len(configs)} kernel configurations for sm_{args.arch}")
+    if args.only:
+        configs = {k: v for k, v in configs.items() if args.only in k[0]}
     for (name, *_), (fn, sig, c, nw, div, ns) in sorted(configs.items(), key=lambda kv: kv[0][0]):
         t = time.time()
         short = " ".join(f"{k}={v}" for k, v in c.items() if k != "INTERP")
@@ -228,6 +257,9 @@ def main(argv=None) -> int:
                 out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
             use = " ".join(w for w in out.split() if w.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
         print(f"ok   {name:22s} {','.join(dtypes):10s} warps={nw} {use:40s} {time.time() - t:4.1f}s  {short}")
+        if args.loops and cuobjdump.exists():
+            for line in _loops(cuobjdump, k.asm["cubin"]):
+                print("       " + line)
     print(f"{len(configs) - failed}/{len(configs)} compiled")
     return 1 if failed else 0
 
