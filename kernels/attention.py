@@ -231,8 +231,8 @@ def rel_attention(
     tab = derived(rel_emb, ("bias_by_offset", num_buckets, max_distance),
                   lambda e: e[bucket_lut(num_buckets, max_distance, e.device).long()].contiguous())
     out = out_or_new(out, (B, T, C), qkv.dtype, qkv.device)
-    # from ptxas on sm_90 (tests/kernels/sm90_compile.py): 64-key blocks need 229-255 registers
-    # and spill at 64 queries; 32-key blocks with 8 warps take 106 (16 queries) to 202 (64)
+    # from ptxas on sm_90 (tests/kernels/sm90_compile.py): at 64 queries (long inputs) 64-key
+    # blocks need 229-255 registers and spill, so those take 32-key blocks (157 with 8 warps)
     block_m = 16 if T <= 16 else 64
     block_n, warps, stages = 32, 8, 3
     if T <= 16:
