@@ -254,22 +254,28 @@ def _focal_same_kernel(
         tl.store(out_ptr + b * T * C + t[None, :] * C + offs_c[:, None], acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _blocks(T: int, C: int, ks: list[int]):
+def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
     """(BLOCK_C, BLOCK_T, taps per iteration, ring slots per iteration, warps).
 
     Longer runs: the (channels x frames x taps) product of one iteration is kept at 1024
     elements over 8 warps; ptxas (sm_90) then needs no spills (4096 over 4 warps took 255
-    registers). Streaming steps: 8 channels x 128 ring slots over 4 warps, 127 registers, the
-    window ring read as 16-byte loads, two iterations' loads in flight: chosen by ptxas's
-    counts, not yet timed on a GPU. FASTFOCAL_FOCAL_TILE="channels,slots,warps" overrides a
-    streaming step's tile (for sweeps on the device)."""
+    registers). Streaming steps: the window ring read as 16-byte loads, two iterations' loads
+    in flight, the taps on the new frames one block of T; the tile chosen by ptxas's register
+    and SASS instruction counts (`tests/kernels/sm90_compile.py --loops`), not yet timed on a
+    GPU. FASTFOCAL_FOCAL_TILE="channels,slots,warps" overrides a streaming step's tile (for
+    sweeps on the device)."""
     block_t = min(pow2(T), 32)
     block_c, block_r, warps = min(pow2(C), 128 if INTERPRET else 16), 128, 8
     if T <= STREAM_FRAMES and not INTERPRET:
-        block_c, block_r, warps = 8, 128, 4
+        # 16-bit: 16 channels x 64 slots, 107 registers (4 programs an SM) and ~1,070 SASS
+        # instructions a channel, where 8 x 128 took 127 and ~1,550 (the per-program work outside
+        # the window loop, amortised over twice the channels); fp32: 16 x 64 needs 229 registers
+        block_c, block_r, warps = (8, 128, 4) if dtype == torch.float32 else (16, 64, 4)
         if _TILE_OVERRIDE:
             block_c, block_r, warps = (int(v) for v in _TILE_OVERRIDE.split(","))
     budget = max(1, (TILE if INTERPRET else 1024) // (block_c * block_t))
+    if T <= STREAM_FRAMES:  # a step's taps on its new frames are the last T of each level: one block of T
+        return block_c, block_t, [min(block_t, pow2(k)) for k in ks], block_r, warps
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 
 
@@ -312,7 +318,7 @@ def focal_context(
         check_device(ctx, gates, *weights)
     out = out_or_new(out, (B, T, C), ctx.dtype, ctx.device)
     scratch = torch.empty(2, B, C, T, device=ctx.device, dtype=torch.float32)
-    bc, bt, bks, br, warps = _blocks(T, C, ks)
+    bc, bt, bks, br, warps = _blocks(T, C, ks, ctx.dtype)
     grid = (B, triton.cdiv(C, bc))
     if causal:
         c0, c1, c2 = caches if has_cache else (ctx, ctx, ctx)
