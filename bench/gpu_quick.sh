@@ -60,6 +60,8 @@ step 80 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured sessi
     bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_triton.py -k pdl && FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200"
 step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
     env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
+step 50 "bf16 1024-stream full step without the focal window-rows GEMM (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default is ~1.6 ms faster)" \
+    env FASTFOCAL_FOCAL_WINDOW_ROWS=100000 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
 step 50 "bf16 1024-stream full step with FASTFOCAL_LARGE_GEMM=1 (epilogues fused, FE windows in place)" \
     env FASTFOCAL_LARGE_GEMM=1 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
 step 90 "offline bf16 at batch 64: cuBLAS + epilogues (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \

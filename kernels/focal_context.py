@@ -17,7 +17,9 @@ re-read within a few tiles of being written (L2 hits). Streaming steps (T <= 4 f
 each ring once, in slot order, as 16-byte rows: output t's tap for slot r is a function of
 (r - start) mod R, so the weights are gathered (cached, shared by every row) instead of the
 ring. At the end the program writes its rows' new frames into the rings (all reads of them
-are done).
+are done). With many rows (`WINDOW_ROWS`) the window level's ring taps come from a launch
+before it, `_window_rows_kernel`: a GEMM with the streams on the rows, so a channel's weights
+serve every stream on the tensor cores instead of being gathered once per tap and stream.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from torch import Tensor
 from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, launch_opts, out_or_new, pdl_wait, pow2, ring_slots
 
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
+# from this many rows a step's window level reads its rings as a GEMM with the streams on the
+# rows (`_window_rows_kernel`, one more launch); fewer keep it in the one fused launch
+WINDOW_ROWS = int(os.environ.get("FASTFOCAL_FOCAL_WINDOW_ROWS", "64"))
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
 _TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_TILE")
 
@@ -111,10 +116,43 @@ def _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, first,
 
 
 @triton.jit
+def _window_rows_kernel(ring_ptr, idx_ptr, start_ptr, w_ptr, p_ptr, B, C,
+                        K: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+                        PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+    """P[b, c, t] (B, C, 4) float32: the window level's taps on the frames before a step (what
+    `_ring_taps` gives) for BLOCK_S rows of one channel at once, as a GEMM with the streams on
+    the rows, so the channel's weights serve them all: out[s, t] = sum_j X[s, j] w[j - t], X[s, j]
+    the stream's window frame j (frame start - (K-1) + j, j < K-1), the weights a banded
+    (K-1) x 4 matrix built from the channel's row. Frames before a stream's first are its first
+    (ring slot 0): right for start > 0 (the caller takes a stream's first step the other way)."""
+    pdl_wait(PDL)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1)
+    sm = s < B
+    slot = tl.load(idx_ptr + s, mask=sm, other=0).to(tl.int64)
+    start = tl.load(start_ptr + s, mask=sm, other=0).to(tl.int32)
+    row = ring_ptr + (slot * C + c) * R
+    first = start - (K - 1)
+    tt = tl.arange(0, 16)  # outputs 0..3, padded to the dot's 16 columns
+    acc = tl.zeros([BLOCK_S, 16], dtype=tl.float32)
+    for j0 in range(0, K - 1, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        f = first[:, None] + j[None, :]
+        x = tl.load(row[:, None] + (tl.maximum(f, 0) & (R - 1)), mask=sm[:, None] & (j < K - 1)[None, :], other=0.0)
+        k = j[:, None] - tt[None, :]
+        v = tl.load(w_ptr + c * K + k, mask=(k >= 0) & (tt < 4)[None, :] & (j < K - 1)[:, None], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(x, v.to(x.dtype), input_precision=PREC)
+    tl.store(p_ptr + (s[:, None] * C + c) * 4 + tt[None, :], acc, mask=sm[:, None] & (tt < 4)[None, :])
+
+
+@triton.jit
 def _level(new_ptr, new_st, new_sc, ring_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T, start,
            K: tl.constexpr, R: tl.constexpr, HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
            BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-           INTERP: tl.constexpr):
+           INTERP: tl.constexpr, pre_ptr=None, PRE: tl.constexpr = False):
     """GELU(causal depthwise conv + bias) of one level for output frames t0..t0+BLOCK_T."""
     if STREAM:  # new frames: taps K-BLOCK_T.. only; earlier frames: the ring in slot order
         # the stream's first frame: new frame 0 on its first step, else ring slot 0 (kept
@@ -124,7 +162,16 @@ def _level(new_ptr, new_st, new_sc, ring_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T
         f_ring = tl.load(ring_ptr + offs_c * R, mask=cmask & (sc > 0) & (sc < K - 1), other=0.0).to(tl.float32)
         acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
                     K, max(K - BLOCK_T, 0), K - 1, R, True, False, True, BLOCK_C, BLOCK_T, BLOCK_K)
-        acc += _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
+        if PRE:  # the ring taps came from `_window_rows_kernel`, except for a stream's first step
+            if start > 0:
+                tp = t0 + tl.arange(0, BLOCK_T)
+                ring = tl.load(pre_ptr + offs_c[:, None] * 4 + tp[None, :], mask=cmask[:, None] & (tp < T)[None, :],
+                               other=0.0)
+            else:
+                ring = _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
+            acc += ring
+        else:
+            acc += _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
     else:
         acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
                     K, 0, K - 1, R, True, HAS_CACHE, False, BLOCK_C, BLOCK_T, BLOCK_K)
@@ -148,10 +195,10 @@ def _ring_write(ring_ptr, new_ptr, new_st, new_sc, offs_c, cmask, T, start,
 def _focal_causal_kernel(
     ctx_ptr, ctx_sb, ctx_st, g_ptr, g_sb, g_st,
     w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr,
+    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr, pre_ptr,
     s0_ptr, s1_ptr, out_ptr, T, C,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-    HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
+    HAS_CACHE: tl.constexpr, STREAM: tl.constexpr, PRE2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, INTERP: tl.constexpr,
     PDL: tl.constexpr,
@@ -185,7 +232,8 @@ def _focal_causal_kernel(
         tl.store(s1 + sp, y1, mask=m2)
         tl.debug_barrier()
         y2 = _level(s1, 1, T, c2, w2_ptr, b2_ptr, offs_c, cmask, t0, T, start,
-                    K2, R2, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK2, min(R2, BLOCK_R), INTERP)
+                    K2, R2, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK2, min(R2, BLOCK_R), INTERP,
+                    pre_ptr + b * C * 4, PRE2)
         gp = g_ptr + b * g_sb + t * g_st
         tm = t < T
         g0 = tl.load(gp, mask=tm, other=0.0).to(tl.float32)[None, :]
@@ -279,6 +327,20 @@ def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 
 
+def _window_rows(ring: Tensor, idx: Tensor, start: Tensor, w: Tensor, R: int, C: int) -> Tensor:
+    """The window level's ring taps of a streaming step for every row, (B, C, 4) float32
+    (`_window_rows_kernel`)."""
+    B, K = idx.shape[0], w.shape[-1]
+    pre = torch.empty(B, C, 4, dtype=torch.float32, device=ring.device)
+    bs, bj = (16, min(pow2(K - 1), 512)) if INTERPRET else (64, 64)  # the interpreter pays per op: one trip
+    f32 = ring.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
+    _window_rows_kernel[(triton.cdiv(B, bs), C)](
+        ring, idx, start, w, pre, B, C, K=K, R=R, BLOCK_S=bs, BLOCK_J=bj,
+        PREC="ieee" if f32 else "tf32", DOT_F32=f32, num_warps=4, **launch_opts(ring),
+    )
+    return pre
+
+
 def check_rings(caches: list[Tensor], ks: list[int], C: int) -> None:
     for c, k in zip(caches, ks):
         check(c.dim() == 3 and tuple(c.shape[1:]) == (C, ring_len(k)) and c.is_contiguous(),
@@ -323,13 +385,15 @@ def focal_context(
     if causal:
         c0, c1, c2 = caches if has_cache else (ctx, ctx, ctx)
         rs = [ring_len(k) for k in ks]
+        stream = has_cache and T <= STREAM_FRAMES
+        pre = _window_rows(c2, idx, start, weights[2], rs[2], C) if stream and B >= WINDOW_ROWS else None
         _focal_causal_kernel[grid](
             ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
             weights[0], biases[0], weights[1], biases[1], weights[2], biases[2],
-            c0, c1, c2, idx if has_cache else ctx, start if has_cache else ctx,
+            c0, c1, c2, idx if has_cache else ctx, start if has_cache else ctx, pre if pre is not None else scratch,
             scratch[0], scratch[1], out, T, C,
             K0=ks[0], K1=ks[1], K2=ks[2], R0=rs[0], R1=rs[1], R2=rs[2],
-            HAS_CACHE=has_cache, STREAM=has_cache and T <= STREAM_FRAMES, BLOCK_C=bc, BLOCK_T=bt,
+            HAS_CACHE=has_cache, STREAM=stream, PRE2=pre is not None, BLOCK_C=bc, BLOCK_T=bt,
             BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_R=br, BLOCK_U=min(pow2(T), 64),
             INTERP=INTERPRET, num_warps=warps, **launch_opts(ctx),
         )

@@ -85,7 +85,8 @@ def record(quick: bool, pdl: bool = False) -> dict:
     r = torch.randn
     for dt in dtypes:
         # focal context: streaming steps (C = 1024 and 256), an offline segment, non-causal
-        for B, T, C, cache in ((4, 4, 1024, True), (4, 4, 256, True), (4, 37, 1024, True), (2, 2048, 1024, False)):
+        # (64 rows: the window level as a GEMM over the rows, `_window_rows_kernel`)
+        for B, T, C, cache in ((4, 4, 1024, True), (64, 4, 1024, True), (4, 4, 256, True), (4, 37, 1024, True), (2, 2048, 1024, False)):
             h = r(B, T, 2 * C + 3, dtype=dt)
             ks = [14, 18, 512]
             ws, bs = [r(C, 1, k, dtype=dt) for k in ks], [r(C, dtype=dt) for _ in ks]

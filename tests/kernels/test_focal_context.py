@@ -5,6 +5,7 @@ import torch
 from conftest import DEVICE
 from kernel_checks import DTYPES, assert_close, assert_equal, f64
 
+from fastfocal.kernels import focal_context as focal_context_module
 from fastfocal.kernels.focal_context import focal_context, focal_context_ref, ring_len
 
 
@@ -24,9 +25,12 @@ def ref64(ctx, gates, ws, bs, causal, caches=None, idx=None, start=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,C,W", [(2, 1, 12, 32), (3, 4, 96, 32), (3, 3, 20, 24), (2, 37, 12, 24), (1, 4, 145, 512)])
-def test_causal_stream_steps(dtype, B, T, C, W):
+@pytest.mark.parametrize("rows_gemm", [False, True], ids=["fused", "window-rows"])
+def test_causal_stream_steps(dtype, B, T, C, W, rows_gemm, monkeypatch):
     """Rows at different ring phases: fresh (0), inside the first window (frames before the
-    stream's first are read from slot 0), and long past it (the ring has wrapped)."""
+    stream's first are read from slot 0), and long past it (the ring has wrapped). window-rows:
+    the window level's ring taps as a GEMM over the rows (`_window_rows_kernel`, the many-row form)."""
+    monkeypatch.setattr(focal_context_module, "WINDOW_ROWS", 1 if rows_gemm else 10 ** 9)
     ks = [14, 18, W]
     S = B + 3
     g = torch.Generator().manual_seed(1)
