@@ -46,28 +46,29 @@ step() {  # step CAP_S "what it checks" CMD...: run under min(CAP_S, budget left
     pack
 }
 
+# most valuable first: GPU correctness, the issue-11 targets, the issue-12 offline targets, then the A/B pairs
 step 90 "kernel and model tests on CUDA" \
     python3 -m pytest -q -p no:cacheprovider -n 8 -k "not pdl" tests/kernels/test_focal_context.py tests/kernels/test_attention.py \
     tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
     tests/test_streaming.py tests/test_golden.py
-step 90 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
+step 75 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
-step 120 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
+step 100 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
     python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
 step 50 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
     python3 bench/stream_latency.py --modes full --steps 200
-step 80 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured session equals plain launches bit for bit, then the batch-1 full step (no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
+step 75 "offline bf16 at batch 64: cuBLAS + epilogues (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
+    python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
+step 70 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured session equals plain launches bit for bit, then the batch-1 full step (no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
     bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_triton.py -k pdl && FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200"
-step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
-    env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
-step 50 "bf16 1024-stream full step without the focal window-rows GEMM (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default is ~1.6 ms faster)" \
+step 45 "bf16 1024-stream full step without the focal window-rows GEMM (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default is ~1.6 ms faster)" \
     env FASTFOCAL_FOCAL_WINDOW_ROWS=100000 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
+step 60 "focal/attention streaming tiles, old against new default (prediction: focal 16,64,4 faster than 8,128,4; attention 64,8,3 faster than 32,8,3)" \
+    env FOCAL_TILES="8,128,4 16,64,4" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES=" " \
+    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
 step 50 "bf16 1024-stream full step with FASTFOCAL_LARGE_GEMM=1 (epilogues fused, FE windows in place)" \
     env FASTFOCAL_LARGE_GEMM=1 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
-step 90 "offline bf16 at batch 64: cuBLAS + epilogues (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
-    python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
-step 90 "focal/attention/linear tiles (prediction: focal ring at 1024 streams <= 5 ms, was 28.9; linear: many-row GEMM tiles vs cuBLAS + epilogue)" \
-    env FOCAL_TILES="8,128,4 16,64,4" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES="16,512,4,4" \
-    bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
+step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
+    env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
 pack
 echo "gpu_quick: done in $((SECONDS - START)) s; results in gpu_quick.tgz"
