@@ -110,10 +110,10 @@ def epilogue_ref(h: Tensor, bias: Tensor | None = None, act: str = "none", res: 
         x = res + x
     if act in ("gelu", "gelu_then_res"):
         x = F.gelu(x)
-    if act == "gelu_then_res":
-        x = res + x
     elif act == "clamp":
         x = x.clamp(lo, hi)
     elif act == "snake":
         x = x + torch.sin(alpha * x).pow(2) / (alpha + 1e-9)
+    if act == "gelu_then_res":  # the residual after the activation
+        x = res + x
     return x

@@ -321,9 +321,9 @@ def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
         block_c, block_r, warps = (8, 128, 4) if dtype == torch.float32 else (16, 64, 4)
         if _TILE_OVERRIDE:
             block_c, block_r, warps = (int(v) for v in _TILE_OVERRIDE.split(","))
-    budget = max(1, (TILE if INTERPRET else 1024) // (block_c * block_t))
     if T <= STREAM_FRAMES:  # a step's taps on its new frames are the last T of each level: one block of T
         return block_c, block_t, [min(block_t, pow2(k)) for k in ks], block_r, warps
+    budget = max(1, (TILE if INTERPRET else 1024) // (block_c * block_t))
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 
 
