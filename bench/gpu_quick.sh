@@ -61,10 +61,10 @@ step 75 "offline bf16 at batch 64: cuBLAS + epilogues (auto), GEMM-tile kernel (
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
 step 70 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured session equals plain launches bit for bit, then the batch-1 full step (no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
     bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_triton.py -k pdl && FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200"
-step 45 "bf16 1024-stream full step without the focal window-rows GEMM (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default is ~1.6 ms faster)" \
+step 45 "bf16 1024-stream full step with the focal layers in one fused launch (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default, window GEMM + rows kernel, is ~3 ms faster)" \
     env FASTFOCAL_FOCAL_WINDOW_ROWS=100000 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
-step 60 "focal/attention streaming tiles, old against new default (prediction: focal 16,64,4 faster than 8,128,4; attention 64,8,3 faster than 32,8,3)" \
-    env FOCAL_TILES="8,128,4 16,64,4" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES=" " \
+step 75 "focal/attention streaming tiles, old against new default (prediction: focal fused 16,64,4 faster than 8,128,4 at 1 row; at 64 and 4096 rows triton (rows form) ~4x faster than triton-fused; attention 64,8,3 faster than 32,8,3)" \
+    env FOCAL_TILES="8,128,4 16,64,4" FOCAL_ROWS_TILES="4,64,4 2,64,2" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES=" " \
     bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
 step 50 "bf16 1024-stream full step with FASTFOCAL_LARGE_GEMM=1 (epilogues fused, FE windows in place)" \
     env FASTFOCAL_LARGE_GEMM=1 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30

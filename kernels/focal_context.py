@@ -17,9 +17,12 @@ re-read within a few tiles of being written (L2 hits). Streaming steps (T <= 4 f
 each ring once, in slot order, as 16-byte rows: output t's tap for slot r is a function of
 (r - start) mod R, so the weights are gathered (cached, shared by every row) instead of the
 ring. At the end the program writes its rows' new frames into the rings (all reads of them
-are done). With many rows (`WINDOW_ROWS`) the window level's ring taps come from a launch
-before it, `_window_rows_kernel`: a GEMM with the streams on the rows, so a channel's weights
-serve every stream on the tensor cores instead of being gathered once per tap and stream.
+are done). With many rows (`WINDOW_ROWS`) a step is two other launches: `_window_rows_kernel`,
+the window level's ring taps as a GEMM with the streams on the rows (a channel's weights serve
+every stream on the tensor cores instead of being gathered once per tap and stream), then
+`_focal_rows_kernel`, the rest with one (row, channel) a lane and the 4 frames in registers
+(levels 0 and 1 read in time order, each tap's weight loaded once: ~35 SASS instructions a
+(row, channel) against ~425 for the fused kernel's per-row tile).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
 WINDOW_ROWS = int(os.environ.get("FASTFOCAL_FOCAL_WINDOW_ROWS", "64"))
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
 _TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_TILE")
+_ROWS_TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_ROWS_TILE")
 
 
 def ring_len(k: int) -> int:
@@ -124,7 +128,9 @@ def _window_rows_kernel(ring_ptr, idx_ptr, start_ptr, w_ptr, p_ptr, B, C,
     the rows, so the channel's weights serve them all: out[s, t] = sum_j X[s, j] w[j - t], X[s, j]
     the stream's window frame j (frame start - (K-1) + j, j < K-1), the weights a banded
     (K-1) x 4 matrix built from the channel's row. Frames before a stream's first are its first
-    (ring slot 0): right for start > 0 (the caller takes a stream's first step the other way)."""
+    (ring slot 0). A stream's first step (start 0) has no frames before it: every one is the
+    step's first, so its row gets the sums of the taps before the step's frames, which the rows
+    kernel scales by that frame (the replicate rule)."""
     pdl_wait(PDL)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1)
@@ -145,6 +151,15 @@ def _window_rows_kernel(ring_ptr, idx_ptr, start_ptr, w_ptr, p_ptr, B, C,
             acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
         else:
             acc += tl.dot(x, v.to(x.dtype), input_precision=PREC)
+    fresh = sm & (start == 0)
+    if tl.sum(fresh.to(tl.int32), axis=0) > 0:  # rare: once per joining stream
+        tot = tl.zeros([16], dtype=tl.float32)
+        for k0 in range(0, K - 1, 128):
+            k = k0 + tl.arange(0, 128)
+            wk = tl.load(w_ptr + c * K + k, mask=k < K - 1, other=0.0).to(tl.float32)
+            # tap k is on a frame before the step for outputs t <= K-2-k
+            tot += tl.sum(tl.where(k[:, None] <= K - 2 - tt[None, :], wk[:, None], 0.0), axis=0)
+        acc = tl.where(fresh[:, None], tot[None, :], acc)
     tl.store(p_ptr + (s[:, None] * C + c) * 4 + tt[None, :], acc, mask=sm[:, None] & (tt < 4)[None, :])
 
 
@@ -152,7 +167,7 @@ def _window_rows_kernel(ring_ptr, idx_ptr, start_ptr, w_ptr, p_ptr, B, C,
 def _level(new_ptr, new_st, new_sc, ring_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T, start,
            K: tl.constexpr, R: tl.constexpr, HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
            BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-           INTERP: tl.constexpr, pre_ptr=None, PRE: tl.constexpr = False):
+           INTERP: tl.constexpr):
     """GELU(causal depthwise conv + bias) of one level for output frames t0..t0+BLOCK_T."""
     if STREAM:  # new frames: taps K-BLOCK_T.. only; earlier frames: the ring in slot order
         # the stream's first frame: new frame 0 on its first step, else ring slot 0 (kept
@@ -162,16 +177,7 @@ def _level(new_ptr, new_st, new_sc, ring_ptr, w_ptr, b_ptr, offs_c, cmask, t0, T
         f_ring = tl.load(ring_ptr + offs_c * R, mask=cmask & (sc > 0) & (sc < K - 1), other=0.0).to(tl.float32)
         acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
                     K, max(K - BLOCK_T, 0), K - 1, R, True, False, True, BLOCK_C, BLOCK_T, BLOCK_K)
-        if PRE:  # the ring taps came from `_window_rows_kernel`, except for a stream's first step
-            if start > 0:
-                tp = t0 + tl.arange(0, BLOCK_T)
-                ring = tl.load(pre_ptr + offs_c[:, None] * 4 + tp[None, :], mask=cmask[:, None] & (tp < T)[None, :],
-                               other=0.0)
-            else:
-                ring = _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
-            acc += ring
-        else:
-            acc += _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
+        acc += _ring_taps(ring_ptr, w_ptr, offs_c, cmask, start, f_new + f_ring, K, R, BLOCK_C, BLOCK_T, BLOCK_R)
     else:
         acc = _taps(new_ptr, new_st, new_sc, ring_ptr, w_ptr, offs_c, cmask, t0, T, start,
                     K, 0, K - 1, R, True, HAS_CACHE, False, BLOCK_C, BLOCK_T, BLOCK_K)
@@ -195,10 +201,10 @@ def _ring_write(ring_ptr, new_ptr, new_st, new_sc, offs_c, cmask, T, start,
 def _focal_causal_kernel(
     ctx_ptr, ctx_sb, ctx_st, g_ptr, g_sb, g_st,
     w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr, pre_ptr,
+    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr,
     s0_ptr, s1_ptr, out_ptr, T, C,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-    HAS_CACHE: tl.constexpr, STREAM: tl.constexpr, PRE2: tl.constexpr,
+    HAS_CACHE: tl.constexpr, STREAM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, INTERP: tl.constexpr,
     PDL: tl.constexpr,
@@ -232,8 +238,7 @@ def _focal_causal_kernel(
         tl.store(s1 + sp, y1, mask=m2)
         tl.debug_barrier()
         y2 = _level(s1, 1, T, c2, w2_ptr, b2_ptr, offs_c, cmask, t0, T, start,
-                    K2, R2, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK2, min(R2, BLOCK_R), INTERP,
-                    pre_ptr + b * C * 4, PRE2)
+                    K2, R2, HAS_CACHE, STREAM, BLOCK_C, BLOCK_T, BK2, min(R2, BLOCK_R), INTERP)
         gp = g_ptr + b * g_sb + t * g_st
         tm = t < T
         g0 = tl.load(gp, mask=tm, other=0.0).to(tl.float32)[None, :]
@@ -246,6 +251,139 @@ def _focal_causal_kernel(
         _ring_write(c0, ctx, ctx_st, 1, offs_c, cmask, T, start, R0, BLOCK_U)
         _ring_write(c1, s0, 1, T, offs_c, cmask, T, start, R1, BLOCK_U)
         _ring_write(c2, s1, 1, T, offs_c, cmask, T, start, R2, BLOCK_U)
+
+
+@triton.jit
+def _rows_conv(ring_ptr, row, start, m, x0, x1, x2, x3, w_ptr, offs_c, cmask,
+               K: tl.constexpr, R: tl.constexpr, RING: tl.constexpr):
+    """A causal conv's sums (no bias) at a step's 4 frames for a (rows x channels) tile, all
+    unrolled: the frames in time order, the K-1 before the step gathered from the ring (fresh
+    rows: the new frame 0; without RING: left out, the caller has them) and then x0..x3, through
+    a shift register of the last 4, so each tap's weight is loaded once for the 4 outputs."""
+    fresh = (start == 0)[:, None]
+    zero = x0 * 0.0
+    a0, a1, a2, a3 = zero, zero, zero, zero
+    p0, p1, p2 = zero, zero, zero  # frames j-3, j-2, j-1
+    J0: tl.constexpr = 0 if RING else K - 4
+    for j in tl.static_range(J0, K + 3):
+        if j < K - 1:
+            if RING:
+                f = tl.maximum(start - (K - 1) + j, 0)  # frames before a stream's first are its first
+                xr = tl.load(ring_ptr + row + (f & (R - 1))[:, None], mask=m & ~fresh, other=0.0)
+                xj = tl.where(fresh, x0, xr.to(tl.float32))
+            else:
+                xj = zero
+        elif j == K - 1:
+            xj = x0
+        elif j == K:
+            xj = x1
+        elif j == K + 1:
+            xj = x2
+        else:
+            xj = x3
+        if j >= J0 + 3:  # tap j-3 for outputs 0..3 (frames j-3..j)
+            w = tl.load(w_ptr + offs_c * K + (j - 3), mask=cmask, other=0.0).to(tl.float32)[None, :]
+            a0 += w * p0
+            a1 += w * p1
+            a2 += w * p2
+            a3 += w * xj
+        p0, p1, p2 = p1, p2, xj
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _rows_out(out_ptr, g_ptr, g_sb, g_st, s, offs_c, sm, m, n, T, C, y0, y1, y2, t: tl.constexpr):
+    """Output frame t: sum of the levels weighted by their gates (frames past T not stored)."""
+    tm = sm & (n > t)
+    gp = g_ptr + s * g_sb + t * g_st
+    g0 = tl.load(gp, mask=tm, other=0.0).to(tl.float32)[:, None]
+    g1 = tl.load(gp + 1, mask=tm, other=0.0).to(tl.float32)[:, None]
+    g2 = tl.load(gp + 2, mask=tm, other=0.0).to(tl.float32)[:, None]
+    acc = y0 * g0 + y1 * g1 + y2 * g2
+    tl.store(out_ptr + (s[:, None] * T + t) * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=m & tm[:, None])
+
+
+@triton.jit
+def _rows_write(ring_ptr, row, start, m, n, x, u: tl.constexpr, R: tl.constexpr):
+    """Frame u of the step (if u < n, the step's frames) into its ring slot, (start + u) mod R."""
+    tl.store(ring_ptr + row + ((start + u) & (R - 1))[:, None], x.to(ring_ptr.dtype.element_ty), mask=m & (n > u)[:, None])
+
+
+@triton.jit
+def _focal_rows_kernel(
+    ctx_ptr, ctx_sb, ctx_st, g_ptr, g_sb, g_st,
+    w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    c0_ptr, c1_ptr, c2_ptr, idx_ptr, start_ptr, pre_ptr, out_ptr, B, T, C,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+):
+    """A many-row streaming step (T <= 4) after `_window_rows_kernel`: each program owns
+    (BLOCK_S rows, BLOCK_C channels), one (row, channel) a lane, and keeps the levels' 4 frames
+    in registers (no scratch): levels 0 and 1 read their windows from the rings in time order,
+    the window level takes its ring taps from P (fresh rows: P times their first frame) and adds
+    the taps on the step's frames. Channels are the fast axis, so ctx, gates and out move as
+    rows; every tap's weight is one load for the tile's rows and 4 outputs."""
+    pdl_wait(PDL)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sm = s < B
+    cmask = offs_c < C
+    m = sm[:, None] & cmask[None, :]
+    slot = tl.load(idx_ptr + s, mask=sm, other=0).to(tl.int64)
+    start = tl.load(start_ptr + s, mask=sm, other=0).to(tl.int32)
+    chan = slot[:, None] * C + offs_c[None, :]
+    s64 = s.to(tl.int64)
+    xp = ctx_ptr + s64[:, None] * ctx_sb + offs_c[None, :]
+    x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    n = s * 0 + T  # frames this step, as a vector (the interpreter refuses scalar masks)
+    x1 = tl.load(xp + ctx_st, mask=m & (n > 1)[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(xp + 2 * ctx_st, mask=m & (n > 2)[:, None], other=0.0).to(tl.float32)
+    x3 = tl.load(xp + 3 * ctx_st, mask=m & (n > 3)[:, None], other=0.0).to(tl.float32)
+
+    r0 = chan * R0
+    a0, a1, a2, a3 = _rows_conv(c0_ptr, r0, start, m, x0, x1, x2, x3, w0_ptr, offs_c, cmask, K0, R0, True)
+    bias = tl.load(b0_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y00, y01, y02, y03 = gelu(a0 + bias, INTERP), gelu(a1 + bias, INTERP), gelu(a2 + bias, INTERP), gelu(a3 + bias, INTERP)
+    tl.debug_barrier()  # level 0's ring reads are done
+    _rows_write(c0_ptr, r0, start, m, n, x0, 0, R0)
+    _rows_write(c0_ptr, r0, start, m, n, x1, 1, R0)
+    _rows_write(c0_ptr, r0, start, m, n, x2, 2, R0)
+    _rows_write(c0_ptr, r0, start, m, n, x3, 3, R0)
+
+    r1 = chan * R1
+    a0, a1, a2, a3 = _rows_conv(c1_ptr, r1, start, m, y00, y01, y02, y03, w1_ptr, offs_c, cmask, K1, R1, True)
+    bias = tl.load(b1_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y10, y11, y12, y13 = gelu(a0 + bias, INTERP), gelu(a1 + bias, INTERP), gelu(a2 + bias, INTERP), gelu(a3 + bias, INTERP)
+    tl.debug_barrier()
+    _rows_write(c1_ptr, r1, start, m, n, y00, 0, R1)
+    _rows_write(c1_ptr, r1, start, m, n, y01, 1, R1)
+    _rows_write(c1_ptr, r1, start, m, n, y02, 2, R1)
+    _rows_write(c1_ptr, r1, start, m, n, y03, 3, R1)
+
+    # window level: its ring taps from P ((B, C, 4) float32), then the taps on y1's new frames
+    r2 = chan * R2
+    a0, a1, a2, a3 = _rows_conv(c2_ptr, r2, start, m, y10, y11, y12, y13, w2_ptr, offs_c, cmask, K2, R2, False)
+    pp = pre_ptr + (s64[:, None] * C + offs_c[None, :]) * 4
+    p0 = tl.load(pp, mask=m, other=0.0)
+    p1 = tl.load(pp + 1, mask=m, other=0.0)
+    p2 = tl.load(pp + 2, mask=m, other=0.0)
+    p3 = tl.load(pp + 3, mask=m, other=0.0)
+    scale = tl.where((start == 0)[:, None], y10, 1.0)  # a stream's first step: P holds tap sums (see above)
+    p0, p1, p2, p3 = scale * p0, scale * p1, scale * p2, scale * p3
+    bias = tl.load(b2_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y20 = gelu(a0 + bias + p0, INTERP)
+    y21 = gelu(a1 + bias + p1, INTERP)
+    y22 = gelu(a2 + bias + p2, INTERP)
+    y23 = gelu(a3 + bias + p3, INTERP)
+    _rows_write(c2_ptr, r2, start, m, n, y10, 0, R2)
+    _rows_write(c2_ptr, r2, start, m, n, y11, 1, R2)
+    _rows_write(c2_ptr, r2, start, m, n, y12, 2, R2)
+    _rows_write(c2_ptr, r2, start, m, n, y13, 3, R2)
+
+    _rows_out(out_ptr, g_ptr, g_sb, g_st, s64, offs_c, sm, m, n, T, C, y00, y10, y20, 0)
+    _rows_out(out_ptr, g_ptr, g_sb, g_st, s64, offs_c, sm, m, n, T, C, y01, y11, y21, 1)
+    _rows_out(out_ptr, g_ptr, g_sb, g_st, s64, offs_c, sm, m, n, T, C, y02, y12, y22, 2)
+    _rows_out(out_ptr, g_ptr, g_sb, g_st, s64, offs_c, sm, m, n, T, C, y03, y13, y23, 3)
 
 
 @triton.jit
@@ -327,6 +465,19 @@ def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 
 
+def _rows_tile(B: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_C, warps) of `_focal_rows_kernel`; FASTFOCAL_FOCAL_ROWS_TILE="rows,channels,warps"
+    overrides it (device sweeps)."""
+    if INTERPRET:  # the interpreter pays per op: whole tiles
+        return min(pow2(B), 16), min(pow2(C), 256), 4
+    if _ROWS_TILE_OVERRIDE:
+        bs, bc, w = (int(v) for v in _ROWS_TILE_OVERRIDE.split(","))
+        return bs, bc, w
+    # 2 (row, channel) pairs a lane: 110 registers, ~35 SASS instructions a pair (sm_90, bf16);
+    # 8 x 64 holds 4 a lane and spills at 255
+    return 4, 64, 4
+
+
 def _window_rows(ring: Tensor, idx: Tensor, start: Tensor, w: Tensor, R: int, C: int) -> Tensor:
     """The window level's ring taps of a streaming step for every row, (B, C, 4) float32
     (`_window_rows_kernel`)."""
@@ -379,25 +530,38 @@ def focal_context(
     else:
         check_device(ctx, gates, *weights)
     out = out_or_new(out, (B, T, C), ctx.dtype, ctx.device)
-    scratch = torch.empty(2, B, C, T, device=ctx.device, dtype=torch.float32)
     bc, bt, bks, br, warps = _blocks(T, C, ks, ctx.dtype)
     grid = (B, triton.cdiv(C, bc))
     if causal:
         c0, c1, c2 = caches if has_cache else (ctx, ctx, ctx)
         rs = [ring_len(k) for k in ks]
         stream = has_cache and T <= STREAM_FRAMES
-        pre = _window_rows(c2, idx, start, weights[2], rs[2], C) if stream and B >= WINDOW_ROWS else None
+        if stream and B >= WINDOW_ROWS and min(ks) >= 4:
+            # many rows: the window level's ring taps as a GEMM over the rows, then the rest
+            # with the rows on the tile (see _focal_rows_kernel)
+            pre = _window_rows(c2, idx, start, weights[2], rs[2], C)
+            bs, bcr, w_ = _rows_tile(B, C)
+            _focal_rows_kernel[(triton.cdiv(B, bs), triton.cdiv(C, bcr))](
+                ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
+                weights[0], biases[0], weights[1], biases[1], weights[2], biases[2],
+                c0, c1, c2, idx, start, pre, out, B, T, C,
+                K0=ks[0], K1=ks[1], K2=ks[2], R0=rs[0], R1=rs[1], R2=rs[2],
+                BLOCK_S=bs, BLOCK_C=bcr, INTERP=INTERPRET, num_warps=w_, **launch_opts(ctx),
+            )
+            return out
+        scratch = torch.empty(2, B, C, T, device=ctx.device, dtype=torch.float32)
         _focal_causal_kernel[grid](
             ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
             weights[0], biases[0], weights[1], biases[1], weights[2], biases[2],
-            c0, c1, c2, idx if has_cache else ctx, start if has_cache else ctx, pre if pre is not None else scratch,
+            c0, c1, c2, idx if has_cache else ctx, start if has_cache else ctx,
             scratch[0], scratch[1], out, T, C,
             K0=ks[0], K1=ks[1], K2=ks[2], R0=rs[0], R1=rs[1], R2=rs[2],
-            HAS_CACHE=has_cache, STREAM=stream, PRE2=pre is not None, BLOCK_C=bc, BLOCK_T=bt,
+            HAS_CACHE=has_cache, STREAM=stream, BLOCK_C=bc, BLOCK_T=bt,
             BK0=bks[0], BK1=bks[1], BK2=bks[2], BLOCK_R=br, BLOCK_U=min(pow2(T), 64),
             INTERP=INTERPRET, num_warps=warps, **launch_opts(ctx),
         )
     else:
+        scratch = torch.empty(2, B, C, T, device=ctx.device, dtype=torch.float32)
         _focal_same_kernel[grid](
             ctx, ctx.stride(0), ctx.stride(1), gates, gates.stride(0), gates.stride(1),
             weights[0], biases[0], weights[1], biases[1], scratch[0], scratch[1], out, T, C,

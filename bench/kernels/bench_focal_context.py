@@ -47,11 +47,23 @@ def make(case, dtype, device):
         nbytes += B * C * sum(k - 1 + T for k in ks) * e
         impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, True, caches, idx, start, out=out),
                  "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, True, caches, idx, start)}
+        if B >= fc.WINDOW_ROWS:  # the many-row form (window GEMM + rows kernel) against the one fused launch
+            impls["triton-fused"] = lambda: _fused(ctx, gates, ws, bs, caches, idx, start, out)
     else:
         impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, causal, out=out),
                  "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, causal)}
-    tile = os.environ.get("FASTFOCAL_FOCAL_TILE")  # streaming tile override (kernels/focal_context._blocks)
-    return impls, nbytes, f"{mode} B={B} T={T} C={C}" + (f" tile={tile}" if tile and mode == "stream" else "")
+    # streaming tile overrides: the fused kernel's (_blocks) and the rows kernel's (_rows_tile)
+    tiles = [f"{k}={os.environ[v]}" for k, v in (("tile", "FASTFOCAL_FOCAL_TILE"), ("rows_tile", "FASTFOCAL_FOCAL_ROWS_TILE"))
+             if os.environ.get(v) and mode == "stream"]
+    return impls, nbytes, " ".join([f"{mode} B={B} T={T} C={C}"] + tiles)
+
+
+def _fused(ctx, gates, ws, bs, caches, idx, start, out):
+    rows, fc.WINDOW_ROWS = fc.WINDOW_ROWS, 1 << 62
+    try:
+        return fc.focal_context(ctx, gates, ws, bs, True, caches, idx, start, out=out)
+    finally:
+        fc.WINDOW_ROWS = rows
 
 
 if __name__ == "__main__":

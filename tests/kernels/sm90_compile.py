@@ -200,14 +200,17 @@ def _loops(cuobjdump: Path, cubin: bytes) -> list[str]:
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             ins[int(m.group(1), 16)] = m.group(2)
-    out = []
+    def counts(body):
+        n = lambda *ops: sum(any(f" {o}" in f" {v}" for o in ops) for v in body)  # noqa: E731
+        return (f"{len(body)} instructions, {n('LDG')} LDG, {n('FFMA', 'FMUL', 'FADD', 'HFMA2', 'HMUL2', 'HADD2')} FP, "
+                f"{n('SHFL')} SHFL, {n('HMMA', 'HGMMA')} MMA")
+
+    out = [f"whole kernel (static): {counts(list(ins.values()))}"]
     for a, text in ins.items():
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < a:
             body = [v for x, v in ins.items() if int(m.group(1), 16) <= x <= a]
-            n = lambda *ops: sum(any(f" {o}" in f" {v}" for o in ops) for v in body)  # noqa: E731
-            out.append(f"loop {int(m.group(1), 16):#06x}-{a:#06x}: {len(body)} instructions, {n('LDG')} LDG, "
-                       f"{n('FFMA', 'FMUL', 'FADD', 'HFMA2', 'HMUL2', 'HADD2')} FP, {n('SHFL')} SHFL, {n('HMMA', 'HGMMA')} MMA")
+            out.append(f"loop {int(m.group(1), 16):#06x}-{a:#06x}: {counts(body)}")
     return out
 
 
