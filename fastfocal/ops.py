@@ -563,11 +563,15 @@ def causal_pad(
 
 
 # --------------------------------------------------------------------------- focal modulation
-# Longer runs (offline segments) take the reference's cuDNN convs: on an H200 the kernel's
-# offline forms measured 0.17x (causal, 8 x 2048 x 1024 bf16) and 0.31x (non-causal) of
-# the reference, while streaming steps (4 frames) are the kernel's job. FASTFOCAL_BACKEND=
-# triton still takes the kernel for every length.
+# Longer runs (offline segments) do not take the fused kernel: on an H200 its offline forms
+# measured 0.17x (causal, 8 x 2048 x 1024 bf16) and 0.31x (non-causal) of the reference,
+# whose cuDNN convs are themselves slow at 512 taps. Causal long runs take
+# `focal_context_long` (levels 0 and 1 on cuDNN, the window level as a tensor-core GEMM;
+# FASTFOCAL_FOCAL_LONG=0: the reference, for A/B), non-causal ones the reference; streaming
+# steps (4 frames) are the fused kernel's job. FASTFOCAL_BACKEND=triton takes the kernels for
+# every length.
 FOCAL_KERNEL_FRAMES = 64
+FOCAL_LONG = os.environ.get("FASTFOCAL_FOCAL_LONG", "1") not in ("", "0")
 
 
 def focal_context(
@@ -591,8 +595,11 @@ def focal_context(
         return cpu.focal_context_stream(ctx, gates, weights, biases, caches, idx, start)
     if caches is not None:
         idx = all_rows(idx, ctx.shape[0], ctx.device)
-    if use_triton(ctx) and len(weights) == (3 if causal else 2) and (backend() == "triton" or ctx.shape[1] <= FOCAL_KERNEL_FRAMES):
-        return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, start)
+    if use_triton(ctx) and len(weights) == (3 if causal else 2):
+        if ctx.shape[1] <= FOCAL_KERNEL_FRAMES or (backend() == "triton" and not causal):
+            return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, start)
+        if causal and (FOCAL_LONG or backend() == "triton"):
+            return focal.focal_context_long(ctx, gates, weights, biases, caches, idx, start)
     return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, start)
 
 

@@ -43,6 +43,7 @@ WINDOW_ROWS = int(os.environ.get("FASTFOCAL_FOCAL_WINDOW_ROWS", "64"))
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
 _TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_TILE")
 _ROWS_TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_ROWS_TILE")
+_LONG_TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_LONG_TILE")  # "tiles,frames,taps,warps"
 
 
 def ring_len(k: int) -> int:
@@ -387,6 +388,64 @@ def _focal_rows_kernel(
 
 
 @triton.jit
+def _window_long_kernel(x_ptr, ring_ptr, idx_ptr, start_ptr, w_ptr, b_ptr, g_ptr, g_sb, g_st, acc_ptr,
+                        T, C, n_tiles, rows,
+                        K: tl.constexpr, R: tl.constexpr, HAS_CACHE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr,
+                        PREC: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    """The window level of a long causal run and its gate term, acc += GELU(conv(x) + b) * g[..., 2],
+    for BLOCK_M tiles of BLOCK_U output frames (of any rows) and one channel, as a tensor-core
+    GEMM: a tile's outputs are out[u] = sum_j X[j] V[j, u] over its K-1+BLOCK_U input frames,
+    V[j, u] = w[j - u] a Toeplitz band built from the channel's weight row, so the row serves
+    every tile. x, acc (B, C, T); frames before the run: the ring (frame f in slot f mod R),
+    before a stream's first its first (a fresh row's: x's frame 0)."""
+    pdl_wait(PDL)
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1)
+    rm = r < rows
+    b = (r // n_tiles).to(tl.int64)
+    t0 = (r % n_tiles) * BLOCK_U
+    if HAS_CACHE:
+        slot = tl.load(idx_ptr + b, mask=rm, other=0).to(tl.int64)
+        start = tl.load(start_ptr + b, mask=rm, other=0).to(tl.int32)
+    else:
+        slot = b * 0
+        start = t0 * 0
+    xrow = x_ptr + (b * C + c) * T
+    first = tl.load(xrow, mask=rm, other=0.0)
+    uu = tl.arange(0, BLOCK_U)
+    lo = tl.min(tl.where(rm, t0, 1 << 30), axis=0)  # the program's earliest tile
+    acc = tl.zeros([BLOCK_M, BLOCK_U], dtype=tl.float32)
+    for j0 in range(0, K - 1 + BLOCK_U, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        f = t0[:, None] - (K - 1) + j[None, :]  # frame of the run
+        before = f < 0
+        x = tl.load(xrow[:, None] + f, mask=rm[:, None] & ~before & (f < T), other=0.0)
+        if lo - (K - 1) + j0 < 0:  # frames before the run: only the first K-1 of each row
+            fresh = before & (start == 0)[:, None]
+            x = tl.where(fresh, first[:, None], x)
+            if HAS_CACHE:
+                g = tl.maximum(start[:, None] + f, 0)  # stream frame; before its first: its first
+                xr = tl.load(ring_ptr + (slot * C + c)[:, None] * R + (g & (R - 1)),
+                             mask=rm[:, None] & before & ~fresh, other=0.0)
+                x = x + xr
+        k = j[:, None] - uu[None, :]
+        v = tl.load(w_ptr + c * K + k, mask=(k >= 0) & (k < K), other=0.0)
+        if DOT_F32:
+            acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(x, v.to(x.dtype), input_precision=PREC)
+    bias = tl.load(b_ptr + c).to(tl.float32)
+    y = gelu(acc + bias, INTERP)
+    t = t0[:, None] + uu[None, :]
+    tm = rm[:, None] & (t < T)
+    g2 = tl.load(g_ptr + b[:, None] * g_sb + t * g_st + 2, mask=tm, other=0.0).to(tl.float32)
+    ap = acc_ptr + (b * C + c)[:, None] * T + t
+    a = tl.load(ap, mask=tm, other=0.0).to(tl.float32)
+    tl.store(ap, (a + y * g2).to(acc_ptr.dtype.element_ty), mask=tm)
+
+
+@triton.jit
 def _same_gelu(x_ptr, x_st, x_sc, w_ptr, b_ptr, offs_c, cmask, t0, T,
                K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
     acc = _taps(x_ptr, x_st, x_sc, x_ptr, w_ptr, offs_c, cmask, t0, T, 0,
@@ -594,6 +653,67 @@ def ring_write(buf: Tensor, idx: Tensor, start: Tensor, x: Tensor) -> None:
     buf[idx[:, None], :, ring_slots(start, T - m, m, R)] = x[:, :, T - m:].transpose(1, 2).to(buf.dtype)
 
 
+def _ref_level(c: Tensor, w: Tensor, b: Tensor, cache: Tensor | None, idx, start, fresh) -> Tensor:
+    """GELU(causal depthwise conv(c) + b), c (B, C, T), left-padded from the cache ring."""
+    k = w.shape[-1]
+    win = None if cache is None else ring_window(cache, idx, start, k - 1)
+    return F.gelu(grouped_conv1d(_causal_pad(c, k - 1, win, fresh), w, b, c.shape[1]))
+
+
+def focal_context_long(
+    ctx: Tensor,
+    gates: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    caches: list[Tensor] | None = None,
+    idx: Tensor | None = None,
+    start: Tensor | None = None,
+) -> Tensor:
+    """The causal form for long runs (offline segments): same contract as `focal_context_ref`.
+    Levels 0 and 1 as the reference runs them (cuDNN convs: 14 and 18 taps); the 512-tap window
+    level and its gate term in `_window_long_kernel`, a tensor-core GEMM per channel, where a
+    depthwise conv of 512 taps runs on the CUDA cores (the reference's measured 0.17-0.3x of
+    the fused kernel's streaming rate on an H200 offline). Returns acc (B, T, C) as a view of
+    (B, C, T), like the reference."""
+    B, T, C = ctx.shape
+    check(len(weights) == 3 and len(biases) == 3, f"causal focal context takes 3 conv levels, got {len(weights)}")
+    check(gates.stride(2) == 1 and tuple(gates.shape) == (B, T, 3), f"gates must be {(B, T, 3)} with unit stride")
+    has_cache = caches is not None
+    if has_cache:
+        check(idx is not None and start is not None and idx.shape == (B,) and start.shape == (B,), "streaming needs idx (B,) and start (B,)")
+        check_rings(caches, [w.shape[-1] for w in weights], C)
+        check_device(ctx, gates, idx, start, *caches, *weights)
+    else:
+        check_device(ctx, gates, *weights)
+    fresh = None if caches is None else (start == 0)
+    x = ctx.transpose(1, 2)
+    y0 = _ref_level(x, weights[0], biases[0], caches[0] if has_cache else None, idx, start, fresh)
+    y1 = _ref_level(y0, weights[1], biases[1], caches[1] if has_cache else None, idx, start, fresh).contiguous()
+    acc = (y0 * gates[:, :, 0].unsqueeze(1) + y1 * gates[:, :, 1].unsqueeze(1)).contiguous()
+    K = weights[2].shape[-1]
+    w2 = weights[2].contiguous()
+    # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps, 148-177
+    # registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
+    f32 = ctx.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
+    if INTERPRET:
+        bm, bu, bj, nw = 16, 32, min(pow2(K - 1 + 32), 1024), 4
+    else:
+        bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
+    if _LONG_TILE_OVERRIDE and not INTERPRET:
+        bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
+    n_tiles = triton.cdiv(T, bu)
+    _window_long_kernel[(triton.cdiv(B * n_tiles, bm), C)](
+        y1, caches[2] if has_cache else y1, idx if has_cache else y1, start if has_cache else y1, w2, biases[2],
+        gates, gates.stride(0), gates.stride(1), acc, T, C, n_tiles, B * n_tiles,
+        K=K, R=ring_len(K), HAS_CACHE=has_cache, BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=bj,
+        PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET, num_warps=nw, **launch_opts(ctx),
+    )
+    if has_cache:  # after every read: the writes may overwrite them
+        for buf, v in zip(caches, (x, y0, y1)):
+            ring_write(buf, idx, start, v)
+    return acc.transpose(1, 2)
+
+
 def focal_context_ref(
     ctx: Tensor,
     gates: Tensor,
@@ -619,14 +739,11 @@ def focal_context_ref(
     for lvl, (w, b) in enumerate(zip(weights, biases)):
         k = w.shape[-1]
         if causal:
-            win = None if caches is None else ring_window(caches[lvl], idx, start, k - 1)
-            xp = _causal_pad(c, k - 1, win, fresh)
             if caches is not None:
                 new.append(c)
-            c = grouped_conv1d(xp, w, b, c.shape[1])
+            c = _ref_level(c, w, b, None if caches is None else caches[lvl], idx, start, fresh)
         else:
-            c = grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1])
-        c = F.gelu(c)
+            c = F.gelu(grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1]))
         term = c * gates[:, :, lvl].unsqueeze(1)
         acc = term if acc is None else acc + term
     if not causal:

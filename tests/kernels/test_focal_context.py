@@ -6,7 +6,7 @@ from conftest import DEVICE
 from kernel_checks import DTYPES, assert_close, assert_equal, f64
 
 from fastfocal.kernels import focal_context as focal_context_module
-from fastfocal.kernels.focal_context import focal_context, focal_context_ref, ring_len
+from fastfocal.kernels.focal_context import focal_context, focal_context_long, focal_context_ref, ring_len
 
 
 def make(B, T, C, ks, causal, dtype, seed=0):
@@ -51,6 +51,37 @@ def test_causal_stream_steps(dtype, B, T, C, W, rows_gemm, monkeypatch):
         for lvl in (1, 2):
             assert_close(f"level-{lvl} ring step {step}", caches[lvl], same[lvl], dtype)
         start = start + T
+    for lvl in range(3):
+        assert_equal(f"untouched slots, level {lvl}", caches[lvl][untouched], before[lvl])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C,W", [(2, 100, 12, 32), (3, 70, 20, 24), (1, 300, 145, 512), (2, 33, 8, 40)])
+@pytest.mark.parametrize("rings", [False, True], ids=["offline", "segment"])
+def test_long_runs(dtype, B, T, C, W, rings):
+    """The long-run form (window level as a Toeplitz GEMM) against float64: an offline run,
+    and a segment after earlier ones with the rings at every phase (fresh, young, wrapped);
+    rings updated as the reference updates them, untouched slots left alone."""
+    ks = [14, 18, W]
+    ctx, gates, ws, bs = make(B, T, C, ks, True, dtype, seed=4)
+    if not rings:
+        assert_close("acc", focal_context_long(ctx, gates, ws, bs), ref64(ctx, gates, ws, bs, True), dtype)
+        return
+    S = B + 2
+    g = torch.Generator().manual_seed(5)
+    caches = [torch.randn(S, C, ring_len(k), generator=g).to(DEVICE, dtype) for k in ks]
+    idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
+    untouched = [i for i in range(S) if i not in idx.tolist()]
+    before = [c[untouched].clone() for c in caches]
+    start = torch.tensor([5, 0, 2000 + W][:B], device=DEVICE)
+    prev = [c.clone() for c in caches]
+    out = focal_context_long(ctx, gates, ws, bs, caches, idx, start)
+    assert_close("acc", out, ref64(ctx, gates, ws, bs, True, [c.to(torch.float64) for c in prev], idx, start), dtype)
+    same = [c.clone() for c in prev]
+    focal_context_ref(ctx, gates, ws, bs, True, same, idx, start)
+    assert_equal("level-0 ring", caches[0], same[0])
+    for lvl in (1, 2):
+        assert_close(f"level-{lvl} ring", caches[lvl], same[lvl], dtype)
     for lvl in range(3):
         assert_equal(f"untouched slots, level {lvl}", caches[lvl][untouched], before[lvl])
 

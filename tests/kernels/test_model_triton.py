@@ -33,9 +33,15 @@ def test_backend_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["causal", "noncausal"])
-def test_golden_offline(request, triton_backend, name):
+def test_golden_offline(request, triton_backend, name, monkeypatch):
+    """Causal: the focal layers' 200-frame runs take the long-run form (window level as a GEMM)."""
+    from fastfocal.kernels import focal_context as fc
+
     codec, g = request.getfixturevalue(name), request.getfixturevalue(f"golden_{name}")
+    runs, real = [], fc.focal_context_long
+    monkeypatch.setattr(fc, "focal_context_long", lambda *a, **k: runs.append(a[0].shape[1]) or real(*a, **k))
     lats = codec.sig_to_lats(T(g["sig"]))
+    assert runs == ([200] * 3 if name == "causal" else []), runs
     assert_close("lats", lats, g["lats"])
     assert_tokens("toks", codec.lats_to_toks(lats), g["toks"], lats=g["lats"])
     rec = codec.codes_to_sig(codec.lats_to_codes(lats))
