@@ -311,6 +311,22 @@ def _rows_write(ring_ptr, row, start, m, n, x, u: tl.constexpr, R: tl.constexpr)
 
 
 @triton.jit
+def _rows_level(ring_ptr, row, start, m, n, x0, x1, x2, x3, w_ptr, b_ptr, offs_c, cmask,
+                K: tl.constexpr, R: tl.constexpr, INTERP: tl.constexpr):
+    """GELU(conv + bias) of a level with its window in the ring, at the step's 4 frames; then
+    the level's input frames x0..x3 into the ring."""
+    a0, a1, a2, a3 = _rows_conv(ring_ptr, row, start, m, x0, x1, x2, x3, w_ptr, offs_c, cmask, K, R, True)
+    bias = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y0, y1, y2, y3 = gelu(a0 + bias, INTERP), gelu(a1 + bias, INTERP), gelu(a2 + bias, INTERP), gelu(a3 + bias, INTERP)
+    tl.debug_barrier()  # the level's ring reads are done
+    _rows_write(ring_ptr, row, start, m, n, x0, 0, R)
+    _rows_write(ring_ptr, row, start, m, n, x1, 1, R)
+    _rows_write(ring_ptr, row, start, m, n, x2, 2, R)
+    _rows_write(ring_ptr, row, start, m, n, x3, 3, R)
+    return y0, y1, y2, y3
+
+
+@triton.jit
 def _focal_rows_kernel(
     ctx_ptr, ctx_sb, ctx_st, g_ptr, g_sb, g_st,
     w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
@@ -341,25 +357,10 @@ def _focal_rows_kernel(
     x2 = tl.load(xp + 2 * ctx_st, mask=m & (n > 2)[:, None], other=0.0).to(tl.float32)
     x3 = tl.load(xp + 3 * ctx_st, mask=m & (n > 3)[:, None], other=0.0).to(tl.float32)
 
-    r0 = chan * R0
-    a0, a1, a2, a3 = _rows_conv(c0_ptr, r0, start, m, x0, x1, x2, x3, w0_ptr, offs_c, cmask, K0, R0, True)
-    bias = tl.load(b0_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    y00, y01, y02, y03 = gelu(a0 + bias, INTERP), gelu(a1 + bias, INTERP), gelu(a2 + bias, INTERP), gelu(a3 + bias, INTERP)
-    tl.debug_barrier()  # level 0's ring reads are done
-    _rows_write(c0_ptr, r0, start, m, n, x0, 0, R0)
-    _rows_write(c0_ptr, r0, start, m, n, x1, 1, R0)
-    _rows_write(c0_ptr, r0, start, m, n, x2, 2, R0)
-    _rows_write(c0_ptr, r0, start, m, n, x3, 3, R0)
-
-    r1 = chan * R1
-    a0, a1, a2, a3 = _rows_conv(c1_ptr, r1, start, m, y00, y01, y02, y03, w1_ptr, offs_c, cmask, K1, R1, True)
-    bias = tl.load(b1_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    y10, y11, y12, y13 = gelu(a0 + bias, INTERP), gelu(a1 + bias, INTERP), gelu(a2 + bias, INTERP), gelu(a3 + bias, INTERP)
-    tl.debug_barrier()
-    _rows_write(c1_ptr, r1, start, m, n, y00, 0, R1)
-    _rows_write(c1_ptr, r1, start, m, n, y01, 1, R1)
-    _rows_write(c1_ptr, r1, start, m, n, y02, 2, R1)
-    _rows_write(c1_ptr, r1, start, m, n, y03, 3, R1)
+    y00, y01, y02, y03 = _rows_level(c0_ptr, chan * R0, start, m, n, x0, x1, x2, x3, w0_ptr, b0_ptr, offs_c, cmask,
+                                     K0, R0, INTERP)
+    y10, y11, y12, y13 = _rows_level(c1_ptr, chan * R1, start, m, n, y00, y01, y02, y03, w1_ptr, b1_ptr, offs_c, cmask,
+                                     K1, R1, INTERP)
 
     # window level: its ring taps from P ((B, C, 4) float32), then the taps on y1's new frames
     r2 = chan * R2

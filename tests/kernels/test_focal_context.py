@@ -19,6 +19,18 @@ def make(B, T, C, ks, causal, dtype, seed=0):
     return h[..., C:2 * C], h[..., 2 * C:], ws, bs
 
 
+def rings_at_phases(B, C, ks, dtype, seed, starts):
+    """Random rings for B rows picked by a slot index among B + 3 (the others must stay
+    untouched), the rows' frame counts `starts[:B]`: (caches, idx, untouched slots, their
+    contents, start)."""
+    S = B + 3
+    g = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(S, C, ring_len(k), generator=g).to(DEVICE, dtype) for k in ks]
+    idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
+    untouched = [i for i in range(S) if i not in idx.tolist()]
+    return caches, idx, untouched, [c[untouched].clone() for c in caches], torch.tensor(starts[:B], device=DEVICE)
+
+
 def ref64(ctx, gates, ws, bs, causal, caches=None, idx=None, start=None):
     return focal_context_ref(*f64(ctx, gates), f64(*ws), f64(*bs), causal, caches, idx, start)
 
@@ -32,13 +44,7 @@ def test_causal_stream_steps(dtype, B, T, C, W, rows_gemm, monkeypatch):
     the window level's ring taps as a GEMM over the rows (`_window_rows_kernel`, the many-row form)."""
     monkeypatch.setattr(focal_context_module, "WINDOW_ROWS", 1 if rows_gemm else 10 ** 9)
     ks = [14, 18, W]
-    S = B + 3
-    g = torch.Generator().manual_seed(1)
-    caches = [torch.randn(S, C, ring_len(k), generator=g).to(DEVICE, dtype) for k in ks]
-    idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
-    untouched = [i for i in range(S) if i not in idx.tolist()]
-    before = [c[untouched].clone() for c in caches]
-    start = torch.tensor([1000 + W, 0, 5][:B], device=DEVICE)
+    caches, idx, untouched, before, start = rings_at_phases(B, C, ks, dtype, 1, [1000 + W, 0, 5])
     for step in range(3):
         ctx, gates, ws, bs = make(B, T, C, ks, True, dtype, seed=step)
         prev = [c.clone() for c in caches]
@@ -67,13 +73,7 @@ def test_long_runs(dtype, B, T, C, W, rings):
     if not rings:
         assert_close("acc", focal_context_long(ctx, gates, ws, bs), ref64(ctx, gates, ws, bs, True), dtype)
         return
-    S = B + 2
-    g = torch.Generator().manual_seed(5)
-    caches = [torch.randn(S, C, ring_len(k), generator=g).to(DEVICE, dtype) for k in ks]
-    idx = torch.randperm(S, generator=g)[:B].to(DEVICE)
-    untouched = [i for i in range(S) if i not in idx.tolist()]
-    before = [c[untouched].clone() for c in caches]
-    start = torch.tensor([5, 0, 2000 + W][:B], device=DEVICE)
+    caches, idx, untouched, before, start = rings_at_phases(B, C, ks, dtype, 5, [5, 0, 2000 + W])
     prev = [c.clone() for c in caches]
     out = focal_context_long(ctx, gates, ws, bs, caches, idx, start)
     assert_close("acc", out, ref64(ctx, gates, ws, bs, True, [c.to(torch.float64) for c in prev], idx, start), dtype)
