@@ -566,7 +566,7 @@ def causal_pad(
 # Longer runs (offline segments) do not take the fused kernel: on an H200 its offline forms
 # measured 0.17x (causal, 8 x 2048 x 1024 bf16) and 0.31x (non-causal) of the reference,
 # whose cuDNN convs are themselves slow at 512 taps. Causal long runs take
-# `focal_context_long` (levels 0 and 1 on cuDNN, the window level as a tensor-core GEMM;
+# `focal_context_long` (each level as a tensor-core GEMM per channel;
 # FASTFOCAL_FOCAL_LONG=0: the reference, for A/B), non-causal ones the reference; streaming
 # steps (4 frames) are the fused kernel's job. FASTFOCAL_BACKEND=triton takes the kernels for
 # every length.

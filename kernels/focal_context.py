@@ -389,16 +389,17 @@ def _focal_rows_kernel(
 
 
 @triton.jit
-def _window_long_kernel(x_ptr, ring_ptr, idx_ptr, start_ptr, w_ptr, b_ptr, g_ptr, g_sb, g_st, acc_ptr,
+def _level_long_kernel(x_ptr, ring_ptr, idx_ptr, start_ptr, w_ptr, b_ptr, g_ptr, g_sb, g_st, acc_ptr, y_ptr,
                         T, C, n_tiles, rows,
                         K: tl.constexpr, R: tl.constexpr, HAS_CACHE: tl.constexpr,
+                        LEVEL: tl.constexpr, WRITE_Y: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr,
                         PREC: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
-    """The window level of a long causal run and its gate term, acc += GELU(conv(x) + b) * g[..., 2],
-    for BLOCK_M tiles of BLOCK_U output frames (of any rows) and one channel, as a tensor-core
-    GEMM: a tile's outputs are out[u] = sum_j X[j] V[j, u] over its K-1+BLOCK_U input frames,
+    """One level of a long causal run and its gate term, y = GELU(conv(x) + b), acc += y * g[..., LEVEL]
+    (level 0: acc =; WRITE_Y: y stored for the next level), for BLOCK_M tiles of BLOCK_U output
+    frames (of any rows) and one channel, as a tensor-core GEMM: a tile's outputs are out[u] = sum_j X[j] V[j, u] over its K-1+BLOCK_U input frames,
     V[j, u] = w[j - u] a Toeplitz band built from the channel's weight row, so the row serves
-    every tile. x, acc (B, C, T); frames before the run: the ring (frame f in slot f mod R),
+    every tile. x, acc, y (B, C, T); frames before the run: the ring (frame f in slot f mod R),
     before a stream's first its first (a fresh row's: x's frame 0)."""
     pdl_wait(PDL)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -440,10 +441,15 @@ def _window_long_kernel(x_ptr, ring_ptr, idx_ptr, start_ptr, w_ptr, b_ptr, g_ptr
     y = gelu(acc + bias, INTERP)
     t = t0[:, None] + uu[None, :]
     tm = rm[:, None] & (t < T)
-    g2 = tl.load(g_ptr + b[:, None] * g_sb + t * g_st + 2, mask=tm, other=0.0).to(tl.float32)
-    ap = acc_ptr + (b * C + c)[:, None] * T + t
-    a = tl.load(ap, mask=tm, other=0.0).to(tl.float32)
-    tl.store(ap, (a + y * g2).to(acc_ptr.dtype.element_ty), mask=tm)
+    gl = tl.load(g_ptr + b[:, None] * g_sb + t * g_st + LEVEL, mask=tm, other=0.0).to(tl.float32)
+    off = (b * C + c)[:, None] * T + t
+    if WRITE_Y:
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=tm)
+    if LEVEL == 0:
+        a = y * gl
+    else:
+        a = tl.load(acc_ptr + off, mask=tm, other=0.0).to(tl.float32) + y * gl
+    tl.store(acc_ptr + off, a.to(acc_ptr.dtype.element_ty), mask=tm)
 
 
 @triton.jit
@@ -671,11 +677,10 @@ def focal_context_long(
     start: Tensor | None = None,
 ) -> Tensor:
     """The causal form for long runs (offline segments): same contract as `focal_context_ref`.
-    Levels 0 and 1 as the reference runs them (cuDNN convs: 14 and 18 taps); the 512-tap window
-    level and its gate term in `_window_long_kernel`, a tensor-core GEMM per channel, where a
-    depthwise conv of 512 taps runs on the CUDA cores (the reference's measured 0.17-0.3x of
-    the fused kernel's streaming rate on an H200 offline). Returns acc (B, T, C) as a view of
-    (B, C, T), like the reference."""
+    Each level (14, 18 and 512 taps) with its GELU and gate term is one `_level_long_kernel`
+    launch, a tensor-core GEMM per channel, where the reference's depthwise convs run on the CUDA
+    cores (cuDNN: ~5 TFLOP/s at 512 taps on an H200) with an elementwise pass per pad, GELU,
+    product and sum. Returns acc (B, T, C) as a view of (B, C, T), like the reference."""
     B, T, C = ctx.shape
     check(len(weights) == 3 and len(biases) == 3, f"causal focal context takes 3 conv levels, got {len(weights)}")
     check(gates.stride(2) == 1 and tuple(gates.shape) == (B, T, 3), f"gates must be {(B, T, 3)} with unit stride")
@@ -686,31 +691,31 @@ def focal_context_long(
         check_device(ctx, gates, idx, start, *caches, *weights)
     else:
         check_device(ctx, gates, *weights)
-    fresh = None if caches is None else (start == 0)
-    x = ctx.transpose(1, 2)
-    y0 = _ref_level(x, weights[0], biases[0], caches[0] if has_cache else None, idx, start, fresh)
-    y1 = _ref_level(y0, weights[1], biases[1], caches[1] if has_cache else None, idx, start, fresh).contiguous()
-    acc = (y0 * gates[:, :, 0].unsqueeze(1) + y1 * gates[:, :, 1].unsqueeze(1)).contiguous()
-    K = weights[2].shape[-1]
-    w2 = weights[2].contiguous()
-    # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps, 148-177
-    # registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
+    x = ctx.transpose(1, 2).contiguous()
+    acc = torch.empty_like(x)
+    ys = [torch.empty_like(x), torch.empty_like(x)]
     f32 = ctx.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
-    if INTERPRET:
-        bm, bu, bj, nw = 16, 32, min(pow2(K - 1 + 32), 1024), 4
-    else:
-        bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
-    if _LONG_TILE_OVERRIDE and not INTERPRET:
-        bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
-    n_tiles = triton.cdiv(T, bu)
-    _window_long_kernel[(triton.cdiv(B * n_tiles, bm), C)](
-        y1, caches[2] if has_cache else y1, idx if has_cache else y1, start if has_cache else y1, w2, biases[2],
-        gates, gates.stride(0), gates.stride(1), acc, T, C, n_tiles, B * n_tiles,
-        K=K, R=ring_len(K), HAS_CACHE=has_cache, BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=bj,
-        PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET, num_warps=nw, **launch_opts(ctx),
-    )
+    for lvl, (w, b_) in enumerate(zip(weights, biases)):
+        K = w.shape[-1]
+        # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps,
+        # 148-177 registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
+        if INTERPRET:
+            bm, bu, bj, nw = 16, 32, min(pow2(K - 1 + 32), 1024), 4
+        else:
+            bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
+        if _LONG_TILE_OVERRIDE and not INTERPRET:
+            bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
+        n_tiles = triton.cdiv(T, bu)
+        src = x if lvl == 0 else ys[lvl - 1]
+        _level_long_kernel[(triton.cdiv(B * n_tiles, bm), C)](
+            src, caches[lvl] if has_cache else src, idx if has_cache else src, start if has_cache else src,
+            w.contiguous(), b_, gates, gates.stride(0), gates.stride(1), acc, ys[lvl] if lvl < 2 else acc,
+            T, C, n_tiles, B * n_tiles, K=K, R=ring_len(K), HAS_CACHE=has_cache, LEVEL=lvl, WRITE_Y=lvl < 2,
+            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
+            num_warps=nw, **launch_opts(ctx),
+        )
     if has_cache:  # after every read: the writes may overwrite them
-        for buf, v in zip(caches, (x, y0, y1)):
+        for buf, v in zip(caches, (x, *ys)):
             ring_write(buf, idx, start, v)
     return acc.transpose(1, 2)
 

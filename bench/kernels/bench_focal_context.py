@@ -2,7 +2,7 @@
 ring caches (14, 18 and 512 taps; rows at random ring phases) read in place and only the new
 frames written (`triton`: the form the step's row count takes; `triton-fused`: the one fused
 launch), and offline passes (`triton`: the fused kernel's long form; `triton-long`: the form
-long runs take, window level as a GEMM). Bytes counted: what a step must move (each level's K-1
+long runs take, each level as a GEMM). Bytes counted: what a step must move (each level's K-1
 window frames read once, the new frames written once, inputs, outputs, weights).
 
     python bench/kernels/bench_focal_context.py [--quick] [--dtypes bfloat16 float32] [--no-compile]
@@ -54,7 +54,7 @@ def make(case, dtype, device):
     else:
         impls = {"triton": lambda: fc.focal_context(ctx, gates, ws, bs, causal, out=out),
                  "torch": lambda: fc.focal_context_ref(ctx, gates, ws, bs, causal)}
-        if causal:  # what long runs take (ops.focal_context): the window level as a Toeplitz GEMM
+        if causal:  # what long runs take (ops.focal_context): each level as a Toeplitz GEMM
             impls["triton-long"] = lambda: fc.focal_context_long(ctx, gates, ws, bs)
     # streaming tile overrides: the fused kernel's (_blocks) and the rows kernel's (_rows_tile)
     tiles = [f"{k}={os.environ[v]}" for k, v in (("tile", "FASTFOCAL_FOCAL_TILE"), ("rows_tile", "FASTFOCAL_FOCAL_ROWS_TILE"))
