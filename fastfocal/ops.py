@@ -596,10 +596,11 @@ def focal_context(
     if caches is not None:
         idx = all_rows(idx, ctx.shape[0], ctx.device)
     if use_triton(ctx) and len(weights) == (3 if causal else 2):
-        if ctx.shape[1] <= FOCAL_KERNEL_FRAMES or (backend() == "triton" and not causal):
-            return focal.focal_context(ctx, gates, [w.contiguous() for w in weights], biases, causal, caches, idx, start)
-        if causal and (FOCAL_LONG or backend() == "triton"):
-            return focal.focal_context_long(ctx, gates, weights, biases, caches, idx, start)
+        long_run, ws = ctx.shape[1] > FOCAL_KERNEL_FRAMES, [w.contiguous() for w in weights]
+        if causal and long_run and (FOCAL_LONG or backend() == "triton"):
+            return focal.focal_context_long(ctx, gates, ws, biases, caches, idx, start)
+        if not long_run or backend() == "triton":
+            return focal.focal_context(ctx, gates, ws, biases, causal, caches, idx, start)
     return focal.focal_context_ref(ctx, gates, weights, biases, causal, caches, idx, start)
 
 

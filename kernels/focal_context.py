@@ -564,6 +564,29 @@ def check_rings(caches: list[Tensor], ks: list[int], C: int) -> None:
               f"cache must be a contiguous ring (S, {C}, {ring_len(k)}) for {k} taps, got {tuple(c.shape)}")
 
 
+def _check_args(ctx, gates, weights, biases, causal, caches, idx, start) -> list[int]:
+    """The launchers' input checks; returns the levels' tap counts."""
+    B, T, C = ctx.shape
+    n = 3 if causal else 2
+    check(len(weights) == n and len(biases) == n, f"{'causal' if causal else 'non-causal'} focal context takes {n} conv levels, got {len(weights)}")
+    check(T >= 1, "focal_context needs at least one frame")
+    check(ctx.stride(2) == 1 and gates.stride(2) == 1, "ctx and gates need unit channel stride")
+    check(tuple(gates.shape) == (B, T, n if causal else n + 1), f"gates must be {(B, T, n if causal else n + 1)}, got {tuple(gates.shape)}")
+    ks = [w.shape[-1] for w in weights]
+    for w, b_ in zip(weights, biases):
+        check(tuple(w.shape) == (C, 1, w.shape[-1]) and w.is_contiguous(), f"conv weight must be contiguous (C, 1, K), got {tuple(w.shape)}")
+        check(tuple(b_.shape) == (C,), f"conv bias must be ({C},), got {tuple(b_.shape)}")
+    if caches is not None:
+        check(causal, "caches only exist for the causal form")
+        check(idx is not None and start is not None and idx.shape == (B,) and start.shape == (B,), "streaming needs idx (B,) and start (B,)")
+        check(min(ks) >= 2, "causal convs with caches need kernels of at least 2 taps")
+        check_rings(caches, ks, C)
+        check_device(ctx, gates, idx, start, *caches, *weights)
+    else:
+        check_device(ctx, gates, *weights)
+    return ks
+
+
 def focal_context(
     ctx: Tensor,
     gates: Tensor,
@@ -577,24 +600,8 @@ def focal_context(
 ) -> Tensor:
     """Triton launcher; same contract as `focal_context_ref` (rings updated in place)."""
     B, T, C = ctx.shape
-    n = 3 if causal else 2
-    check(len(weights) == n and len(biases) == n, f"{'causal' if causal else 'non-causal'} focal context takes {n} conv levels, got {len(weights)}")
-    check(T >= 1, "focal_context needs at least one frame")
-    check(ctx.stride(2) == 1 and gates.stride(2) == 1, "ctx and gates need unit channel stride")
-    check(tuple(gates.shape) == (B, T, n if causal else n + 1), f"gates must be {(B, T, n if causal else n + 1)}, got {tuple(gates.shape)}")
-    ks = [w.shape[-1] for w in weights]
-    for w, b_ in zip(weights, biases):
-        check(tuple(w.shape) == (C, 1, w.shape[-1]) and w.is_contiguous(), f"conv weight must be contiguous (C, 1, K), got {tuple(w.shape)}")
-        check(tuple(b_.shape) == (C,), f"conv bias must be ({C},), got {tuple(b_.shape)}")
+    ks = _check_args(ctx, gates, weights, biases, causal, caches, idx, start)
     has_cache = caches is not None
-    if has_cache:
-        check(causal, "caches only exist for the causal form")
-        check(idx is not None and start is not None and idx.shape == (B,) and start.shape == (B,), "streaming needs idx (B,) and start (B,)")
-        check(min(ks) >= 2, "causal convs with caches need kernels of at least 2 taps")
-        check_rings(caches, ks, C)
-        check_device(ctx, gates, idx, start, *caches, *weights)
-    else:
-        check_device(ctx, gates, *weights)
     out = out_or_new(out, (B, T, C), ctx.dtype, ctx.device)
     bc, bt, bks, br, warps = _blocks(T, C, ks, ctx.dtype)
     grid = (B, triton.cdiv(C, bc))
@@ -660,13 +667,6 @@ def ring_write(buf: Tensor, idx: Tensor, start: Tensor, x: Tensor) -> None:
     buf[idx[:, None], :, ring_slots(start, T - m, m, R)] = x[:, :, T - m:].transpose(1, 2).to(buf.dtype)
 
 
-def _ref_level(c: Tensor, w: Tensor, b: Tensor, cache: Tensor | None, idx, start, fresh) -> Tensor:
-    """GELU(causal depthwise conv(c) + b), c (B, C, T), left-padded from the cache ring."""
-    k = w.shape[-1]
-    win = None if cache is None else ring_window(cache, idx, start, k - 1)
-    return F.gelu(grouped_conv1d(_causal_pad(c, k - 1, win, fresh), w, b, c.shape[1]))
-
-
 def focal_context_long(
     ctx: Tensor,
     gates: Tensor,
@@ -682,36 +682,28 @@ def focal_context_long(
     cores (cuDNN: ~5 TFLOP/s at 512 taps on an H200) with an elementwise pass per pad, GELU,
     product and sum. Returns acc (B, T, C) as a view of (B, C, T), like the reference."""
     B, T, C = ctx.shape
-    check(len(weights) == 3 and len(biases) == 3, f"causal focal context takes 3 conv levels, got {len(weights)}")
-    check(gates.stride(2) == 1 and tuple(gates.shape) == (B, T, 3), f"gates must be {(B, T, 3)} with unit stride")
+    _check_args(ctx, gates, weights, biases, True, caches, idx, start)
     has_cache = caches is not None
-    if has_cache:
-        check(idx is not None and start is not None and idx.shape == (B,) and start.shape == (B,), "streaming needs idx (B,) and start (B,)")
-        check_rings(caches, [w.shape[-1] for w in weights], C)
-        check_device(ctx, gates, idx, start, *caches, *weights)
-    else:
-        check_device(ctx, gates, *weights)
     x = ctx.transpose(1, 2).contiguous()
     acc = torch.empty_like(x)
     ys = [torch.empty_like(x), torch.empty_like(x)]
     f32 = ctx.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
+    # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps,
+    # 148-177 registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
+    bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
+    if _LONG_TILE_OVERRIDE and not INTERPRET:
+        bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
+    elif INTERPRET:  # the interpreter pays per op: one trip of taps
+        bm, bu, nw = 16, 32, 4
+    n_tiles = triton.cdiv(T, bu)
     for lvl, (w, b_) in enumerate(zip(weights, biases)):
         K = w.shape[-1]
-        # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps,
-        # 148-177 registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
-        if INTERPRET:
-            bm, bu, bj, nw = 16, 32, min(pow2(K - 1 + 32), 1024), 4
-        else:
-            bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
-        if _LONG_TILE_OVERRIDE and not INTERPRET:
-            bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
-        n_tiles = triton.cdiv(T, bu)
         src = x if lvl == 0 else ys[lvl - 1]
         _level_long_kernel[(triton.cdiv(B * n_tiles, bm), C)](
             src, caches[lvl] if has_cache else src, idx if has_cache else src, start if has_cache else src,
-            w.contiguous(), b_, gates, gates.stride(0), gates.stride(1), acc, ys[lvl] if lvl < 2 else acc,
+            w, b_, gates, gates.stride(0), gates.stride(1), acc, ys[lvl] if lvl < 2 else acc,
             T, C, n_tiles, B * n_tiles, K=K, R=ring_len(K), HAS_CACHE=has_cache, LEVEL=lvl, WRITE_Y=lvl < 2,
-            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
+            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=min(pow2(K - 1 + bu), 1024) if INTERPRET else bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
             num_warps=nw, **launch_opts(ctx),
         )
     if has_cache:  # after every read: the writes may overwrite them
@@ -745,11 +737,14 @@ def focal_context_ref(
     for lvl, (w, b) in enumerate(zip(weights, biases)):
         k = w.shape[-1]
         if causal:
+            win = None if caches is None else ring_window(caches[lvl], idx, start, k - 1)
+            xp = _causal_pad(c, k - 1, win, fresh)
             if caches is not None:
                 new.append(c)
-            c = _ref_level(c, w, b, None if caches is None else caches[lvl], idx, start, fresh)
+            c = grouped_conv1d(xp, w, b, c.shape[1])
         else:
-            c = F.gelu(grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1]))
+            c = grouped_conv1d(F.pad(c, ((k - 1) // 2, k // 2)), w, b, c.shape[1])
+        c = F.gelu(c)
         term = c * gates[:, :, lvl].unsqueeze(1)
         acc = term if acc is None else acc + term
     if not causal:
