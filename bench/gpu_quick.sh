@@ -57,7 +57,7 @@ step 100 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at
     python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
 step 50 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
     python3 bench/stream_latency.py --modes full --steps 200
-step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal window level as a GEMM (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
+step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal levels as GEMMs (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
 step 70 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured session equals plain launches bit for bit, then the batch-1 full step (no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
     bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_triton.py -k pdl && FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200"

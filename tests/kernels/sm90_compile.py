@@ -93,7 +93,7 @@ def record(quick: bool, pdl: bool = False) -> dict:
             caches = [r(B, C, focal_context.ring_len(k), dtype=dt) for k in ks] if cache else None
             idx, start = torch.arange(B), torch.full((B,), 1000)
             focal_context.focal_context(h[..., C:2 * C], h[..., 2 * C:], ws, bs, True, caches, idx if cache else None, start if cache else None)
-        # long causal runs: the window level as a Toeplitz GEMM (offline, and a segment after others)
+        # long causal runs: every level as a Toeplitz GEMM (offline, and a segment after others)
         h = r(2, 300, 2 * 256 + 3, dtype=dt)
         ws, bs = [r(256, 1, k, dtype=dt) for k in (14, 18, 512)], [r(256, dtype=dt)] * 3
         focal_context.focal_context_long(h[..., 256:512], h[..., 512:], ws, bs)

@@ -65,7 +65,7 @@ def test_causal_stream_steps(dtype, B, T, C, W, rows_gemm, monkeypatch):
 @pytest.mark.parametrize("B,T,C,W", [(2, 100, 12, 32), (3, 70, 20, 24), (1, 300, 145, 512), (2, 33, 8, 40)])
 @pytest.mark.parametrize("rings", [False, True], ids=["offline", "segment"])
 def test_long_runs(dtype, B, T, C, W, rings):
-    """The long-run form (window level as a Toeplitz GEMM) against float64: an offline run,
+    """The long-run form (every level as a Toeplitz GEMM) against float64: an offline run,
     and a segment after earlier ones with the rings at every phase (fresh, young, wrapped);
     rings updated as the reference updates them, untouched slots left alone."""
     ks = [14, 18, W]

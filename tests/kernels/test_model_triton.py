@@ -34,7 +34,7 @@ def test_backend_switch(monkeypatch):
 
 @pytest.mark.parametrize("name", ["causal", "noncausal"])
 def test_golden_offline(request, triton_backend, name, monkeypatch):
-    """Causal: the focal layers' 200-frame runs take the long-run form (window level as a GEMM)."""
+    """Causal: the focal layers' 200-frame runs take the long-run form (every level as a GEMM)."""
     from fastfocal.kernels import focal_context as fc
 
     codec, g = request.getfixturevalue(name), request.getfixturevalue(f"golden_{name}")
