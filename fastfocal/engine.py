@@ -123,6 +123,9 @@ class StreamEngine:
     "decode" (tokens in, audio out). device/dtype default to the codec's and must match it
     (load the codec where the engine should run). cuda_graphs: capture the step per batch
     bucket on CUDA (FASTFOCAL_CUDA_GRAPHS=0 turns it off); capture happens here, at start-up.
+    tune: with graphs, capture each bucket under the step's equivalent forms and keep the
+    fastest on this device (`fastfocal.tactics`; `engine.tactics` says which; FASTFOCAL_TUNE=0
+    or tune=False keeps the defaults).
     freeze_gc: once built, `freeze_heap()` (the model, the state and the graphs leave the
     garbage collector's full scans, which otherwise stall a step for ~0.1 s now and then).
 
@@ -133,7 +136,7 @@ class StreamEngine:
     """
 
     def __init__(self, codec: "Codec", max_streams: int, mode: str = "full", device=None, dtype=None,
-                 cuda_graphs: bool = True, freeze_gc: bool = True):
+                 cuda_graphs: bool = True, freeze_gc: bool = True, tune: bool = True):
         check_codec(codec)
         if mode not in MODES:
             raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -161,7 +164,8 @@ class StreamEngine:
         self.states = self.pipeline.states
         self._slot_ids = torch.arange(max_streams + 1, device=self.device)
         self.runner = GraphRunner(self.pipeline.step, [((self.chunk,), in_dtype)], buckets_for(max_streams),
-                                  self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs))
+                                  self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs),
+                                  tune_for=self.dtype if tune else None, time_slots=True)
         pin = self.device.type == "cuda"  # pinned staging: the copy in is asynchronous
         self._ring_dtype = torch.from_numpy(np.zeros(0, self._np_in)).dtype
         self._host_in = torch.zeros(max_streams, self.chunk, dtype=self._ring_dtype, pin_memory=pin)
@@ -182,7 +186,8 @@ class StreamEngine:
         self._next_id = 0
         self._lookup = None  # (open ids sorted, their slots): submit_batch's vectorised lookup
         self._codebook = codec.codebook_size if mode == "decode" else None  # stream_piece's token check
-        self.runner.capture()
+        if self.runner.capture() and self.runner.tactics:
+            self.pipeline.reset(self._slot_ids)  # timing stepped the (free) slots for real
         if freeze_gc:
             freeze_heap()
 
@@ -210,6 +215,12 @@ class StreamEngine:
     @property
     def state_bytes(self) -> int:
         return self.pipeline.nbytes
+
+    @property
+    def tactics(self) -> dict[int, dict]:
+        """Batch bucket -> the tactic its graph was captured with, where start-up timed them
+        (empty: defaults everywhere, e.g. on CPU); `self.runner.timings` has the times."""
+        return dict(self.runner.tactics)
 
     # ------------------------------------------------------------------ streams
     @property

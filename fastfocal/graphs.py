@@ -9,14 +9,21 @@ buffers, unpadded unless asked, so the CPU path is the GPU path minus the replay
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 import os
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import tactics
 from .profiling import nvtx_range
+
+log = logging.getLogger("fastfocal")
+TIME_REPLAYS = 7  # timed replays per tactic (median), after 2 untimed
 
 
 def graphs_enabled(device, requested: bool | None = True) -> bool:
@@ -47,12 +54,15 @@ class GraphRunner:
     """Runs `fn` on static buffers: replays a captured graph per bucket, or calls it eagerly.
 
     specs: one (row_shape, dtype) per input. pad_slot: the slot index for padding rows and
-    for warm-up and capture (which run the step for real on that slot's state).
+    for warm-up and capture (which run the step for real on that slot's state). tune_for: the
+    step's compute dtype, to choose each bucket's tactic by timing (None: the defaults);
+    time_slots: timing replays step slots 0..b-1 for real (the caller resets them after).
     Outputs are views into static buffers: valid until the next call.
     """
 
     def __init__(self, fn: Callable[..., tuple], specs, buckets: Sequence[int], device, pad_slot: int,
-                 use_graphs: bool = False, pad_eager: bool = False):
+                 use_graphs: bool = False, pad_eager: bool = False, tune_for: torch.dtype | None = None,
+                 time_slots: bool = False):
         self.fn = fn
         self.buckets = sorted(set(buckets))
         self.device = torch.device(device)
@@ -63,6 +73,10 @@ class GraphRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.pad_eager = pad_eager
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.tune_for = tune_for if tactics.enabled() else None
+        self.time_slots = time_slots
+        self.tactics: dict[int, dict] = {}  # bucket -> the tactic its graph was captured with (tuned buckets)
+        self.timings: dict[int, dict] = {}  # bucket -> {tactics.key(tactic): replay ms}
 
     @property
     def padded(self) -> bool:
@@ -76,8 +90,11 @@ class GraphRunner:
         return self.fn(*[x[:b] for x in self.inputs], self.idx[:b])
 
     def capture(self) -> bool:
-        """Warm up and capture every bucket, largest first, into one memory pool. On any
-        failure, warn and stay eager. Returns whether graphs are in use."""
+        """Warm up and capture every bucket, largest first, into one memory pool. With
+        `tune_for` set, each bucket is captured under every tactic worth timing
+        (`tactics.space`) and the fastest graph is kept (`self.tactics`, `self.timings`). On a
+        failure of the default form, warn and stay eager; a failing candidate is skipped.
+        Returns whether graphs are in use."""
         if not self.use_graphs or self.graphs:
             return bool(self.graphs)
         try:
@@ -85,25 +102,75 @@ class GraphRunner:
             side = torch.cuda.Stream(self.device)
             with torch.inference_mode():
                 for b in reversed(self.buckets):  # largest first: smaller ones reuse its blocks
-                    self.idx[:b].fill_(self.pad_slot)
-                    for x in self.inputs:
-                        x[:b].zero_()
-                    # twice eagerly, off the capture: Triton compiles/autotunes, allocator settles
-                    side.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            self._call(b)
-                    torch.cuda.current_stream(self.device).wait_stream(side)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
-                        outs = self._call(b)
-                    self.graphs[b] = (g, tuple(outs))
+                    self._capture_bucket(b, pool, side)
             torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001 -- any capture problem means: run eagerly
             warnings.warn(f"fastfocal: CUDA graph capture failed, running eagerly ({type(e).__name__}: {e})")
             self.graphs.clear()
+            self.tactics.clear()
+            self.timings.clear()
             self.use_graphs = False
         return bool(self.graphs)
+
+    def _capture_bucket(self, b: int, pool, side) -> None:
+        switches = tactics.space(b, self.tune_for, self.device) if self.tune_for is not None else {}
+        held: dict[tuple, tuple] = {}
+        default = tactics.key({k: v[0] for k, v in switches.items()})
+
+        def measure(t: dict) -> float:
+            try:
+                with tactics.applied(t):
+                    held[tactics.key(t)] = self._capture_one(b, pool, side)
+                return self._time(held[tactics.key(t)][0], b) if switches else 0.0
+            except Exception as e:  # noqa: BLE001 -- a candidate that cannot run is not chosen
+                if tactics.key(t) == default:
+                    raise
+                warnings.warn(f"fastfocal: tactic {t} failed at {b} rows, skipped ({type(e).__name__}: {e})")
+                return math.inf
+
+        best, times = tactics.choose(switches, measure)
+        self.graphs[b] = held.pop(tactics.key(best))
+        held.clear()  # the other candidates' graphs and outputs go back to the pool
+        if switches:
+            self.tactics[b], self.timings[b] = best, times
+            log.info("bucket %d: tactic %s, %.3f ms (defaults %.3f ms)", b, best, times[tactics.key(best)], times[default])
+
+    def _capture_one(self, b: int, pool, side) -> tuple:
+        """Warm-up and capture of bucket b on the pad slot: (graph, its static outputs)."""
+        self.idx[:b].fill_(self.pad_slot)
+        for x in self.inputs:
+            x[:b].zero_()
+        # twice eagerly, off the capture: Triton compiles/autotunes, allocator settles
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._call(b)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outs = self._call(b)
+        return g, tuple(outs)
+
+    def _time(self, g, b: int) -> float:
+        """Median ms of a replay of bucket b. With `time_slots` its rows step slots 0..b-1, so
+        the state reads are as many as a real step's (the pad slot alone would sit in L2)."""
+        if self.time_slots:
+            self.idx[:b].copy_(torch.arange(b, device=self.device))
+        try:
+            return self._replay_ms(g)
+        finally:
+            self.idx[:b].fill_(self.pad_slot)
+
+    def _replay_ms(self, g) -> float:
+        for _ in range(2):
+            g.replay()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(TIME_REPLAYS)]
+        for a, e in ev:
+            a.record()
+            g.replay()
+            e.record()
+        torch.cuda.synchronize(self.device)
+        return statistics.median(a.elapsed_time(e) for a, e in ev)
 
     def run(self, n: int, inputs: Sequence[Tensor] | None = None, idx: Tensor | None = None) -> list[Tensor]:
         """Step n rows. `inputs`/`idx` (n rows, any device) are copied into the static

@@ -51,7 +51,7 @@ class _Session:
         self._graph = None
         if graphs_enabled(codec.device, cuda_graphs):
             r = GraphRunner(lambda x, idx: self.pipeline.step(x, None), [((self.chunk,), self._in_dtype)], [batch_size],
-                            codec.device, 0, use_graphs=True)
+                            codec.device, 0, use_graphs=True, tune_for=codec.dtype)
             if r.capture():  # warm-up and capture stepped the state for real: start over
                 self._graph = r
                 self.reset()

@@ -51,16 +51,31 @@ def set_pdl(on: bool | None) -> None:
     _PDL["force"] = on
 
 
-def pdl(t: torch.Tensor) -> bool:
-    """Whether kernels on t's device launch with PDL: asked for, compiled (not the interpreter),
-    a Triton with grid dependency control and a device of compute capability 9.0 or newer."""
-    on = _PDL["env"] if _PDL["force"] is None else _PDL["force"]
-    if not on or INTERPRET or gdc_wait is None or t.device.type != "cuda":
+def pdl_override() -> bool | None:
+    """set_pdl's last say (None: FASTFOCAL_PDL decides)."""
+    return _PDL["force"]
+
+
+def pdl_requested() -> bool:
+    """Whether PDL is asked for (set_pdl's say, else FASTFOCAL_PDL's)."""
+    return _PDL["env"] if _PDL["force"] is None else _PDL["force"]
+
+
+def pdl_available(device) -> bool:
+    """Whether launches on `device` can use PDL: compiled (not the interpreter), a Triton with
+    grid dependency control and a device of compute capability 9.0 or newer."""
+    device = torch.device(device)
+    if INTERPRET or gdc_wait is None or device.type != "cuda":
         return False
-    i = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _PDL_DEVICES:
         _PDL_DEVICES[i] = torch.cuda.get_device_capability(i)[0] >= 9
     return _PDL_DEVICES[i]
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL: asked for and available there."""
+    return pdl_requested() and pdl_available(t.device)
 
 
 def launch_opts(t: torch.Tensor) -> dict:

@@ -34,6 +34,8 @@ LOG2E = 1.4426950408889634
 ATTN_BLOCK = 256  # reference: query frames per block, bounds memory at O(block * window)
 # streaming tile override "keys,warps,stages", for device sweeps (one process per tile)
 _TILE_OVERRIDE = os.environ.get("FASTFOCAL_ATTN_TILE")
+# key block of a streaming step (T <= 16 queries); read at each launch (fastfocal.tactics times 32)
+STREAM_KEYS = 64
 
 _LUTS: dict = {}
 
@@ -241,7 +243,7 @@ def rel_attention(
         # 3 programs fit an SM instead of 2, with 96 KB of K/V in flight per SM instead of 32
         # (Little's law at 4.3 TB/s wants ~50 KB). Untimed: FASTFOCAL_ATTN_TILE="keys,warps,stages"
         # overrides it for the GPU sweep.
-        block_n = 64
+        block_n = STREAM_KEYS
     if _TILE_OVERRIDE and T <= 16 and not INTERPRET:
         block_n, warps, stages = (int(v) for v in _TILE_OVERRIDE.split(","))
     n_m = triton.cdiv(T, block_m)

@@ -6,7 +6,9 @@ import torch
 
 import fastfocal
 from fastfocal.engine import EngineFull, StreamEngine
+from fastfocal import tactics
 from fastfocal.graphs import buckets_for, pick_bucket
+from fastfocal.kernels import _common
 from helpers import assert_close, assert_tokens
 
 T = torch.from_numpy
@@ -310,6 +312,8 @@ def test_graph_replay_equals_eager_every_bucket(causal_cuda, golden_causal, mode
     e = StreamEngine(c, 8, mode=mode, cuda_graphs=False)
     e.runner.pad_eager = True  # same padded shapes as the graphs
     assert sorted(g.runner.graphs) == [1, 2, 4, 8] and not e.runner.graphs
+    if _common.pdl_available("cuda"):  # float32 times PDL alone (same arithmetic); timing stepped the slots
+        assert sorted(g.tactics) == [1, 2, 4, 8] and all(set(t) == {"pdl"} for t in g.tactics.values())
     rng = np.random.default_rng(8)
     for n in range(1, 9):  # every bucket, padded and exact
         ids = [[x.open() for _ in range(n)] for x in (g, e)]
@@ -333,6 +337,29 @@ def test_graph_replay_equals_eager_every_bucket(causal_cuda, golden_causal, mode
         for x, sids in zip((g, e), ids):
             for s in sids:
                 x.close(s)
+
+
+@pytest.mark.gpu
+@gpu
+def test_tuned_bf16_engine(data_dir, golden_causal):
+    """bf16 times every switch it may (tactics.space) per bucket; the chosen forms compute what
+    the defaults do, within bf16 rounding, from the first step (the timed slots were reset)."""
+    c = fastfocal.load(data_dir / "tiny_causal", device="cuda", dtype=torch.bfloat16)
+    tuned, plain = StreamEngine(c, 8, mode="encode"), StreamEngine(c, 8, mode="encode", tune=False)
+    assert sorted(tuned.tactics) == [1, 2, 4, 8] and not plain.tactics
+    for b, t in tuned.tactics.items():
+        assert set(t) == set(tactics.space(b, torch.bfloat16, "cuda")) and tactics.key(t) in tuned.runner.timings[b]
+    sig = golden_causal["sig"]
+    ids = [[x.open() for _ in range(8)] for x in (tuned, plain)]
+    toks = [[], []]
+    for a in range(0, 20 * 1280, 1280):
+        for i, (x, sids) in enumerate(zip((tuned, plain), ids)):
+            for j, s in enumerate(sids):
+                x.submit(s, T(sig[j % 2, a:a + 1280].copy()))
+            out = x.step()
+            toks[i].append(torch.stack([out[s].tokens for s in sids]))
+    a, b = torch.cat(toks[0], 1), torch.cat(toks[1], 1)
+    assert (a == b).float().mean() >= 0.9, f"tuned vs default tokens agree {(a == b).float().mean():.3f}"
 
 
 @pytest.mark.gpu

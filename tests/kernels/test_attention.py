@@ -6,6 +6,7 @@ import torch
 from conftest import DEVICE
 from kernel_checks import DTYPES, assert_close, assert_equal, f64
 
+from fastfocal.kernels import attention as attention_module
 from fastfocal.kernels.attention import bucket_lut, rel_attention, rel_attention_ref, relative_bucket_ref
 
 NB, MD, CHUNK = 320, 800, 4
@@ -85,6 +86,15 @@ def test_stream_steps(dtype, B, T, H, d, R, steps):
         start = start + T
     assert_equal("untouched k rows", kr[untouched], before[0])
     assert_equal("untouched v rows", vr[untouched], before[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(3, 4, 4, 32, 28, 12), (1, 4, 16, 64, 508, 2)])
+def test_stream_steps_32_key_blocks(monkeypatch, dtype, case):
+    """The streaming key block that fastfocal.tactics times against the default 64: the same
+    results and ring writes (the key loop's tail block and the ring wrap at 32)."""
+    monkeypatch.setattr(attention_module, "STREAM_KEYS", 32)
+    test_stream_steps(dtype, *case)
 
 
 def test_stream_equals_offline():
