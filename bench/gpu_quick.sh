@@ -12,7 +12,8 @@
 # (log, kernels.jsonl, bench rows) and the log's last lines in the output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+# the defaults, untuned, so each A/B below compares what it names; the tactics step times them all
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 FASTFOCAL_TUNE=0
 BUDGET=${BUDGET:-540}
 START=$SECONDS
 if [ -d .whl ]; then
@@ -53,6 +54,10 @@ step 90 "kernel and model tests on CUDA" \
     tests/test_streaming.py tests/test_golden.py
 step 75 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
+step 90 "start-up tactic choice, bf16 full engine up to 1024 streams: every switch (PDL, GEMM tiles, focal many-row form, attention 32/64 keys) timed at every bucket (predictions: PDL wins at 1-4 rows, the focal rows form from 64, 64 keys everywhere)" \
+    env FASTFOCAL_TUNE=1 python3 bench/tactics_report.py --mode full --dtype bfloat16 --max-streams 1024
+step 60 "tuned engines and sessions compute what the defaults do (float32: bit for bit; bf16: tokens agree)" \
+    env FASTFOCAL_TUNE=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py -k "tuned or every_bucket or session_graphs"
 step 100 "bf16 capacity targets: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
     python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
 step 50 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
@@ -61,13 +66,9 @@ step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal levels as GE
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
 step 70 "programmatic dependent launch (FASTFOCAL_PDL=1): a graph-captured session equals plain launches bit for bit, then the batch-1 full step (no gap between the 121 launches, weights prefetched into L2; prediction <= 0.6 ms bf16)" \
     bash -c "python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_triton.py -k pdl && FASTFOCAL_PDL=1 python3 bench/stream_latency.py --modes full --steps 200"
-step 45 "bf16 1024-stream full step with the focal layers in one fused launch (FASTFOCAL_FOCAL_WINDOW_ROWS=100000; prediction: the default, window GEMM + rows kernel, is ~3 ms faster)" \
-    env FASTFOCAL_FOCAL_WINDOW_ROWS=100000 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
 step 75 "focal/attention streaming tiles, old against new default (prediction: focal fused 16,64,4 faster than 8,128,4 at 1 row; at 64 and 4096 rows triton (rows form) ~4x faster than triton-fused; attention 64,8,3 faster than 32,8,3)" \
     env FOCAL_TILES="8,128,4 16,64,4" FOCAL_ROWS_TILES="4,64,4 2,64,2" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES=" " \
     bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
-step 50 "bf16 1024-stream full step with FASTFOCAL_LARGE_GEMM=1 (epilogues fused, FE windows in place)" \
-    env FASTFOCAL_LARGE_GEMM=1 python3 bench/serve_capacity.py --dtypes bfloat16 --probe full:1024 --reps 30
 step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
     env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
 pack
