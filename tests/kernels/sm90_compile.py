@@ -109,6 +109,10 @@ def record(quick: bool, pdl: bool = False) -> dict:
             qkv, y = r(2, T, 3 * H * d, dtype=dt), r(2, T, H * d, dtype=dt)
             start = torch.full((2,), 1000)
             attention.rel_attention(qkv, y, *p, H, start, 4, window, 320, 800, kr if ring else None, vr if ring else None, torch.arange(2) if ring else None)
+        keys, attention.STREAM_KEYS = attention.STREAM_KEYS, 32  # the key block start-up tuning also times
+        attention.rel_attention(r(2, 4, 3 * H * d, dtype=dt), r(2, 4, H * d, dtype=dt), *p, H, torch.full((2,), 1000), 4, 512,
+                                320, 800, kr, vr, torch.arange(2))
+        attention.STREAM_KEYS = keys
         # few-row matmul + epilogue (a batch-1 step's Linears, modulation, feature-extractor windows)
         x4 = r(1, 4, 1024, dtype=dt)
         linear.linear(x4, r(4096, 1024, dtype=dt), r(4096, dtype=dt), act="gelu")
