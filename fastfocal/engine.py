@@ -31,6 +31,7 @@ from .model import FocalCodecModel
 from .pipeline import ERRORS, MODE_OUTPUTS, MODES, Pipeline
 from .profiling import nvtx_range
 from .streaming import check_codec
+from .tactics import parse_fixed
 
 if TYPE_CHECKING:
     from .codec import Codec
@@ -125,7 +126,9 @@ class StreamEngine:
     bucket on CUDA (FASTFOCAL_CUDA_GRAPHS=0 turns it off); capture happens here, at start-up.
     tune: with graphs, capture each bucket under the step's equivalent forms and keep the
     fastest on this device (`fastfocal.tactics`; `engine.tactics` says which; FASTFOCAL_TUNE=0
-    or tune=False keeps the defaults).
+    or tune=False keeps the defaults). tactics: an earlier engine's `tactics` (bucket -> tactic;
+    JSON's string keys do): those buckets are captured with them, untimed, so a rebuild computes
+    exactly what that engine did (16-bit outputs depend on the forms chosen).
     freeze_gc: once built, `freeze_heap()` (the model, the state and the graphs leave the
     garbage collector's full scans, which otherwise stall a step for ~0.1 s now and then).
 
@@ -136,7 +139,7 @@ class StreamEngine:
     """
 
     def __init__(self, codec: "Codec", max_streams: int, mode: str = "full", device=None, dtype=None,
-                 cuda_graphs: bool = True, freeze_gc: bool = True, tune: bool = True):
+                 cuda_graphs: bool = True, freeze_gc: bool = True, tune: bool = True, tactics: dict | None = None):
         check_codec(codec)
         if mode not in MODES:
             raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -163,9 +166,14 @@ class StreamEngine:
         self.pipeline = Pipeline(codec.model, mode, max_streams + 1)
         self.states = self.pipeline.states
         self._slot_ids = torch.arange(max_streams + 1, device=self.device)
+        if tactics is not None:
+            try:
+                tactics = parse_fixed(tactics, buckets_for(max_streams))
+            except ValueError as e:
+                raise InputError(str(e)) from None
         self.runner = GraphRunner(self.pipeline.step, [((self.chunk,), in_dtype)], buckets_for(max_streams),
                                   self.device, self.scratch, use_graphs=graphs_enabled(self.device, cuda_graphs),
-                                  tune_for=self.dtype if tune else None, time_slots=True)
+                                  tune_for=self.dtype if tune else None, time_slots=True, fixed=tactics)
         pin = self.device.type == "cuda"  # pinned staging: the copy in is asynchronous
         self._ring_dtype = torch.from_numpy(np.zeros(0, self._np_in)).dtype
         self._host_in = torch.zeros(max_streams, self.chunk, dtype=self._ring_dtype, pin_memory=pin)

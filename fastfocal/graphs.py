@@ -57,12 +57,13 @@ class GraphRunner:
     for warm-up and capture (which run the step for real on that slot's state). tune_for: the
     step's compute dtype, to choose each bucket's tactic by timing (None: the defaults);
     time_slots: timing replays step slots 0..b-1 for real (the caller resets them after).
+    fixed: bucket -> tactic, captured as given without timing (reproduces an earlier build).
     Outputs are views into static buffers: valid until the next call.
     """
 
     def __init__(self, fn: Callable[..., tuple], specs, buckets: Sequence[int], device, pad_slot: int,
                  use_graphs: bool = False, pad_eager: bool = False, tune_for: torch.dtype | None = None,
-                 time_slots: bool = False):
+                 time_slots: bool = False, fixed: dict | None = None):
         self.fn = fn
         self.buckets = sorted(set(buckets))
         self.device = torch.device(device)
@@ -76,6 +77,8 @@ class GraphRunner:
         self.tune_for = tune_for if tactics.enabled() else None
         self.time_slots = time_slots
         self.tactics: dict[int, dict] = {}  # bucket -> the tactic its graph was captured with (tuned buckets)
+        # bucket -> a tactic to capture with, untimed (an earlier build's `tactics`, e.g. read back from JSON)
+        self.fixed = {int(b): dict(t) for b, t in (fixed or {}).items()}
         self.timings: dict[int, dict] = {}  # bucket -> {tactics.key(tactic): replay ms}
 
     @property
@@ -113,6 +116,11 @@ class GraphRunner:
         return bool(self.graphs)
 
     def _capture_bucket(self, b: int, pool, side) -> None:
+        if b in self.fixed:
+            with tactics.applied(self.fixed[b]):
+                self.graphs[b] = self._capture_one(b, pool, side)
+            self.tactics[b] = self.fixed[b]
+            return
         switches = tactics.space(b, self.tune_for, self.device) if self.tune_for is not None else {}
         held: dict[tuple, tuple] = {}
         default = tactics.key({k: v[0] for k, v in switches.items()})

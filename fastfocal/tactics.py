@@ -94,6 +94,31 @@ def space(rows: int, dtype: torch.dtype, device) -> dict[str, tuple]:
     return out
 
 
+def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
+    """An earlier build's tactics (bucket -> tactic; keys may be JSON strings) checked against
+    `buckets`: ValueError naming the bad entry."""
+    out = {}
+    for b, t in fixed.items():
+        try:
+            bi = int(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"tactics: bucket {b!r} is not an integer") from None
+        if bi not in buckets:
+            raise ValueError(f"tactics: bucket {bi} is not one of this engine's {list(buckets)}")
+        if not isinstance(t, dict):
+            raise ValueError(f"tactics[{bi}] must be a dict of switches, got {type(t).__name__}")
+        for name, v in t.items():
+            ok = {"pdl": isinstance(v, bool), "large_gemm": isinstance(v, bool),
+                  "focal_window_rows": isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "attn_keys": v in (16, 32, 64, 128) and not isinstance(v, bool)}.get(name)
+            if ok is None:
+                raise ValueError(f"tactics[{bi}]: no switch {name!r} (switches: {', '.join(ENV)})")
+            if not ok:
+                raise ValueError(f"tactics[{bi}][{name!r}] = {v!r} is not a valid value")
+        out[bi] = dict(t)
+    return out
+
+
 def key(t: dict) -> tuple:
     return tuple(sorted(t.items()))
 

@@ -185,3 +185,25 @@ def test_runner_times_on_distinct_slots(fake_cuda):
     r = _FakeRunner(lambda b, t: 1.0, tune_for=torch.bfloat16, time_slots=True)
     r.capture()
     assert r.timed_idx and all(ix == list(range(len(ix))) for ix in r.timed_idx)
+
+
+def test_runner_captures_fixed_tactics_untimed(fake_cuda):
+    """An earlier build's tactics (JSON keys as strings) are captured as given, without timing."""
+    r = _FakeRunner(lambda b, t: 1.0 if t["attn_keys"] == 64 else 2.0, tune_for=torch.bfloat16,
+                    fixed={"4": {"attn_keys": 32}})
+    assert r.capture()
+    assert r.tactics[4] == {"attn_keys": 32} and r.graphs[4][0].tactic["attn_keys"] == 32
+    assert 4 not in r.timings and r.tactics[2] == {"attn_keys": 64}  # bucket 2 still timed
+    assert all(len(ix) == 2 for ix in r.timed_idx)
+
+
+def test_engine_checks_fixed_tactics(causal):
+    from fastfocal import InputError, StreamEngine
+
+    e = StreamEngine(causal, 4, tactics={"2": {"attn_keys": 32, "pdl": True}, 4: {}})  # CPU: no graphs to capture
+    assert e.runner.fixed == {2: {"attn_keys": 32, "pdl": True}, 4: {}} and e.tactics == {}
+    for bad, msg in (({3: {}}, "bucket 3 is not one of"), ({"x": {}}, "not an integer"),
+                     ({2: {"warps": 8}}, "no switch 'warps'"), ({2: {"attn_keys": 48}}, "48 is not a valid"),
+                     ({2: {"pdl": 1}}, "1 is not a valid"), ({2: [("pdl", True)]}, "must be a dict")):
+        with pytest.raises(InputError, match=msg):
+            StreamEngine(causal, 4, tactics=bad)
