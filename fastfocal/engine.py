@@ -194,7 +194,7 @@ class StreamEngine:
         self._next_id = 0
         self._lookup = None  # (open ids sorted, their slots): submit_batch's vectorised lookup
         self._codebook = codec.codebook_size if mode == "decode" else None  # stream_piece's token check
-        if self.runner.capture() and self.runner.tactics:
+        if self.runner.capture() and self.runner.timings:
             self.pipeline.reset(self._slot_ids)  # timing stepped the (free) slots for real
         if freeze_gc:
             freeze_heap()
