@@ -101,14 +101,12 @@ class WavLM(nn.Module):
         if not c.causal and x.shape[1] < self.min_samples():
             x = F.pad(x, (0, 0, 0, self.min_samples() - x.shape[1]))
         for i, layer in enumerate(self.feature_extractor.layers):
-            tail = None  # the conv's cache write, left to the norm's launch
             if c.causal:
-                x, tail = ops.causal_conv_time_major(x, layer.conv.weight, c.strides[i],
-                                                     st.fe_caches[i] if st is not None else None, idx, defer=True,
-                                                     start=start if st is not None else None)
+                x = ops.causal_conv_ln_gelu(x, layer.conv.weight, c.strides[i], st.fe_caches[i] if st is not None else None,
+                                            idx, start if st is not None else None, layer.norm.weight, layer.norm.bias, 1e-5)
             else:
-                x = ops.conv_time_major(x, layer.conv.weight, c.strides[i])
-            x = ops.layer_norm_gelu(x, layer.norm.weight, layer.norm.bias, 1e-5, tail)
+                x = ops.layer_norm_gelu(ops.conv_time_major(x, layer.conv.weight, c.strides[i]),
+                                        layer.norm.weight, layer.norm.bias, 1e-5)
         x = ops.linear(ops.pre_norm(x, self.norm.weight, self.norm.bias, 1e-5), self.feature_proj.weight, self.feature_proj.bias)
 
         pconv = self.encoder.positional_embedding.conv

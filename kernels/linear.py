@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, check, check_device, evenly_strided_rows, launch_opts, pdl_wait, pow2, prefetch_l2, ring_slots, sin, tanh
+from ._common import INTERPRET, check, check_device, evenly_strided_rows, gelu, launch_opts, pdl_wait, pow2, prefetch_l2, ring_slots, sin, tanh
 from .epilogue import ACTS, apply_epilogue, check_epilogue
 
 
@@ -160,7 +160,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
                    ACT: tl.constexpr, NORM: tl.constexpr, STORE_NORM: tl.constexpr,
                    CONV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_FRESH: tl.constexpr, ALIGNED: tl.constexpr,
                    GROUP_I: tl.constexpr, RING: tl.constexpr, WRITE_RING: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   INTERP: tl.constexpr, PDL: tl.constexpr):
+                   INTERP: tl.constexpr, PDL: tl.constexpr, POST_NORM: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = pid % N_TILES  # column tiles of a row block run together: its rows are read once from DRAM
     r = (pid // N_TILES).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,6 +229,16 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, 
             _ring_store(x_ptr, cache_ptr, crow_ptr, fresh_ptr, r, rm, T, sxb, C, 0, C, RING, HAS_IDX, BLOCK_K)
     y = apply_epilogue(acc, r, n, rm, nm, N, b_ptr, res_ptr, gamma_ptr, alpha_ptr, mul_ptr, mul_sr, lo, hi,
                        HAS_BIAS, HAS_MUL, HAS_GAMMA, HAS_RES, ACT, INTERP)
+    if POST_NORM:  # LayerNorm (2: then GELU) of whole rows (one column tile), from the rounded output as norm.py reads it
+        yr = tl.where(nm[None, :], y.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        mean = tl.sum(yr, 1) / N
+        d = tl.where(nm[None, :], yr - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
+        g = tl.load(nw_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        bb = tl.load(nb_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        y = d * rstd[:, None] * g[None, :] + bb[None, :]
+        if POST_NORM == 2:
+            y = gelu(y, INTERP)
     tl.store(out_ptr + r[:, None] * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
@@ -246,14 +256,26 @@ def _rows3(x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int = 0) -> tuple[int, int, int, int, int]:
+def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int = 0,
+         whole_rows: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Few rows (<= FEW_ROWS), on the GPU: narrow
     column slabs so even N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512
     (bf16/fp16) or 64-256 (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of
     weights in flight and the 64-128 programs together the few MB that the bandwidth-latency
     product needs (a K = 4096 slab in 128-wide blocks would be 32 dependent rounds at ~1 MB in
     flight). Many rows: GEMM tiles (tensor-core sized in 16-bit, smaller for the FMA-bound
-    IEEE fp32), K blocks on the conv's tap boundaries where C allows."""
+    IEEE fp32), K blocks on the conv's tap boundaries where C allows. whole_rows: one column
+    tile holds a whole row (a LayerNorm epilogue), fewer rows a tile to keep it in registers."""
+    if whole_rows:
+        bn = pow2(N)
+        if INTERPRET:
+            return min(max(BLOCK_M, pow2(M)), 128), bn, min(pow2(K), 128), 4, 1
+        bm, bk, w, st = (32, 16, 8, 2) if dtype == torch.float32 else (64, 32, 8, 3)
+        if M <= FEW_ROWS:
+            bm = BLOCK_M
+        while conv and bk > 16 and C % bk:
+            bk //= 2
+        return bm, bn, bk, w, st
     if M > FEW_ROWS:
         if GEMM_TILE_OVERRIDE is not None:
             return GEMM_TILE_OVERRIDE
@@ -289,11 +311,14 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
            gamma: Tensor | None = None, alpha: Tensor | None = None, mul: Tensor | None = None,
-           lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None, norm_out: Tensor | None = None) -> Tensor:
+           lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None, norm_out: Tensor | None = None,
+           post_norm: tuple | None = None) -> Tensor:
     """ACT(res + gamma * mul * (NORM(x) W^T + bias)) -> (..., N) contiguous. x (..., K), weight
     (N, K) with unit stride along K, same dtype; mul (..., N) with unit channel stride and
     evenly strided rows; res (..., N). norm: ("layer_norm", weight, bias, eps), ("dyt", alpha)
-    or ("snake", alpha (K,)) over x's K channels; norm_out (..., K) contiguous receives NORM(x)."""
+    or ("snake", alpha (K,)) over x's K channels; norm_out (..., K) contiguous receives NORM(x).
+    post_norm: (weight, bias, eps, gelu) -> LayerNorm over the N outputs of each row, then GELU
+    if asked, after everything else (N <= MAX_POST_NORM; not with norm)."""
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], f"weight must be (N, {x.shape[-1]}), got {tuple(weight.shape)}")
     check(x.shape[-1] > 0, "x needs at least one input channel")
     check(x.dtype == weight.dtype, f"x and weight dtypes differ: {x.dtype} vs {weight.dtype}")
@@ -327,21 +352,37 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "no
         check(norm is not None, "norm_out needs a norm")
         check(tuple(norm_out.shape) == tuple(x.shape) and norm_out.dtype == x.dtype and norm_out.is_contiguous(),
               f"norm_out must be contiguous {tuple(x.shape)} {x.dtype}")
+    if post_norm is not None:
+        check(norm is None, "a prologue norm and post_norm share the kernel's norm arguments: one or the other")
+        nw, nb, eps = _check_post_norm(post_norm, N, x.dtype)
     check_device(x3, weight, *[v for v in (bias, res, gamma, alpha, mul, nw, nb, nalpha, norm_out) if v is not None])
     out = torch.empty(lead + (N,), dtype=x.dtype, device=x.device)
     _launch(x3, weight, out, M, T, x3.stride(0), x3.stride(1), None, bias=bias, act=act, res=res, gamma=gamma,
             alpha=alpha, mul=mul, mul_sr=mul_sr, lo=lo, hi=hi, kind=kind, nw=nw, nb=nb, eps=eps, nalpha=nalpha,
-            norm_out=norm_out)
+            norm_out=norm_out, post=0 if post_norm is None else 2 if post_norm[3] else 1)
     return out
 
 
+MAX_POST_NORM = 1024  # a LayerNorm epilogue holds whole rows in one tile
+
+
+def _check_post_norm(post_norm: tuple, N: int, dtype: torch.dtype) -> tuple:
+    check(len(post_norm) == 4, "post_norm is (weight, bias, eps, gelu)")
+    w, b, eps, _ = post_norm
+    check(N <= MAX_POST_NORM, f"post_norm needs at most {MAX_POST_NORM} output channels, got {N}")
+    check(w.shape == (N,) and b.shape == (N,) and w.is_contiguous() and b.is_contiguous() and w.dtype == b.dtype == dtype,
+          f"post_norm weight/bias must be contiguous ({N},) {dtype}")
+    return w, b, float(eps)
+
+
 def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor, idx: Tensor | None = None,
-                fresh: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+                fresh: Tensor | None = None, bias: Tensor | None = None, post_norm: tuple | None = None) -> Tensor:
     """Causal conv1d over time (+ bias): x (B, T, C) contiguous frames left-padded by the k - 1
     frames of cache rows idx ((S, k - 1, C) contiguous; rows b for idx None), or by x's first
     frame repeated for `fresh` rows ((B,) bool, or the rows' frame counts (B,) int64: fresh
     where 0, so no mask is made); weight_kc (N, k * C), taps in (k, C) order.
-    -> (B, T', N). The cache is only read (its update is the caller's, after this)."""
+    post_norm: (weight, bias, eps, gelu), a LayerNorm (+ GELU) of each output frame in the
+    epilogue (`linear`). -> (B, T', N). The cache is only read (its update is the caller's, after this)."""
     check(x.dim() == 3 and x.is_contiguous(), f"x must be contiguous (B, T, C), got {tuple(x.shape)}")
     B, T, C = x.shape
     P = k - 1
@@ -361,10 +402,15 @@ def causal_conv(x: Tensor, weight_kc: Tensor, k: int, stride: int, cache: Tensor
     if bias is not None:
         check(bias.shape == (weight_kc.shape[0],) and bias.dtype == x.dtype,
               f"bias must be ({weight_kc.shape[0]},) {x.dtype}")
-    check_device(x, weight_kc, cache, *[v for v in (idx, fresh, bias) if v is not None])
+    nw = nb = None
+    eps = 0.0
+    if post_norm is not None:
+        nw, nb, eps = _check_post_norm(post_norm, weight_kc.shape[0], x.dtype)
+    check_device(x, weight_kc, cache, *[v for v in (idx, fresh, bias, nw, nb) if v is not None])
     Tout = (T - 1) // stride + 1 if T else 0  # padded length T + P, windows of k = P + 1
     out = torch.empty(B, Tout, weight_kc.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, weight_kc, out, B * Tout, Tout, T * C, 0, (cache, idx, fresh, C, P, stride), bias=bias)
+    _launch(x, weight_kc, out, B * Tout, Tout, T * C, 0, (cache, idx, fresh, C, P, stride), bias=bias,
+            nw=nw, nb=nb, eps=eps, post=0 if post_norm is None else 2 if post_norm[3] else 1)
     return out
 
 
@@ -486,7 +532,7 @@ def ring_write_time_major(ring: Tensor, idx: Tensor | None, start: Tensor, x: Te
 
 def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=None, gamma=None, alpha=None,
             mul=None, mul_sr=0, lo=-1.0, hi=1.0, kind="none", nw=None, nb=None, eps=0.0, nalpha=None, norm_out=None,
-            group=None, ring=None):
+            group=None, ring=None, post=0):
     N, K = weight.shape
     if M == 0 or N == 0:
         return
@@ -502,7 +548,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         fresh_kind = 2 if replicate else 0
         if group is None:  # a causal conv of stride 1 over x's C channels
             is_conv, C = True, x.shape[2]
-    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, is_conv, C)
+    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, is_conv, C, whole_rows=post > 0)
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
@@ -521,14 +567,14 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         STORE_NORM=norm_out is not None, CONV=is_conv, HAS_IDX=cidx is not None,
         HAS_FRESH=fresh_kind, ALIGNED=conv is not None and C % bk == 0,
         GROUP_I=gi, RING=R, WRITE_RING=write, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, POST_NORM=post, num_warps=warps, num_stages=stages,
         **opts,
     )
 
 
 def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none", res: Tensor | None = None,
                gamma: Tensor | None = None, alpha: Tensor | None = None, mul: Tensor | None = None,
-               lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None) -> Tensor:
+               lo: float = -1.0, hi: float = 1.0, norm: tuple | None = None, post_norm: tuple | None = None) -> Tensor:
     from .epilogue import epilogue_ref
     from .norm import norm_ref
 
@@ -539,4 +585,5 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
     h = torch.nn.functional.linear(x, weight, bias)
     if mul is not None:
         h = h * mul
-    return epilogue_ref(h, None, act, res=res, gamma=gamma, alpha=alpha, lo=lo, hi=hi)
+    h = epilogue_ref(h, None, act, res=res, gamma=gamma, alpha=alpha, lo=lo, hi=hi)
+    return h if post_norm is None else norm_ref(h, post_norm[0], post_norm[1], post_norm[2], act_gelu=post_norm[3])

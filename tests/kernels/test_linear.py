@@ -205,6 +205,37 @@ def test_many_rows_conv_windows(dtype, C, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gelu", [False, True], ids=["ln", "ln_gelu"])
+@pytest.mark.parametrize("C,N,B,T,s", [(40, 48, 3, 101, 2), (1, 36, 2, 700, 5)])  # FE conv1-like (150 rows), conv0-like
+def test_layer_norm_epilogue(dtype, gelu, C, N, B, T, s):
+    """The feature extractor's conv, LayerNorm and GELU as one launch (the norm in the epilogue,
+    whole rows in one column tile), over [cache ‖ frames] windows and over plain rows (N off a
+    power of two), against the float64 conv then norm."""
+    import fastfocal.kernels.linear as lin
+    from fastfocal.kernels.norm import norm_ref
+    from fastfocal.ops import causal_pad
+
+    k = 3 if C > 1 else 10
+    x = rand(B, T, C, dtype=dtype, device=DEVICE)
+    w = rand(N, C, k, dtype=dtype, device=DEVICE, scale=(C * k) ** -0.5)
+    g, b = rand(N, dtype=dtype, device=DEVICE), rand(N, dtype=dtype, device=DEVICE, scale=0.1)
+    cache = rand(5, k - 1, C, dtype=dtype, device=DEVICE)
+    idx, start = torch.tensor([3, 0, 4][:B], device=DEVICE), torch.tensor([7, 0, 9][:B], device=DEVICE)
+    before = cache.clone()
+    got = lin.causal_conv(x, w.permute(0, 2, 1).reshape(N, k * C), k, s, cache, idx, start, post_norm=(g, b, 1e-5, gelu))
+    xp = causal_pad(f64(x)[0], k - 1, f64(cache[idx])[0], start == 0, True, dim=1)
+    conv = torch.nn.functional.conv1d(xp.transpose(1, 2), f64(w)[0], stride=s).transpose(1, 2)
+    assert got.shape[0] * got.shape[1] > lin.FEW_ROWS
+    assert_close("conv + LN epilogue", got, norm_ref(conv, *f64(g, b), 1e-5, act_gelu=gelu), dtype)
+    assert torch.equal(cache, before)
+    h = rand(B, 9, 96, dtype=dtype, device=DEVICE)
+    wl, bl = rand(130, 96, dtype=dtype, device=DEVICE, scale=96 ** -0.5), rand(130, dtype=dtype, device=DEVICE)
+    g, b = rand(130, dtype=dtype, device=DEVICE), rand(130, dtype=dtype, device=DEVICE)
+    got = linear(h, wl, bl, act="gelu", post_norm=(g, b, 1e-6, gelu))
+    assert_close("linear + LN epilogue", got, linear_ref(*f64(h, wl, bl), act="gelu", post_norm=(*f64(g, b), 1e-6, gelu)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L", [(1, 10), (2, 13), (3, 60)])  # 4 rows, 14 rows, 162 rows (GEMM tiles)
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_grouped_conv_windows_read_in_place(dtype, B, L, tiles, monkeypatch):

@@ -111,13 +111,14 @@ def test_many_rows_on_the_gemm_kernel(causal, golden_causal, triton_backend, mon
     import fastfocal.kernels.modulate as km
     from fastfocal.engine import StreamEngine
 
-    seen = {"side": 0, "rows": 0}
+    seen = {"side": 0, "rows": 0, "post_norm": 0}
     for mod, name in ((ke, "epilogue"), (km, "modulate")):  # a matmul's epilogue pass writes its output in place
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: seen.__setitem__("side", seen["side"] + ("out" in k))
                             or _r(*a, **k))
     real_launch = kl._launch
-    monkeypatch.setattr(kl, "_launch", lambda x, w, out, M, *a, **k: seen.__setitem__("rows", max(seen["rows"], M))
+    monkeypatch.setattr(kl, "_launch", lambda x, w, out, M, *a, **k: seen.update(rows=max(seen["rows"], M),
+                                                                                post_norm=seen["post_norm"] + (k.get("post", 0) > 0))
                         or real_launch(x, w, out, M, *a, **k))
     g = golden_causal
     monkeypatch.setattr(ops, "LARGE_GEMM", True)
@@ -126,21 +127,25 @@ def test_many_rows_on_the_gemm_kernel(causal, golden_causal, triton_backend, mon
     assert_tokens("toks", causal.lats_to_toks(lats), g["toks"], lats=g["lats"])
     rec = causal.codes_to_sig(causal.lats_to_codes(lats))
     assert_close("rec_sig", rec[:, :g["rec_sig"].shape[1]], g["rec_sig"])
-    assert seen["rows"] > 1000 and seen["side"] == 0, seen
+    # the feature extractor's LayerNorm + GELU in the conv kernel's epilogue where the convs have many windows
+    assert seen["rows"] > 1000 and seen["side"] == 0 and seen["post_norm"] > 0, seen
     x = g["sig"][:1, :1280 * 2].repeat(6, 0) * np.linspace(0.5, 1.0, 6, dtype=np.float32)[:, None]
     runs = {}
     for large in (False, True):
         monkeypatch.setattr(ops, "LARGE_GEMM", large)
-        seen.update(side=0, rows=0)
+        seen.update(side=0, rows=0, post_norm=0)
         e = StreamEngine(causal, 6)
         ids = [e.open() for _ in range(6)]
         e.submit_batch(ids, x)
-        runs[large] = ([e.step_batch() for _ in range(2)], dict(seen))
-    (s0, n0), (s1, n1) = runs[False], runs[True]
+        steps = [e.step_batch() for _ in range(2)]
+        runs[large] = (steps, dict(seen), [c.clone() for c in e.states["encoder"].fe_caches])
+    (s0, n0, c0), (s1, n1, c1) = runs[False], runs[True]
     for a, b in zip(s0, s1):
         assert torch.equal(a.tokens, b.tokens) and np.array_equal(a.errors, b.errors)
         assert_close("engine audio", b.audio, a.audio, rel=1e-5)
-    assert n1["rows"] > 16 and n1["side"] == 0 and n0["side"] > 0, (n0, n1)
+    for i, (a, b) in enumerate(zip(c0, c1)):  # tokens alone rarely show a stale conv cache: compare the caches
+        assert_close(f"feature-extractor cache {i}", b, a, rel=1e-5)
+    assert n1["rows"] > 16 and n1["side"] == 0 and n0["side"] > 0 and n0["post_norm"] == 0 < n1["post_norm"], (n0, n1)
 
 
 def test_positional_conv_ring_in_the_encoder(data_dir, golden_causal, triton_backend, monkeypatch):
