@@ -393,23 +393,29 @@ def _taps_kc(weight: Tensor) -> Tensor:
     return derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
 
 
-# From this many conv windows (LARGE_GEMM: GEMM tiles) a feature-extractor layer's LayerNorm +
-# GELU is the conv kernel's epilogue, whole 512-channel rows in one column tile: its output is
-# written once instead of written, read and rewritten by a norm pass. Fewer windows keep the
-# narrow column slabs that spread a step's weight read over the SMs, and the norm launch.
+# From this many conv windows (LARGE_GEMM: GEMM tiles) the first feature-extractor layer's
+# LayerNorm + GELU is its conv kernel's epilogue, whole 512-channel rows in one column tile: the
+# largest activation of the model (3,200 frames/s x 512) is written once instead of written, read
+# and rewritten by a norm pass. Only for small weights (FE_NORM_EPILOGUE_WEIGHT elements): a
+# whole-row tile holds 32 rows, so every tile re-reads the whole weight from L2, nothing at 10 x
+# 512 taps but ~4x a 128 x 128 tile's L2 traffic for the 1536 x 512 convs after it (L2-bound:
+# slower than the norm pass it saves). Fewer windows keep the norm launch.
 FE_NORM_EPILOGUE_ROWS = 1024
+FE_NORM_EPILOGUE_WEIGHT = 65536
 
 
 def causal_conv_ln_gelu(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None, idx: Tensor | None,
                         start: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
     """GELU(LayerNorm(causal_conv_time_major(x, ...))): a feature-extractor layer. Many windows
-    on the GEMM-tile path: one launch with the norm in its epilogue, then the cache write (the
-    kernel read the old cache rows); otherwise the conv, then the norm carrying that write."""
+    on the GEMM-tile path and a small weight (the first layer): one launch with the norm in its
+    epilogue, then the cache write (the kernel read the old cache rows); otherwise the conv,
+    then the norm carrying that write."""
     k = weight.shape[-1]
     B, T = x.shape[0], x.shape[1]
     windows = B * ((T - 1) // stride + 1)
     if LARGE_GEMM and k > 1 and cache is not None and T >= k - 1 and windows >= FE_NORM_EPILOGUE_ROWS \
-            and weight.shape[0] <= lin.MAX_POST_NORM and _windows_in_place(x, weight, windows) \
+            and weight.shape[0] <= lin.MAX_POST_NORM and weight.numel() <= FE_NORM_EPILOGUE_WEIGHT \
+            and _windows_in_place(x, weight, windows) \
             and cache.dtype == x.dtype and cache.is_contiguous() and ln_weight.dtype == x.dtype:
         y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, start,
                             post_norm=(ln_weight.contiguous(), ln_bias.contiguous(), eps, True))

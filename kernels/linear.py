@@ -56,6 +56,7 @@ def _tile_override(name: str, parts: str):
 
 TILE_OVERRIDE = _tile_override("FASTFOCAL_LINEAR_TILE", "block_n,block_k,warps,stages")
 GEMM_TILE_OVERRIDE = _tile_override("FASTFOCAL_GEMM_TILE", "block_m,block_n,block_k,warps,stages")
+ROWS_TILE_OVERRIDE = _tile_override("FASTFOCAL_ROWS_GEMM_TILE", "block_m,block_k,warps,stages")  # whole-row tiles
 BLOCK_M = 16  # tl.dot's smallest M; the rows past M are masked (no bytes read)
 FEW_ROWS = 64  # up to here the weight read bounds the call: narrow column slabs; beyond, GEMM tiles
 NORMS = {"none": 0, "layer_norm": 1, "dyt": 2, "snake": 3}  # the prologue on x's channels
@@ -270,8 +271,12 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
         bn = pow2(N)
         if INTERPRET:
             return min(max(BLOCK_M, pow2(M)), 128), bn, min(pow2(K), 128), 4, 1
-        bm, bk, w, st = (32, 16, 8, 2) if dtype == torch.float32 else (64, 32, 8, 3)
-        if M <= FEW_ROWS:
+        # from the sm_90 compile: 64-row tiles spill at 8 warps, and 16 warps cap a thread at 128
+        # registers; these take 122-128 (16-bit, 16 warps) and 190-216 (fp32, 8 warps), no spills
+        bm, bk, w, st = (16, 16, 8, 2) if dtype == torch.float32 else (32, 32, 16, 3)
+        if ROWS_TILE_OVERRIDE is not None:
+            bm, bk, w, st = ROWS_TILE_OVERRIDE
+        elif M <= FEW_ROWS:
             bm = BLOCK_M
         while conv and bk > 16 and C % bk:
             bk //= 2

@@ -152,6 +152,9 @@ def record(quick: bool, pdl: bool = False) -> dict:
                                     torch.arange(B), torch.full((B,), 30), r(1024, dtype=dt), False)
         for C, k, s_, T in ((1, 10, 5, 1280), (512, 3, 2, 256)):  # the same convs at 64 streams
             linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt))
+            # ... with their LayerNorm + GELU in the epilogue (ops.causal_conv_ln_gelu, many windows)
+            linear.causal_conv(r(64, T, C, dtype=dt), r(512, k * C, dtype=dt), k, s_, r(64, k - 1, C, dtype=dt),
+                               fresh=torch.full((64,), 3), post_norm=(r(512, dtype=dt), r(512, dtype=dt), 1e-5, True))
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt), r(4, 1920, dtype=dt)], 1e3, 4)
         ix = torch.arange(4)  # ... and the four stages' frame counts advanced in the same launch
         status.row_status(r(4, 1280), [r(4, 4, 12, dtype=dt)], 1e3, 4,
