@@ -54,16 +54,16 @@ step 90 "kernel and model tests on CUDA" \
     tests/test_streaming.py tests/test_golden.py
 step 75 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
-step 90 "start-up tactic choice, bf16 full engine up to 1024 streams: every switch (PDL, GEMM tiles, focal many-row form, attention 32/64 keys) timed at every bucket (predictions: PDL wins at 1-4 rows, the focal rows form from 64, 64 keys everywhere)" \
+step 120 "start-up tactic choice, bf16 full engine up to 1024 streams: every switch (PDL, GEMM tiles, focal many-row form, attention 32/64 keys) timed at every bucket (predictions: PDL wins at 1-4 rows, the focal rows form from 64, 64 keys everywhere)" \
     env FASTFOCAL_TUNE=1 python3 bench/tactics_report.py --mode full --dtype bfloat16 --max-streams 1024
-step 60 "tuned engines and sessions compute what the defaults do (float32: bit for bit; bf16: tokens agree)" \
+step 45 "tuned engines and sessions compute what the defaults do (float32: bit for bit; bf16: tokens agree)" \
     env FASTFOCAL_TUNE=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py -k "tuned or every_bucket or session_graphs"
 step 100 "bf16 capacity targets, tuned engines as shipped: full 6000, encode 8000, decode 25000 streams at p99 <= 80 ms" \
     env FASTFOCAL_TUNE=1 python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
-step 50 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
-    python3 bench/stream_latency.py --modes full --steps 200
 step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal levels as GEMMs (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
+step 40 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
+    python3 bench/stream_latency.py --modes full --steps 200
 step 75 "focal/attention streaming tiles, old against new default (prediction: focal fused 16,64,4 faster than 8,128,4 at 1 row; at 64 and 4096 rows triton (rows form) ~4x faster than triton-fused; attention 64,8,3 faster than 32,8,3)" \
     env FOCAL_TILES="8,128,4 16,64,4" FOCAL_ROWS_TILES="4,64,4 2,64,2" ATTN_TILES="32,8,3 64,8,3" LINEAR_TILES=" " \
     bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ def main() -> None:
         sys.exit("tactics_report: needs CUDA (the runner times captured graphs)")
     if not tactics.enabled():
         sys.exit("tactics_report: FASTFOCAL_TUNE=0 is set")
+    # each bucket's result as the build goes (largest first), so a run cut short still shows them
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     codec = fastfocal.random_init(args.preset, seed=0, dtype=args.dtype)
     t0 = time.perf_counter()
     engine = fastfocal.StreamEngine(codec, args.max_streams, mode=args.mode)

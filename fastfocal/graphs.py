@@ -141,7 +141,8 @@ class GraphRunner:
         held.clear()  # the other candidates' graphs and outputs go back to the pool
         if switches:
             self.tactics[b], self.timings[b] = best, times
-            log.info("bucket %d: tactic %s, %.3f ms (defaults %.3f ms)", b, best, times[tactics.key(best)], times[default])
+            log.info("bucket %d: tactic %s, %.3f ms (defaults %.3f ms); timed: %s", b, best, times[tactics.key(best)],
+                     times[default], "; ".join(f"{dict(k)} {v:.3f}" for k, v in times.items()))
 
     def _capture_one(self, b: int, pool, side) -> tuple:
         """Warm-up and capture of bucket b on the pad slot: (graph, its static outputs)."""
