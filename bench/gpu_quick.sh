@@ -30,6 +30,7 @@ LOG="$R/log.txt"
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)" 2>&1 | tee -a "$LOG"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$LOG"
 
+NSTEP=0
 pack() {  # bench rows and logs into one file (the device returns at most 8)
     cp bench/results/*.jsonl "$R/" 2>/dev/null
     tar czf "$OUTDIR/gpu_quick.tgz.tmp" -C "$R" . && mv "$OUTDIR/gpu_quick.tgz.tmp" "$OUTDIR/gpu_quick.tgz"
@@ -39,10 +40,12 @@ step() {  # step CAP_S "what it checks" CMD...: run under min(CAP_S, budget left
     local left=$((BUDGET - (SECONDS - START) - 10))
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -lt 20 ]; then echo "== skipped (budget spent): $what" | tee -a "$LOG"; return; fi
+    NSTEP=$((NSTEP + 1))
+    local txt="$R/step$NSTEP.txt"  # each step's whole output comes back (the log keeps its tail)
     echo "== $what (cap ${cap}s, $(date '+%T'))" | tee -a "$LOG"
-    timeout "$cap" "$@" > "$R/step.txt" 2>&1
+    timeout "$cap" "$@" > "$txt" 2>&1
     local rc=$?
-    tail -25 "$R/step.txt" | tee -a "$LOG"
+    tail -25 "$txt" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || echo "== rc $rc" | tee -a "$LOG"
     pack
 }
