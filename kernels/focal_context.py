@@ -660,6 +660,55 @@ def ring_window(buf: Tensor, idx: Tensor, start: Tensor, P: int) -> Tensor:
     return buf[idx[:, None], :, ring_slots(start, -P, P, buf.shape[2])].transpose(1, 2)
 
 
+@triton.jit
+def _ring_level_write(src_ptr, ring_ptr, row, b, c, cm, start, C, T, R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The newest min(T, R) frames of src row b (C, T) into ring row `row` (C, R), frame f in slot f mod R."""
+    first = tl.maximum(T - R, 0)
+    for f0 in range(first, T, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        m = cm[:, None] & (f < T)[None, :]
+        v = tl.load(src_ptr + (b * C + c[:, None]) * T + f[None, :], mask=m)
+        tl.store(ring_ptr + (row * C + c[:, None]) * R + ((start + f) & (R - 1))[None, :], v, mask=m)
+
+
+@triton.jit
+def _ring_write_kernel(s0_ptr, s1_ptr, s2_ptr, r0_ptr, r1_ptr, r2_ptr, idx_ptr, start_ptr, C, T,
+                       R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_F: tl.constexpr, PDL: tl.constexpr):
+    """A long run's three level rings in one launch (the reference's index arithmetic and
+    scatter are ~6 launches a level): program (row, channel block, level)."""
+    pdl_wait(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    row = tl.load(idx_ptr + b)
+    start = tl.load(start_ptr + b)
+    lvl = tl.program_id(2)
+    if lvl == 0:
+        _ring_level_write(s0_ptr, r0_ptr, row, b, c, cm, start, C, T, R0, BLOCK_F)
+    elif lvl == 1:
+        _ring_level_write(s1_ptr, r1_ptr, row, b, c, cm, start, C, T, R1, BLOCK_F)
+    else:
+        _ring_level_write(s2_ptr, r2_ptr, row, b, c, cm, start, C, T, R2, BLOCK_F)
+
+
+def ring_write3(bufs: list[Tensor], idx: Tensor, start: Tensor, xs: list[Tensor]) -> None:
+    """`ring_write` of three (B, C, T) contiguous runs into their rings (S, C, R_l), one launch."""
+    B, C, T = xs[0].shape
+    check(len(bufs) == len(xs) == 3, "three levels")
+    check(all(x.shape == (B, C, T) and x.is_contiguous() for x in xs), f"runs must be contiguous ({B}, {C}, {T})")
+    check(all(r.dim() == 3 and r.shape[1] == C and r.is_contiguous() and r.dtype == xs[0].dtype
+              and r.shape[2] & (r.shape[2] - 1) == 0 for r in bufs), "rings must be contiguous (S, C, 2^k), the runs' dtype")
+    check(idx.shape == (B,) and start.shape == (B,), f"idx and start must be ({B},)")
+    if B == 0 or T == 0:
+        return
+    bc = 32
+    _ring_write_kernel[(B, triton.cdiv(C, bc), 3)](
+        *xs, *bufs, idx, start, C, T, R0=bufs[0].shape[2], R1=bufs[1].shape[2], R2=bufs[2].shape[2],
+        BLOCK_C=bc, BLOCK_F=64, **launch_opts(xs[0]),
+    )
+
+
 def ring_write(buf: Tensor, idx: Tensor, start: Tensor, x: Tensor) -> None:
     """The step's frames x (B, C, T) into ring rows idx: the newest min(T, R), frame f in slot f mod R."""
     T, R = x.shape[2], buf.shape[2]
@@ -707,8 +756,7 @@ def focal_context_long(
             num_warps=nw, **launch_opts(ctx),
         )
     if has_cache:  # after every read: the writes may overwrite them
-        for buf, v in zip(caches, (x, *ys)):
-            ring_write(buf, idx, start, v)
+        ring_write3(caches, idx, start, [x, *ys])
     return acc.transpose(1, 2)
 
 
