@@ -77,7 +77,8 @@ def example_inputs(codec, mode: str, batch: int) -> tuple[Tensor, ...]:
         x = 0.1 * torch.randn(batch, pipe.chunk, generator=torch.Generator().manual_seed(0)).to(codec.device, codec.dtype)
     else:
         x = torch.randint(0, codec.codebook_size, (batch, pipe.chunk), generator=torch.Generator().manual_seed(0)).to(codec.device)
-    return (x, *(t for st in pipe.states.values() for t in st.tensors()))
+    # clones: the rings are views of one buffer per stage, and exported inputs must not alias
+    return (x, *(t.clone() for st in pipe.states.values() for t in st.tensors()))
 
 
 def export(codec, path, mode: str = "full", batch: int = 1, opset: int = OPSET, optimize: bool = True) -> Path:

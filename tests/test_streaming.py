@@ -179,3 +179,25 @@ def test_session_steps_its_state_in_place(causal, golden_causal, monkeypatch):
     with torch.inference_mode():
         got = torch.cat([p.step(sig[:, a:a + 1280], torch.tensor([2, 0]))[0] for a in range(0, 6400, 1280)], 1)
     assert_tokens("index vs in place", got, toks)
+
+
+def test_state_rings_carved_from_one_buffer(causal):
+    """A stage's rings are contiguous, 16-byte aligned, non-overlapping views of one zeroed
+    buffer (one allocation and one fill for a fresh state); reset(rows) clears exactly those
+    rows of every ring, reset() everything."""
+    from fastfocal.pipeline import Pipeline
+
+    p = Pipeline(causal.model, "full", 3)
+    for name, st in p.states.items():
+        rings = [t for t in st.tensors() if t is not st.pos]
+        assert len({t.untyped_storage().data_ptr() for t in rings}) == 1, name
+        assert all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in rings), name
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in rings)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"{name}: rings overlap"
+        assert all((t == 0).all() for t in st.tensors())
+        for i, t in enumerate(st.tensors()):
+            t.copy_(torch.arange(t.numel()).reshape(t.shape) + i + 1)
+        st.reset([1])
+        assert all((t[1] == 0).all() and (t[0] != 0).all() and (t[2] != 0).all() for t in st.tensors()), name
+        st.reset()
+        assert all((t == 0).all() for t in st.tensors()), name
