@@ -24,6 +24,10 @@ the next, so a row block is read from DRAM once and its other column tiles hit L
 <= 1024 x 4096, stay in L2 throughout). With the tap boundaries on block edges (C % BLOCK_K == 0)
 a conv window's K block is one tap: one contiguous row read per window, no per-element division.
 
+A LayerNorm (+ GELU) of each output row can close the epilogue (`post_norm`) when one column
+tile holds the whole row (N <= 1024): the first feature-extractor conv's output, the model's
+largest activation, is then written once, not written, read and rewritten by a norm pass.
+
 Float32 accumulates IEEE products (no TF32): fp32 is the exact path.
 """
 from __future__ import annotations
