@@ -661,17 +661,6 @@ def ring_window(buf: Tensor, idx: Tensor, start: Tensor, P: int) -> Tensor:
 
 
 @triton.jit
-def _ring_level_write(src_ptr, ring_ptr, row, b, c, cm, start, C, T, R: tl.constexpr, BLOCK_F: tl.constexpr):
-    """The newest min(T, R) frames of src row b (C, T) into ring row `row` (C, R), frame f in slot f mod R."""
-    first = tl.maximum(T - R, 0)
-    for f0 in range(first, T, BLOCK_F):
-        f = f0 + tl.arange(0, BLOCK_F)
-        m = cm[:, None] & (f < T)[None, :]
-        v = tl.load(src_ptr + (b * C + c[:, None]) * T + f[None, :], mask=m)
-        tl.store(ring_ptr + (row * C + c[:, None]) * R + ((start + f) & (R - 1))[None, :], v, mask=m)
-
-
-@triton.jit
 def _ring_write_kernel(s0_ptr, s1_ptr, s2_ptr, r0_ptr, r1_ptr, r2_ptr, idx_ptr, start_ptr, C, T,
                        R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_F: tl.constexpr, PDL: tl.constexpr):
@@ -684,12 +673,13 @@ def _ring_write_kernel(s0_ptr, s1_ptr, s2_ptr, r0_ptr, r1_ptr, r2_ptr, idx_ptr, 
     row = tl.load(idx_ptr + b)
     start = tl.load(start_ptr + b)
     lvl = tl.program_id(2)
+    src = b * C * T  # runs (B, C, T): frame stride 1, channel stride T
     if lvl == 0:
-        _ring_level_write(s0_ptr, r0_ptr, row, b, c, cm, start, C, T, R0, BLOCK_F)
+        _ring_write(r0_ptr + row * C * R0, s0_ptr + src, 1, T, c, cm, T, start, R0, BLOCK_F)
     elif lvl == 1:
-        _ring_level_write(s1_ptr, r1_ptr, row, b, c, cm, start, C, T, R1, BLOCK_F)
+        _ring_write(r1_ptr + row * C * R1, s1_ptr + src, 1, T, c, cm, T, start, R1, BLOCK_F)
     else:
-        _ring_level_write(s2_ptr, r2_ptr, row, b, c, cm, start, C, T, R2, BLOCK_F)
+        _ring_write(r2_ptr + row * C * R2, s2_ptr + src, 1, T, c, cm, T, start, R2, BLOCK_F)
 
 
 def ring_write3(bufs: list[Tensor], idx: Tensor, start: Tensor, xs: list[Tensor]) -> None:
