@@ -393,6 +393,17 @@ def _taps_kc(weight: Tensor) -> Tensor:
     return derived(weight, "taps_kc", lambda w: w.permute(0, 2, 1).reshape(N, k * C).contiguous())
 
 
+def _causal_windows(x: Tensor, weight: Tensor, stride: int, cache: Tensor | None, start: Tensor | None,
+                    replicate: bool = True) -> int:
+    """Windows of a causal conv that the kernel reads in place over [cache ‖ x], or 0 where it
+    cannot (no cache, fewer than k - 1 frames, not the Triton path, ...)."""
+    k, B, T = weight.shape[-1], x.shape[0], x.shape[1]
+    windows = B * ((T - 1) // stride + 1)
+    ok = k > 1 and cache is not None and T >= k - 1 and _windows_in_place(x, weight, windows) \
+        and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or start is None)
+    return windows if ok else 0
+
+
 # From this many conv windows (LARGE_GEMM: GEMM tiles) the first feature-extractor layer's
 # LayerNorm + GELU is its conv kernel's epilogue, whole 512-channel rows in one column tile: the
 # largest activation of the model (3,200 frames/s x 512) is written once instead of written, read
@@ -410,16 +421,12 @@ def causal_conv_ln_gelu(x: Tensor, weight: Tensor, stride: int, cache: Tensor | 
     on the GEMM-tile path and a small weight (the first layer): one launch with the norm in its
     epilogue, then the cache write (the kernel read the old cache rows); otherwise the conv,
     then the norm carrying that write."""
-    k = weight.shape[-1]
-    B, T = x.shape[0], x.shape[1]
-    windows = B * ((T - 1) // stride + 1)
-    if LARGE_GEMM and k > 1 and cache is not None and T >= k - 1 and windows >= FE_NORM_EPILOGUE_ROWS \
-            and weight.shape[0] <= lin.MAX_POST_NORM and weight.numel() <= FE_NORM_EPILOGUE_WEIGHT \
-            and _windows_in_place(x, weight, windows) \
-            and cache.dtype == x.dtype and cache.is_contiguous() and ln_weight.dtype == x.dtype:
+    k, T = weight.shape[-1], x.shape[1]
+    if LARGE_GEMM and _causal_windows(x, weight, stride, cache, start) >= FE_NORM_EPILOGUE_ROWS \
+            and weight.shape[0] <= lin.MAX_POST_NORM and weight.numel() <= FE_NORM_EPILOGUE_WEIGHT:
         y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, start,
                             post_norm=(ln_weight.contiguous(), ln_bias.contiguous(), eps, True))
-        put_rows(cache, idx, x[:, T - (k - 1):])
+        put_rows(cache, idx, x[:, T - (k - 1):])  # after the kernel has read the old frames
         return y
     y, tail = causal_conv_time_major(x, weight, stride, cache, idx, start, defer=True)
     return layer_norm_gelu(y, ln_weight, ln_bias, eps, tail)
@@ -454,9 +461,8 @@ def causal_conv_time_major(x: Tensor, weight: Tensor, stride: int, cache: Tensor
     if k == 1:
         y = conv_time_major(x, weight, stride, bias)
         return (y, None) if defer else y
-    B, T = x.shape[0], x.shape[1]
-    if cache is not None and T >= k - 1 and _windows_in_place(x, weight, B * ((T - 1) // stride + 1)) \
-            and cache.dtype == x.dtype and cache.is_contiguous() and (replicate or start is None):
+    T = x.shape[1]
+    if _causal_windows(x, weight, stride, cache, start, replicate):
         y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, start, bias)
         if defer:
             return y, (x, cache, idx)
