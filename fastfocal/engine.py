@@ -195,7 +195,7 @@ class StreamEngine:
         self._lookup = None  # (open ids sorted, their slots): submit_batch's vectorised lookup
         self._codebook = codec.codebook_size if mode == "decode" else None  # stream_piece's token check
         if self.runner.capture() and self.runner.timings:
-            self.pipeline.reset(self._slot_ids)  # timing stepped the (free) slots for real
+            self.pipeline.reset()  # timing stepped the (free) slots for real: one fill a stage
         if freeze_gc:
             freeze_heap()
 
@@ -226,8 +226,9 @@ class StreamEngine:
 
     @property
     def tactics(self) -> dict[int, dict]:
-        """Batch bucket -> the tactic its graph was captured with, where start-up timed them
-        (empty: defaults everywhere, e.g. on CPU); `self.runner.timings` has the times."""
+        """Batch bucket -> the tactic its graph was captured with, where start-up timed one or
+        `tactics=` fixed it (empty: defaults everywhere, e.g. on CPU); `self.runner.timings`
+        has the times of the timed buckets."""
         return dict(self.runner.tactics)
 
     # ------------------------------------------------------------------ streams
