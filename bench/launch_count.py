@@ -4,6 +4,7 @@ kernel) with its launches listed by name. At batch 1 the step's bytes take ~0.1 
 (bench/ROOFLINE.md), so launches set the time: a graph replay costs a few microseconds per node.
 
     TRITON_INTERPRET=1 python bench/launch_count.py [--mode full] [--preset 50hz_4k_causal] [--where]
+    TRITON_INTERPRET=1 python bench/launch_count.py --mode decode --offline 2   # one offline call
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import fastfocal  # noqa: E402
 from fastfocal import kernels, ops  # noqa: E402
+from fastfocal.codec import SAMPLE_RATE_INPUT  # noqa: E402
 from fastfocal.pipeline import Pipeline  # noqa: E402
 
 # no device kernel: views, metadata, and the host-side scalars CUDA graphs bake in (reshape is
@@ -82,6 +84,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1, help="rows stepped together (more than 4 take the cuBLAS path)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="sets the bytes column")
     ap.add_argument("--where", action="store_true", help="also list where each aten op of the session comes from")
+    ap.add_argument("--offline", type=float, metavar="SECONDS",
+                    help="count one offline call (--mode encode: sig_to_toks, decode: toks_to_sig) on a clip this long "
+                         "instead of a streaming step; FASTFOCAL_LARGE_GEMM=1 for the GEMM-tile path")
     args = ap.parse_args()
     codec = fastfocal.random_init(args.preset, seed=0, device="cpu", dtype=args.dtype)
     # as on a GPU: no data-dependent host shortcuts (CUDA graphs bake nothing in)
@@ -92,6 +97,8 @@ def main() -> None:
         for name in dir(m):
             if name.endswith("_kernel"):
                 setattr(m, name, _Counted(getattr(m, name), name, launches))
+    if args.offline:
+        return offline(codec, args, launches)
     results = {}
     # engine rows: state rows gathered and scattered by a slot index (slots 1..n of n+1); a
     # session: every slot in order, idx None, state used in place
@@ -129,6 +136,43 @@ def main() -> None:
     if args.where:
         print("\nSession, where each aten op comes from:\n\n| aten op | called at | launches |\n|---|---|---|")
         for (op, site), v in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"| {op} | {site} | {v} |")
+
+
+def offline(codec, args, launches: collections.Counter) -> None:
+    """One offline call (after a warm one: weight re-layouts are made once), its launches and
+    what its aten ops write per audio-second."""
+    if args.mode == "full":
+        sys.exit("--offline counts one direction: --mode encode or --mode decode")
+    n = args.streams
+    sig = (torch.randn(n, int(SAMPLE_RATE_INPUT * args.offline)) * 0.1).to(codec.dtype)
+    with torch.inference_mode():
+        toks = codec.sig_to_toks(sig)
+        call = (lambda: codec.sig_to_toks(sig)) if args.mode == "encode" else (lambda: codec.toks_to_sig(toks))
+        call()
+        launches.clear()
+        mode = Count(where=args.where)
+        with mode:
+            STATE["counting"] = True
+            call()
+            STATE["counting"] = False
+    per = n * args.offline
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTFOCAL_") and k != "FASTFOCAL_BACKEND")
+    print(f"# Launches of one offline {args.mode} call ({args.preset}, {n} x {args.offline:g} s, {args.dtype})\n")
+    print(f"`{env + ' ' if env else ''}TRITON_INTERPRET=1 python bench/launch_count.py --mode {args.mode} "
+          f"--offline {args.offline:g}{f' --streams {n}' if n != 1 else ''}`\n")
+    print(f"Triton kernels: {sum(launches.values())}; other device ops (aten): {sum(mode.ops.values())}; "
+          f"aten writes {sum(mode.bytes.values()) / per / 1e6:.1f} MB per audio-second "
+          "(state allocation is per call, not per second)\n")
+    print("| Triton kernel | launches |\n|---|---|")
+    for k, v in launches.most_common():
+        print(f"| {k} | {v} |")
+    print("\n| aten op | launches | MB written per audio-second |\n|---|---|---|")
+    for k, v in mode.ops.most_common():
+        print(f"| {k} | {v} | {mode.bytes.get(k, 0) / per / 1e6:.1f} |")
+    if args.where:
+        print("\n| aten op | called at | launches |\n|---|---|---|")
+        for (op, site), v in sorted(mode.where.items(), key=lambda kv: (-kv[1], kv[0])):
             print(f"| {op} | {site} | {v} |")
 
 
