@@ -211,6 +211,25 @@ def _has_pack_ops() -> bool:
 
 
 _PACK_OPS = _has_pack_ops()
+_PACK_DTYPES: dict = {}
+
+
+def _pack_dtype_ok(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs this dtype on this CPU: its bf16 reorder needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT and raises without them, so ask once with a tiny weight; no: plain F.linear."""
+    ok = _PACK_DTYPES.get(dtype)
+    if ok is None:
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                w = torch.zeros(8, 8, dtype=dtype)
+                torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype),
+                                                   torch.ops.mkldnn._reorder_linear_weight(w, 2),
+                                                   None, "none", [], "")
+            ok = True
+        except RuntimeError:
+            ok = False
+        _PACK_DTYPES[dtype] = ok
+    return ok
 
 
 def _pack_ok(x: Tensor, w: Tensor) -> bool:
@@ -218,7 +237,8 @@ def _pack_ok(x: Tensor, w: Tensor) -> bool:
             and w.dim() == 2 and backend() == "auto" and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
             and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and _pack_dtype_ok(x.dtype))
 
 
 def _packed(w: Tensor) -> Tensor:
