@@ -226,7 +226,7 @@ def _pack_dtype_ok(dtype: torch.dtype) -> bool:
                                                    torch.ops.mkldnn._reorder_linear_weight(w, 2),
                                                    None, "none", [], "")
             ok = True
-        except RuntimeError:
+        except (RuntimeError, AttributeError):
             ok = False
         _PACK_DTYPES[dtype] = ok
     return ok

@@ -47,6 +47,21 @@ def test_switch_off_gives_plain_linear(wx, monkeypatch):
     assert torch.equal(ops.matmul(x, wi, b), F.linear(x, wi, b))
 
 
+def test_a_dtype_this_cpu_cannot_pack_takes_plain_linear(wx, monkeypatch):
+    """oneDNN's bf16 reorder needs AVX-512 or AVX-NE-CONVERT: the probe must say what the op does
+    here, and a dtype it cannot pack must give F.linear's bits, not raise."""
+    w = torch.randn(8, 8).bfloat16()
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        packs = True
+    except (RuntimeError, AttributeError):
+        packs = False
+    assert ops._pack_dtype_ok(torch.bfloat16) == packs
+    monkeypatch.setitem(ops._PACK_DTYPES, torch.bfloat16, False)
+    w, b, x = (t.bfloat16() for t in wx)
+    assert torch.equal(ops.matmul(x, w, b), F.linear(x, w, b))
+
+
 def test_safe_grouped_conv_follows_weight_changes():
     """bf16 grouped convs run in fp32 on CPU from a cached fp32 weight: the cache must follow."""
     g = torch.Generator().manual_seed(1)
