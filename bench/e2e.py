@@ -7,6 +7,7 @@ bench/results/e2e-<machine>.{json,md,png}.
 
     python bench/e2e.py                 # full sweep (GPU: batch 1..64, 30 s clips)
     python bench/e2e.py --quick         # CPU-sized sweep, a few minutes on 2 cores
+    python bench/e2e.py --quick --batches 1 --tag cpu-avx2   # results as e2e-cpu-avx2.*
 """
 from __future__ import annotations
 
@@ -37,7 +38,18 @@ def machine() -> dict:
     except OSError:
         commit = "?"
     return {"device": dev, "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_isa": cpu_isa()}
+
+
+def cpu_isa() -> str:
+    """The vector extensions CPU bf16 speed hangs on (oneDNN packs bf16 only with AVX-512 or
+    AVX-NE-CONVERT; AMX multiplies it)."""
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    want = ("avx2", "avx512bw", "avx512_bf16", "avx_ne_convert", "amx_bf16")
+    return " ".join(f for f in want if f in flags) or "none of " + " ".join(want)
 
 
 def sync():
@@ -96,9 +108,9 @@ def run(args) -> list[dict]:
 
 def write(rows: list[dict], info: dict, args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "gpu-" + info["device"].replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    tag = args.tag or ("gpu-" + info["device"].replace(" ", "_") if torch.cuda.is_available() else "cpu")
     (RESULTS / f"e2e-{tag}.json").write_text(json.dumps({"machine": info, "command": " ".join(sys.argv), "rows": rows}, indent=1))
-    lines = [f"Machine: {info['device']}, torch {info['torch']}, commit {info['commit']}, {info['date']}",
+    lines = [f"Machine: {info['device']} ({info['cpu_isa']}), torch {info['torch']}, commit {info['commit']}, {info['date']}",
              f"Command: `python {' '.join(sys.argv)}` (model: random-init {args.preset})", "",
              "| bench | dtype | backend | batch | result |", "|---|---|---|---|---|"]
     for r in rows:
@@ -142,6 +154,7 @@ def main():
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--tag", help="results file tag (default: cpu, or gpu-<device>)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     if not gpu:

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
-from .kernels._common import derived, exact_convs, grouped_conv1d, pow2  # noqa: F401  (the model reaches them through ops)
+from .kernels._common import derived, exact_convs, float32_weight, grouped_conv1d, pow2  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
 
@@ -199,6 +199,9 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 # bf16). The reorder is cached per weight tensor (views: per base tensor and view geometry) and
 # redone when the weight changes in place (its version counter moves). Costs a second copy of
 # the weights in memory. FASTFOCAL_CPU_PACK=0 or FASTFOCAL_BACKEND=torch: plain F.linear.
+# bf16/fp16 where oneDNN cannot pack them (its bf16 reorder needs AVX-512 BW/VL/DQ or
+# AVX-NE-CONVERT): the matmul runs in fp32 on the weight packed as fp32 and rounds once. On an
+# AVX2 machine plain bf16 F.linear measured 8x slower than that at 512 rows and 1.4x at 4.
 _PACKED = WeakIdKeyDictionary()
 
 
@@ -215,8 +218,8 @@ _PACK_DTYPES: dict = {}
 
 
 def _pack_dtype_ok(dtype: torch.dtype) -> bool:
-    """Whether oneDNN packs this dtype on this CPU: its bf16 reorder needs AVX-512 (BW, VL, DQ) or
-    AVX-NE-CONVERT and raises without them, so ask once with a tiny weight; no: plain F.linear."""
+    """Whether oneDNN packs this dtype on this CPU (asked once, with a tiny weight: the reorder
+    raises where the CPU lacks the instructions)."""
     ok = _PACK_DTYPES.get(dtype)
     if ok is None:
         try:
@@ -232,26 +235,44 @@ def _pack_dtype_ok(dtype: torch.dtype) -> bool:
     return ok
 
 
-def _pack_ok(x: Tensor, w: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
-            and w.dim() == 2 and backend() == "auto" and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
+def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
+    """The dtype the CPU matmul computes in on a packed weight: x's, or fp32 for a bf16/fp16 that
+    this CPU cannot pack; None: plain F.linear."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and w.dtype == x.dtype and w.dim() == 2 and backend() == "auto"
+            and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
             and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and _pack_dtype_ok(x.dtype))
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+        return None
+    return x.dtype if x.dtype == torch.float32 or _pack_dtype_ok(x.dtype) else torch.float32
 
 
-def _packed(w: Tensor) -> Tensor:
+def _packed(w: Tensor, dtype: torch.dtype) -> Tensor:
     base = w._base if w._base is not None else w
     views = _PACKED.setdefault(base, {})
-    key = (w.storage_offset(), tuple(w.shape), w.stride())
+    key = (w.storage_offset(), tuple(w.shape), w.stride(), dtype)
     stamp = (w._version, w.data_ptr())  # data_ptr: `param.data = other` keeps the object, not the storage
     hit = views.get(key)
     if hit is None or hit[0] != stamp:
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor: usable in and out of inference mode
-            hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 4))
+            hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), 4))
         views[key] = hit
     return hit[1]
+
+
+def _packed_call(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, act: str = "none",
+                 res: Tensor | None = None) -> Tensor:
+    """x W^T + b [GELU | + res] on the packed weight, computed in `dtype`, returned in x's."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if dtype != x.dtype:
+        x2, bias = x2.to(dtype), (float32_weight(bias) if bias is not None else None)
+    if res is None:
+        y = torch.ops.mkldnn._linear_pointwise(x2, _packed(weight, dtype), bias, act, [], "none" if act == "gelu" else "")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, res.reshape(x2.shape[0], -1).to(dtype),
+                                                      _packed(weight, dtype), bias, "add")
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 # GPU, few rows (a small-batch streaming step: 4 rows per stream): the matmul and its epilogue
@@ -300,10 +321,8 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if _skinny(x, weight):
         return _skinny_linear(x, weight, bias)
     x = value(x)
-    if not _pack_ok(x, weight):
-        return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _packed(weight), bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    dtype = _pack_dtype(x, weight)
+    return F.linear(x, weight, bias) if dtype is None else _packed_call(x, weight, bias, dtype)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -315,16 +334,12 @@ def _fused_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none"
     """GELU or a residual add (one, not both) as a post-op of the CPU matmul: one call instead
     of two; fp32 gives the same bits as the separate ops, bf16 rounds once instead of twice.
     None where it does not apply (then the caller runs matmul + epilogue)."""
-    if not _pack_ok(x, weight) or (act == "gelu") == (res is not None) or act not in ("gelu", "none"):
+    dtype = _pack_dtype(x, weight)
+    if dtype is None or (act == "gelu") == (res is not None) or act not in ("gelu", "none"):
         return None
-    x2 = x.reshape(-1, x.shape[-1])
-    if res is None:
-        y = torch.ops.mkldnn._linear_pointwise(x2, _packed(weight), bias, "gelu", [], "none")
-    elif res.dtype != x.dtype or res.shape != (*x.shape[:-1], weight.shape[0]):
+    if res is not None and (res.dtype != x.dtype or res.shape != (*x.shape[:-1], weight.shape[0])):
         return None
-    else:
-        y = torch.ops.mkldnn._linear_pointwise.binary(x2, res.reshape(x2.shape[0], -1), _packed(weight), bias, "add")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _packed_call(x, weight, bias, dtype, act, res)
 
 
 def _epi(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none", res: Tensor | None = None,

@@ -47,19 +47,30 @@ def test_switch_off_gives_plain_linear(wx, monkeypatch):
     assert torch.equal(ops.matmul(x, wi, b), F.linear(x, wi, b))
 
 
-def test_a_dtype_this_cpu_cannot_pack_takes_plain_linear(wx, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype):
     """oneDNN's bf16 reorder needs AVX-512 or AVX-NE-CONVERT: the probe must say what the op does
-    here, and a dtype it cannot pack must give F.linear's bits, not raise."""
-    w = torch.randn(8, 8).bfloat16()
+    here, and where a dtype cannot be packed the matmul (and its GELU / residual post-ops) runs
+    in fp32 on the weight packed as fp32, rounded once: within half a unit in the last place
+    of the float64 result."""
+    w = torch.randn(8, 8).to(dtype)
     try:
         torch.ops.mkldnn._reorder_linear_weight(w, 2)
         packs = True
     except (RuntimeError, AttributeError):
         packs = False
-    assert ops._pack_dtype_ok(torch.bfloat16) == packs
-    monkeypatch.setitem(ops._PACK_DTYPES, torch.bfloat16, False)
-    w, b, x = (t.bfloat16() for t in wx)
-    assert torch.equal(ops.matmul(x, w, b), F.linear(x, w, b))
+    assert ops._pack_dtype_ok(dtype) == packs
+    monkeypatch.setitem(ops._PACK_DTYPES, dtype, False)
+    w, b, x = (t.to(dtype) for t in wx)
+    res = torch.randn(5, 4, 48).to(dtype)
+    h = F.linear(x.double(), w.double(), b.double())
+    eps = torch.finfo(dtype).eps
+    for got, want in ((ops.matmul(x, w, b), h), (ops.linear_gelu(x, w, b), F.gelu(h)),
+                      (ops.linear_residual(x, w, b, res), h + res.double())):
+        assert got.dtype == dtype
+        # one rounding of a value computed in fp32: |err| <= ulp/2 (+ fp32's own error)
+        assert ((got.double() - want).abs() <= want.abs() * eps / 2 * 1.01 + 1e-5).all()
+    assert any(k[-1] == torch.float32 for k in ops._PACKED[w])
 
 
 def test_safe_grouped_conv_follows_weight_changes():
