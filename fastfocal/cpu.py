@@ -33,6 +33,32 @@ from .kernels.focal_context import ring_window, ring_write
 from .state import all_rows
 
 MAX_STEP_FRAMES = 64  # attention: scores are (B, H, T, R + T) fp32; longer runs take the reference
+_NATIVE: dict = {}
+
+
+def native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` natively: oneDNN packs it (asked once, with a tiny
+    weight; its bf16 reorder raises without AVX-512 BW/VL/DQ or AVX-NE-CONVERT). fp32 always."""
+    if dtype == torch.float32:
+        return True
+    ok = _NATIVE.get(dtype)
+    if ok is None:
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), 2)
+                torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype), w, None, "none", [], "")
+            ok = True
+        except (RuntimeError, AttributeError):
+            ok = False
+        _NATIVE[dtype] = ok
+    return ok
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a CPU matmul of `dtype` computes in: its own, or fp32 where the CPU has no native
+    form (there bf16 matmuls and bmm's measured 1.4-8x slower than fp32 ones on an AVX2 machine;
+    one rounding at the end instead)."""
+    return dtype if native(dtype) else torch.float32
 
 
 def _window_bias(start: Tensor, T: int, R: int, chunk: int, window: int, rel_emb: Tensor, num_buckets: int,
@@ -75,10 +101,11 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
         bias, mask = _window_bias(start, T, R, chunk, window, rel_emb, num_buckets, max_distance)
         if memo is not None:
             memo[key] = (bias, mask)
-    kv = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).to(k_ring.dtype)  # 3 B H T d
+    cd = compute_dtype(k_ring.dtype)
+    kv = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).to(k_ring.dtype).to(cd)  # 3 B H T d (ring-rounded)
     q, k, v = kv[0], kv[1], kv[2]
-    kr = k_ring if idx is None else k_ring.index_select(0, idx)
-    vr = v_ring if idx is None else v_ring.index_select(0, idx)
+    kr = (k_ring if idx is None else k_ring.index_select(0, idx)).to(cd)
+    vr = (v_ring if idx is None else v_ring.index_select(0, idx)).to(cd)
     gate = attention_gate_ref(y, gru_w, gru_b, gru_const, H)  # B H T fp32
     # the matmuls read the rings in their dtype (fp32 accumulation inside); scores, bias and
     # softmax in fp32 (the reference rounds the bias to the compute dtype)

@@ -214,25 +214,6 @@ def _has_pack_ops() -> bool:
 
 
 _PACK_OPS = _has_pack_ops()
-_PACK_DTYPES: dict = {}
-
-
-def _pack_dtype_ok(dtype: torch.dtype) -> bool:
-    """Whether oneDNN packs this dtype on this CPU (asked once, with a tiny weight: the reorder
-    raises where the CPU lacks the instructions)."""
-    ok = _PACK_DTYPES.get(dtype)
-    if ok is None:
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                w = torch.zeros(8, 8, dtype=dtype)
-                torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype),
-                                                   torch.ops.mkldnn._reorder_linear_weight(w, 2),
-                                                   None, "none", [], "")
-            ok = True
-        except (RuntimeError, AttributeError):
-            ok = False
-        _PACK_DTYPES[dtype] = ok
-    return ok
 
 
 def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
@@ -245,7 +226,7 @@ def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
         return None
-    return x.dtype if x.dtype == torch.float32 or _pack_dtype_ok(x.dtype) else torch.float32
+    return cpu.compute_dtype(x.dtype)
 
 
 def _packed(w: Tensor, dtype: torch.dtype) -> Tensor:
@@ -586,7 +567,11 @@ def grouped_conv_time_major(xp: Tensor, w: Tensor, b: Tensor, groups: int) -> Te
     output frames (a streaming step) a batched GEMM over unfolded windows is ~8x faster than the
     library conv on CPU. So it is for long bf16 runs on CPU taken ~64 rows at a time (the
     unfolded windows stay in cache): there the library conv runs in fp32 (`grouped_conv1d`),
-    3-4x slower (WavLM's pos conv over 500 frames: 61 -> 16 ms at batch 1, 214 -> 90 ms at batch 4)."""
+    3-4x slower (WavLM's pos conv over 500 frames: 61 -> 16 ms at batch 1, 214 -> 90 ms at batch 4),
+    on a CPU with native bf16; without it, everything runs as fp32."""
+    if xp.device.type == "cpu" and xp.dtype != torch.float32 and not cpu.native(xp.dtype):
+        # no native bf16 matmul (AVX2): its baddbmm took 19% of an offline encode; fp32, one rounding
+        return grouped_conv_time_major(xp.float(), float32_weight(w), float32_weight(b), groups).to(xp.dtype)
     B, L, C = xp.shape
     O, I, k = w.shape
     T = L - k + 1

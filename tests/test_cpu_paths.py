@@ -65,12 +65,16 @@ def test_attention_long_equals_reference(dtype, starts, rows, T):
     assert len(memo) == n_blocks  # each block's bias built once for both layers
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-as-fp32"])
 @pytest.mark.parametrize("S,rows,H,d,R,T", [(3, None, 4, 32, 28, 4), (4, [2, 0], 4, 32, 28, 4),
                                             (1, None, 16, 64, 508, 4), (2, [1], 2, 16, 20, 8)])
-def test_attention_step_equals_reference(dtype, S, rows, H, d, R, T):
+def test_attention_step_equals_reference(dtype, S, rows, H, d, R, T, monkeypatch):
     """Several steps past the ring length, rows at different positions (one fresh), two
-    layers per step sharing one memo, each with its own rings and gate weights."""
+    layers per step sharing one memo, each with its own rings and gate weights.
+    bf16-as-fp32: bf16 rings on a CPU without native bf16 (the matmuls in fp32)."""
+    if dtype == "bf16-as-fp32":
+        monkeypatch.setitem(cpu._NATIVE, torch.bfloat16, False)
+        dtype = torch.bfloat16
     g = torch.Generator().manual_seed(S * 100 + R)
     idx = None if rows is None else torch.tensor(rows)
     B = S if idx is None else len(rows)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastfocal import ops
+from fastfocal import cpu, ops
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype
         packs = True
     except (RuntimeError, AttributeError):
         packs = False
-    assert ops._pack_dtype_ok(dtype) == packs
-    monkeypatch.setitem(ops._PACK_DTYPES, dtype, False)
+    assert cpu.native(dtype) == packs
+    monkeypatch.setitem(cpu._NATIVE, dtype, False)
     w, b, x = (t.to(dtype) for t in wx)
     res = torch.randn(5, 4, 48).to(dtype)
     h = F.linear(x.double(), w.double(), b.double())
@@ -117,12 +117,16 @@ def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
 
 
 @pytest.mark.parametrize("B,T", [(1, 4), (1, 65), (3, 200), (80, 70)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_conv_forms_equal_the_conv(B, T, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-as-fp32"])
+def test_grouped_conv_forms_equal_the_conv(B, T, dtype, monkeypatch):
     """ops.grouped_conv_time_major (the CPU / long-run form) (batched GEMM for short runs; for long bf16 runs
     ~64 rows at a time, whatever the chunk boundaries) against the float64 conv; fp32 long runs
-    are the library conv."""
+    are the library conv. bf16-as-fp32: a CPU without native bf16 (all in fp32, one rounding)."""
     from fastfocal.ops import grouped_conv_time_major as _grouped_conv
+
+    if dtype == "bf16-as-fp32":
+        monkeypatch.setitem(cpu._NATIVE, torch.bfloat16, False)
+        dtype = torch.bfloat16
 
     g = torch.Generator().manual_seed(B * 1000 + T)
     C, G, k = 64, 4, 9
