@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import fastfocal
+from e2e import cpu_isa  # bench/ is on sys.path when run as a script
 from fastfocal.audio import read_audio
 from fastfocal.pipeline import Pipeline
 
@@ -253,7 +254,7 @@ def main() -> int:
     src = b"".join(p.read_bytes() for d in ("fastfocal", "kernels") for p in sorted((ROOT / d).glob("*.py")))
     key = hashlib.sha1(a.preset.encode() + b"-seed0-" + src).hexdigest()[:12]
     bw, core = Bandwidth(), CoreSpeed()
-    base = {"machine": machine(), "commit": commit(), "torch": torch.__version__, "preset": a.preset,
+    base = {"machine": machine(), "cpu_isa": cpu_isa(), "commit": commit(), "torch": torch.__version__, "preset": a.preset,
             "date": time.strftime("%Y-%m-%d %H:%M"), "batch": 1}
     rows = []
     for t in threads:
