@@ -242,10 +242,40 @@ def _packed(w: Tensor, dtype: torch.dtype) -> Tensor:
     return hit[1]
 
 
+def _fp16_packed(w: Tensor, bias: Tensor | None):
+    """FBGEMM's packed fp16 weight (and fp32 bias) of a bf16/fp16 w, cached like `_packed` (the
+    bias's identity and version in the stamp); None where w has values beyond fp16's range
+    (bf16 is exact in fp16 from 2^-14 to 65504; smaller magnitudes lose < 2^-25 each)."""
+    base = w._base if w._base is not None else w
+    views = _PACKED.setdefault(base, {})
+    key = (w.storage_offset(), tuple(w.shape), w.stride(), "fp16-gemm")
+    stamp = (w._version, w.data_ptr()) + ((bias._version, bias.data_ptr()) if bias is not None else ())
+    hit = views.get(key)
+    if hit is None or hit[0] != stamp:
+        with torch.inference_mode(False), torch.no_grad():
+            wf = w.detach().float()
+            fits = bool(torch.isfinite(wf).all()) and float(wf.abs().max()) <= 65504.0 if wf.numel() else True
+            packed = torch.ops.quantized.linear_prepack_fp16(
+                wf, None if bias is None else bias.detach().float()) if fits else None
+        hit = (stamp, packed)
+        views[key] = hit
+    return hit[1]
+
+
 def _packed_call(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, act: str = "none",
                  res: Tensor | None = None) -> Tensor:
-    """x W^T + b [GELU | + res] on the packed weight, computed in `dtype`, returned in x's."""
+    """x W^T + b [GELU | + res] on the packed weight, computed in `dtype`, returned in x's.
+    A bf16/fp16 x computed in fp32 takes FBGEMM's fp16 weights where it can (half the bytes)."""
     x2 = x.reshape(-1, x.shape[-1])
+    if dtype != x.dtype and cpu.fp16_weight_gemm():
+        p = _fp16_packed(weight, bias)
+        if p is not None:
+            y = torch.ops.quantized.linear_dynamic_fp16(x2.float(), p)
+            if act == "gelu":
+                y = F.gelu(y)
+            if res is not None:
+                y = y.add_(res.reshape(y.shape))
+            return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if dtype != x.dtype:
         x2, bias = x2.to(dtype), (float32_weight(bias) if bias is not None else None)
     if res is None:

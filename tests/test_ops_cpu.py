@@ -47,12 +47,14 @@ def test_switch_off_gives_plain_linear(wx, monkeypatch):
     assert torch.equal(ops.matmul(x, wi, b), F.linear(x, wi, b))
 
 
+@pytest.mark.parametrize("route", ["fp16-gemm", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype):
+def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype, route):
     """oneDNN's bf16 reorder needs AVX-512 or AVX-NE-CONVERT: the probe must say what the op does
-    here, and where a dtype cannot be packed the matmul (and its GELU / residual post-ops) runs
-    in fp32 on the weight packed as fp32, rounded once: within half a unit in the last place
-    of the float64 result."""
+    here. Where a dtype cannot be packed, the matmul (and its GELU / residual post-ops) runs in
+    fp32 on FBGEMM's fp16 weights (exact for these) or on the weight packed as fp32, rounded
+    once: within half a unit in the last place of the float64 result. A weight beyond fp16's
+    range takes the fp32 route."""
     w = torch.randn(8, 8).to(dtype)
     try:
         torch.ops.mkldnn._reorder_linear_weight(w, 2)
@@ -61,16 +63,26 @@ def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype
         packs = False
     assert cpu.native(dtype) == packs
     monkeypatch.setitem(cpu._NATIVE, dtype, False)
+    if route == "fp16-gemm" and not cpu.fp16_weight_gemm():
+        pytest.skip("this torch build has no FBGEMM fp16 GEMM")
+    monkeypatch.setattr(cpu, "_FP16_GEMM", [route == "fp16-gemm"])
     w, b, x = (t.to(dtype) for t in wx)
     res = torch.randn(5, 4, 48).to(dtype)
-    h = F.linear(x.double(), w.double(), b.double())
+    huge = w.clone()
+    huge[0, 0] = 2 ** 17 if dtype == torch.bfloat16 else float("inf")
     eps = torch.finfo(dtype).eps
-    for got, want in ((ops.matmul(x, w, b), h), (ops.linear_gelu(x, w, b), F.gelu(h)),
-                      (ops.linear_residual(x, w, b, res), h + res.double())):
-        assert got.dtype == dtype
-        # one rounding of a value computed in fp32: |err| <= ulp/2 (+ fp32's own error)
-        assert ((got.double() - want).abs() <= want.abs() * eps / 2 * 1.01 + 1e-5).all()
-    assert any(k[-1] == torch.float32 for k in ops._PACKED[w])
+    for wi in (w, huge):
+        h = F.linear(x.double(), wi.double(), b.double())
+        for got, want in ((ops.matmul(x, wi, b), h), (ops.linear_gelu(x, wi, b), F.gelu(h)),
+                          (ops.linear_residual(x, wi, b, res), h + res.double())):
+            assert got.dtype == dtype
+            ok = (got.double() - want).abs() <= want.abs() * eps / 2 * 1.01 + 1e-5
+            # one rounding of a value computed in fp32: |err| <= ulp/2 (+ fp32's own error)
+            assert (ok | ~torch.isfinite(want)).all()
+    keys = {k[-1] for k in ops._PACKED[w]}
+    assert keys == ({"fp16-gemm"} if route == "fp16-gemm" else {torch.float32}), keys
+    if route == "fp16-gemm":  # out of fp16's range: cached as unusable, computed on the fp32 weight
+        assert {k[-1] for k in ops._PACKED[huge]} == {"fp16-gemm", torch.float32}
 
 
 def test_safe_grouped_conv_follows_weight_changes():
