@@ -83,6 +83,10 @@ def test_a_dtype_this_cpu_cannot_pack_computes_in_float32(wx, monkeypatch, dtype
     assert keys == ({"fp16-gemm"} if route == "fp16-gemm" else {torch.float32}), keys
     if route == "fp16-gemm":  # out of fp16's range: cached as unusable, computed on the fp32 weight
         assert {k[-1] for k in ops._PACKED[huge]} == {"fp16-gemm", torch.float32}
+        many = torch.randn(ops.FP16_GEMM_ROWS + 1, 40).to(dtype)  # many rows: the fp32 packed weight
+        h = F.linear(many.double(), w.double(), b.double())
+        assert ((ops.matmul(many, w, b).double() - h).abs() <= h.abs() * eps / 2 * 1.01 + 1e-5).all()
+        assert {k[-1] for k in ops._PACKED[w]} == {"fp16-gemm", torch.float32}
 
 
 def test_safe_grouped_conv_follows_weight_changes():
