@@ -200,8 +200,9 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 # redone when the weight changes in place (its version counter moves). Costs a second copy of
 # the weights in memory. FASTFOCAL_CPU_PACK=0 or FASTFOCAL_BACKEND=torch: plain F.linear.
 # bf16/fp16 where oneDNN cannot pack them (its bf16 reorder needs AVX-512 BW/VL/DQ or
-# AVX-NE-CONVERT): the matmul runs in fp32 on the weight packed as fp32 and rounds once. On an
-# AVX2 machine plain bf16 F.linear measured 8x slower than that at 512 rows and 1.4x at 4.
+# AVX-NE-CONVERT): up to FP16_GEMM_ROWS rows on FBGEMM's fp16 weights, longer runs in fp32 on the
+# weight packed as fp32; both round once. On an AVX2 machine plain bf16 F.linear measured 8x
+# slower than the fp32 route at 512 rows and 1.4x at 4.
 _PACKED = WeakIdKeyDictionary()
 
 
@@ -229,17 +230,23 @@ def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
     return cpu.compute_dtype(x.dtype)
 
 
-def _packed(w: Tensor, dtype: torch.dtype) -> Tensor:
+def _cached_pack(w: Tensor, tag, make, extra: tuple = ()):
+    """make(w detached) in a plain tensor, cached per weight (views: per base tensor and view
+    geometry) and `tag`, redone when w (or what `extra` stamps) changes."""
     base = w._base if w._base is not None else w
     views = _PACKED.setdefault(base, {})
-    key = (w.storage_offset(), tuple(w.shape), w.stride(), dtype)
-    stamp = (w._version, w.data_ptr())  # data_ptr: `param.data = other` keeps the object, not the storage
+    key = (w.storage_offset(), tuple(w.shape), w.stride(), tag)
+    stamp = (w._version, w.data_ptr()) + extra  # data_ptr: `param.data = other` keeps the object, not the storage
     hit = views.get(key)
     if hit is None or hit[0] != stamp:
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor: usable in and out of inference mode
-            hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), 4))
+            hit = (stamp, make(w.detach()))
         views[key] = hit
     return hit[1]
+
+
+def _packed(w: Tensor, dtype: torch.dtype) -> Tensor:
+    return _cached_pack(w, dtype, lambda t: torch.ops.mkldnn._reorder_linear_weight(t.to(dtype).contiguous(), 4))
 
 
 # rows up to which the fp16-weight GEMM beats the fp32 packed weight (bandwidth-bound): on a
@@ -252,20 +259,13 @@ def _fp16_packed(w: Tensor, bias: Tensor | None):
     """FBGEMM's packed fp16 weight (and fp32 bias) of a bf16/fp16 w, cached like `_packed` (the
     bias's identity and version in the stamp); None where w has values beyond fp16's range
     (bf16 is exact in fp16 from 2^-14 to 65504; smaller magnitudes lose < 2^-25 each)."""
-    base = w._base if w._base is not None else w
-    views = _PACKED.setdefault(base, {})
-    key = (w.storage_offset(), tuple(w.shape), w.stride(), "fp16-gemm")
-    stamp = (w._version, w.data_ptr()) + ((bias._version, bias.data_ptr()) if bias is not None else ())
-    hit = views.get(key)
-    if hit is None or hit[0] != stamp:
-        with torch.inference_mode(False), torch.no_grad():
-            wf = w.detach().float()
-            fits = bool(torch.isfinite(wf).all()) and float(wf.abs().max()) <= 65504.0 if wf.numel() else True
-            packed = torch.ops.quantized.linear_prepack_fp16(
-                wf, None if bias is None else bias.detach().float()) if fits else None
-        hit = (stamp, packed)
-        views[key] = hit
-    return hit[1]
+    def make(t: Tensor):
+        wf = t.float()
+        if not bool((wf.abs() <= 65504.0).all()):  # also false for inf / NaN
+            return None
+        return torch.ops.quantized.linear_prepack_fp16(wf, None if bias is None else bias.detach().float())
+
+    return _cached_pack(w, "fp16-gemm", make, () if bias is None else (bias._version, bias.data_ptr()))
 
 
 def _packed_call(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, act: str = "none",
