@@ -5,6 +5,7 @@ profile names model-level ops (attention, focal context, each Linear kind) rathe
 """
 import argparse
 import collections
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def wrap(name):
 
 for n in dir(ops):
     f = getattr(ops, n)
-    if callable(f) and not n.startswith("_") and getattr(f, "__module__", "") == "fastfocal.ops" and n not in ("backend", "use_triton"):
+    if inspect.isfunction(f) and not n.startswith("_") and getattr(f, "__module__", "") == "fastfocal.ops" and n not in ("backend", "use_triton"):
         wrap(n)
 for i in range(10):
     step(inputs[i % len(inputs)])
