@@ -5,8 +5,8 @@ interleaved, e.g. an old commit checked out in /tmp/old:
     git worktree add /tmp/old 25c28e1
     for d in float32 bfloat16; do PYTHONPATH=/tmp/old python bench/ab_step.py $d; python bench/ab_step.py $d; done
 """
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -15,17 +15,25 @@ import torch
 
 import fastfocal
 
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
+ap.add_argument("--preset", default="50hz_4k_causal", help="preset or config.json (random weights)")
+ap.add_argument("--pushes", type=int, default=60, help="chunks pushed; the first 10 are warm-up")
+args = ap.parse_args()
+if args.pushes <= 10:
+    ap.error("--pushes must be more than the 10 warm-up pushes")
 torch.set_num_threads(1)
-dtype = sys.argv[1]
-c = fastfocal.random_init("50hz_4k_causal", device="cpu", dtype=dtype)
+dtype = args.dtype
+n = args.pushes
+c = fastfocal.random_init(args.preset, device="cpu", dtype=dtype)
 x, _ = sf.read(str(Path(__file__).resolve().parent.parent / "tests/data/audio/p287_007.wav"), dtype="float32")
 x = torch.from_numpy(x)
 res = {}
 for mode in ("full", "decode"):
     s = c.stream() if mode == "full" else c.stream_decoder()
-    toks = c.sig_to_toks(x[:1280 * 60]) if mode == "decode" else None
+    toks = c.sig_to_toks(x[:1280 * n]) if mode == "decode" else None
     ts = []
-    for i in range(60):
+    for i in range(n):
         inp = x[i * 1280:(i + 1) * 1280] if mode == "full" else toks[i * 4:(i + 1) * 4]
         t0 = time.perf_counter()
         s.push(inp)

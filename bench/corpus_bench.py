@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the encoding process (default: torch's); "
                     "on a shared or busy CPU use 1: OpenMP threads that get descheduled spin at every barrier")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "corpus.jsonl"))
+    ap.add_argument("--results", default=str(Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or ROOT / "bench" / "results") / "corpus.jsonl"))
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:

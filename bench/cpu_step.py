@@ -39,7 +39,7 @@ from fastfocal.audio import read_audio
 from fastfocal.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or ROOT / "bench" / "results")  # tests point it at a tmp dir
 SPEECH = [ROOT.parent / "shared" / "audio" / "librispeech-dev-clean", Path("/work/shared/audio/librispeech-dev-clean"),
           ROOT / "tests" / "data" / "audio"]
 CACHE = Path(os.environ.get("FASTFOCAL_BENCH_CACHE", "/tmp/fastfocal-bench"))

@@ -28,7 +28,7 @@ from fastfocal import ops
 
 LARGE_GEMM = ops.LARGE_GEMM
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 
 
 def machine() -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fastfocal  # noqa: E402
 from stream_latency import machine, sync  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 
 
 def measure(engine, steps: int, batch: bool, batch_submit: bool = False, host_only: bool = False) -> dict:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fastfocal  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 PEAK = {"float32": 67e12, "bfloat16": 790e12, "float16": 790e12}  # H200 dense; fp32 without TF32
 
 

@@ -33,7 +33,7 @@ from fastfocal.audio import read_audio  # noqa: E402
 from fastfocal.codec import Codec  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 
 
 def parser(doc: str, files: int) -> argparse.ArgumentParser:

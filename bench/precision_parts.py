@@ -14,6 +14,7 @@ Appends rows (bench "precision_parts") to bench/results/precision.jsonl.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from fastfocal import ops  # noqa: E402
 from precision import parser, speech  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 # op name -> position of its weight argument; every encoder matmul and norm goes through these
 WRAPPED = ("linear", "linear_gelu", "linear_residual_layer_norm", "linear_residual", "layer_norm_gelu", "layer_norm",
            "grouped_conv_gelu_time_major")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import fastfocal  # noqa: E402
 from fastfocal import tactics  # noqa: E402
 from stream_latency import machine  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 
 
 def main() -> None:

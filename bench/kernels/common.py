@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).resolve().parents[1] / "results")  # tests point it at a tmp dir
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # HBM bandwidth by device name (GB/s, vendor figures); unknown devices get a measured copy rate
