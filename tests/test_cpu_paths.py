@@ -168,6 +168,23 @@ def test_dwconv_layer_norm_stream_equals_reference(dtype, S, rows, T):
     assert_equal("untouched cache rows", cache[untouched], before)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B,T,k,exact", [(1, 4, 7, False), (1, 1, 18, False), (2, 2, 14, False),  # matmul form
+                                         (1, 4, 7, True), (1, 5, 7, False), (3, 4, 3, False)])  # the conv
+def test_depthwise_small_steps_equal_float64(B, T, k, exact, bias):
+    g = torch.Generator().manual_seed(B * 100 + T * 10 + k)
+    C = 40
+    xp = torch.randn(C, B, k - 1 + T, generator=g).transpose(0, 1)  # non-contiguous, as the rings hand it
+    w = torch.randn(C, 1, k, generator=g) / k ** 0.5
+    b = torch.randn(C, generator=g) if bias else None
+    want = torch.nn.functional.conv1d(xp.double(), w.double(), None if b is None else b.double(), groups=C)
+    got = cpu._depthwise(xp, w, b, exact)
+    assert got.shape == (B, C, T) and got.dtype == torch.float32
+    assert_close("depthwise", got, want, torch.float32, rel=1e-6)
+    if exact:  # the float32 model keeps the library conv, bit for bit
+        assert torch.equal(got, torch.nn.functional.conv1d(xp, w, b, groups=C))
+
+
 def test_ops_take_the_cpu_forms_unless_forced_to_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "focal_context_stream", lambda *a: calls.append("cpu"))
