@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import cpu
 from .codec import Codec
 from .config import CodecConfig, ConfigError, load_config, preset
 from .inputs import check_fits, resolve_device_dtype
@@ -175,6 +176,8 @@ def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> Foca
     esize = torch.empty((), dtype=dtype).element_size()
     check_fits(sum(v.numel() for v in expected.values()) * esize, device, "the model's parameters")
     digest = weights_hash(sd)
+    if torch.device(device).type == "cpu":
+        cpu.keep_freed_memory()
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
     model.weights_hash = digest
     return model.eval().requires_grad_(False)

@@ -2,6 +2,7 @@
 close, new state bit-equal to the reference's, untouched slots unchanged; rows gathered by
 idx or used in place (idx None); fresh and wrapped rows; one memo shared by several layers.
 And the pipeline's idx None path (every slot in order) against explicit slot indices."""
+import os
 import sys
 from pathlib import Path
 
@@ -244,3 +245,38 @@ def test_long_focal_runs_take_the_reference_on_gpu(monkeypatch, T, forced, want)
     ops.focal_context(torch.randn(1, T, C), torch.randn(1, T, 3), [torch.randn(C, 1, k) for k in ks],
                       [torch.randn(C) for _ in ks], False)
     assert calls == [want]
+
+
+
+_MMAPPED = """
+import ctypes, sys, torch, fastfocal
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+codec = fastfocal.random_init(sys.argv[1], device="cpu")
+before = libc.mallinfo2().hblkhd
+t = torch.empty(64 << 20, dtype=torch.uint8)  # an activation above glibc's largest mmap threshold
+print(fastfocal.cpu.keep_freed_memory(), libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.parametrize("malloc", ["", "system"])
+def test_cpu_models_keep_freed_memory(malloc):
+    """Building a CPU model turns glibc's per-allocation mmap off, so a 64 MB activation comes
+    from the heap (reused after free) rather than a fresh mapping that page-faults and is
+    zeroed on every call. FASTFOCAL_MALLOC=system keeps the defaults: that block is mmapped."""
+    import platform
+    import subprocess
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    env = {**os.environ, "FASTFOCAL_MALLOC": malloc}
+    r = subprocess.run([sys.executable, "-c", _MMAPPED, str(Path(__file__).parent / "data/tiny_causal/config.json")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    applied, mapped = r.stdout.split()
+    if malloc == "system":
+        assert applied == "False" and int(mapped) >= 64 << 20, r.stdout
+    else:
+        assert applied == "True" and int(mapped) == 0, r.stdout
