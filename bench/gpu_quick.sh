@@ -8,7 +8,7 @@
 #   device tool: run(command="bash bench/gpu_quick.sh", carry=[".whl"], timeout_s=570)
 #
 # .whl holds cp312 wheels of what the device image lacks (soundfile, soxr, cffi, pycparser,
-# nvtx; how to fetch them: /work/.library/device/README.md, Notes). Results: $OUT/gpu_quick.tgz
+# nvtx): `bash bench/device_wheels.sh` fetches them here first. Results: $OUT/gpu_quick.tgz
 # (log, kernels.jsonl, bench rows) and the log's last lines in the output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
