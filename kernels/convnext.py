@@ -88,13 +88,15 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
     out = out_or_new(out, (B, T, C), x.dtype, x.device)
     bc = pow2(C)
     bt = min(pow2(T), max(1, TILE // bc))  # 4096 elements a program: 8192 spilled (sm_90, with a cache)
+    # a long run over a cache (tiles that read it but do not write it) takes 8 warps: at 4, 4 x 1024
+    # tiles spilled 192-208 bytes a thread under Triton 3.6, the device image's (none under 3.9)
     n_t = triton.cdiv(T, bt)
     check(n_t < 65536, f"at most {65535 * bt} frames per call, got {T}")
     write = has_cache and n_t == 1
     _dwconv_ln_kernel[(B, n_t)](
         x, weight, bias, ln_weight, ln_bias, cache if has_cache else x, idx if has_cache else x, out, T, C, float(eps),
         K=K, PADL=K - 1 if causal else (K - 1) // 2, HAS_CACHE=has_cache, WRITE_CACHE=write,
-        BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 else 8, **launch_opts(x),
+        BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 and (write or not has_cache) else 8, **launch_opts(x),
     )
     if has_cache and not write:  # here T > K-1: the new cache is x's last K-1 frames
         cache.index_copy_(0, idx, x[:, T - (K - 1):].transpose(1, 2).to(cache.dtype))

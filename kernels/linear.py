@@ -262,7 +262,7 @@ def _rows3(x: Tensor) -> Tensor:
 
 
 def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int = 0,
-         whole_rows: bool = False) -> tuple[int, int, int, int, int]:
+         whole_rows: bool = False, grouped: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Few rows (<= FEW_ROWS), on the GPU: narrow
     column slabs so even N = 1024 spreads over 64+ SMs; K in at most ~8 blocks of 128-512
     (bf16/fp16) or 64-256 (fp32) elements, 4 stages deep, so each program keeps 16-64 KB of
@@ -270,7 +270,9 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
     product needs (a K = 4096 slab in 128-wide blocks would be 32 dependent rounds at ~1 MB in
     flight). Many rows: GEMM tiles (tensor-core sized in 16-bit, smaller for the FMA-bound
     IEEE fp32), K blocks on the conv's tap boundaries where C allows. whole_rows: one column
-    tile holds a whole row (a LayerNorm epilogue), fewer rows a tile to keep it in registers."""
+    tile holds a whole row (a LayerNorm epilogue), fewer rows a tile to keep it in registers.
+    grouped: a grouped conv's windows (per-element addressing, like a conv's): tiles capped as a
+    conv's, and fp32 GEMM tiles of 32 rows (64 spilled 48 bytes under Triton 3.6, the device's)."""
     if whole_rows:
         bn = pow2(N)
         if INTERPRET:
@@ -294,7 +296,7 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
                 bk //= 2
             return 128, min(pow2(N), 128), bk, 4, 1
         if dtype == torch.float32:
-            bm, bn, bk, w = 64, 64, 32, 4
+            bm, bn, bk, w = 32 if grouped else 64, 64, 32, 4
         else:
             bm, bn, bk, w = 128, 128 if N > 64 else 64, 64, 8
         if conv:
@@ -312,8 +314,8 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
     bn = 32 if triton.cdiv(N, 32) >= 128 else 16
     lo_k, hi_k = (64, 256) if dtype == torch.float32 else (128, 512)
     hi_k = min(hi_k, 32768 // (bm * (4 if dtype == torch.float32 else 2)))  # x tile <= 32 KB: no spills at 64 rows
-    if conv:  # per-element window addressing: <= 4096 elements a tile keeps it in registers
-        hi_k = min(hi_k, 4096 // bm)
+    if conv or grouped:  # per-element window addressing: <= 4096 elements a tile keeps it in registers
+        hi_k = min(hi_k, 4096 // bm)  # (a grouped 16 x 512 tile spilled 72 bytes under Triton 3.6)
     bk = min(max(lo_k, pow2(K // 8)), hi_k, max(16, pow2(K)))
     return bm, bn, bk, 4, 4
 
@@ -557,7 +559,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         fresh_kind = 2 if replicate else 0
         if group is None:  # a causal conv of stride 1 over x's C channels
             is_conv, C = True, x.shape[2]
-    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, is_conv, C, whole_rows=post > 0)
+    bm, bn, bk, warps, stages = tile(M, N, K, x.dtype, is_conv, C, whole_rows=post > 0, grouped=group is not None)
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
