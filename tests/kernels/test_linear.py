@@ -316,6 +316,45 @@ def test_grouped_conv_over_a_ring(dtype, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_ring_conv_with_the_devices_tiles(dtype, monkeypatch):
+    """The positional conv's ring form with the tiles a GPU launch picks (the interpreter's own
+    choice is whole rows in few programs), at the model's 64 channels a group and K = 2,112, where
+    those tiles are capped for registers: 16 x 256 few-row slabs in 16-bit, 32-row GEMM tiles in
+    fp32. Each step against the float64 conv over the whole stream."""
+    import fastfocal.kernels.linear as lin
+    real, picked = lin.tile, []
+
+    def device_tile(*a, **kw):
+        monkeypatch.setattr(lin, "INTERPRET", False)
+        try:
+            t = real(*a, **kw)
+        finally:
+            monkeypatch.setattr(lin, "INTERPRET", True)
+        picked.append(t)
+        return t
+
+    monkeypatch.setattr(lin, "tile", device_tile)
+    S, L, C, G, k, T = 18, 24, 128, 2, 33, 4
+    sig = rand(S, L, C, dtype=dtype, device=DEVICE)
+    w = rand(C, C // G, k, dtype=dtype, device=DEVICE, scale=(C // G * k) ** -0.5)
+    b = rand(C, dtype=dtype, device=DEVICE)
+    want = _stream_ref(*f64(sig, w, b), k)
+    wkc = w.permute(0, 2, 1).reshape(C, -1)
+    ring = torch.zeros(S, 64, C, dtype=dtype, device=DEVICE)
+    pos = [0] * S
+
+    def conv(x, idx, start):
+        return lin.grouped_ring_conv(x, wkc, k, G, ring, idx, start, b, "gelu")
+
+    for _ in range(3):
+        _step_streams(conv, want, sig, pos, [5, 0], T, False, dtype)  # few rows
+    _step_streams(conv, want, sig, pos, list(range(1, S)), T, False, dtype)  # 68 rows: GEMM tiles
+    few, many = picked[0], picked[-1]
+    assert few[2] == 256 and few[0] <= lin.FEW_ROWS  # 16-bit took 512 uncapped (fp32: 256 either way)
+    assert many[0] == (32 if dtype == torch.float32 else 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("replicate", [True, False])
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_causal_conv_over_a_ring(dtype, replicate, tiles, monkeypatch):
