@@ -327,3 +327,30 @@ def test_ieee_cudnn_convs_restores_the_flag():
             assert flag() == ("ieee" if new_api else False)
             1 / 0
     assert flag() == before
+
+
+def test_streaming_with_the_devices_matmul_tiles(causal, golden_causal, triton_backend, monkeypatch):
+    """Every matmul of a streaming step with the tiles a GPU launch picks (narrow few-row slabs,
+    register-capped K blocks, conv and grouped-window caps; the interpreter's own choice is
+    whole rows in few programs), the first chunks against the golden outputs' prefixes."""
+    import fastfocal.kernels.linear as lin
+
+    real, differ = lin.tile, []
+
+    def device_tile(*a, **kw):
+        monkeypatch.setattr(lin, "INTERPRET", False)
+        try:
+            t = real(*a, **kw)
+        finally:
+            monkeypatch.setattr(lin, "INTERPRET", True)
+        differ.append(t[:3] != real(*a, **kw)[:3])
+        return t
+
+    monkeypatch.setattr(lin, "tile", device_tile)
+    g = golden_causal
+    s = causal.stream(batch_size=2)
+    outs = [s.push(T(g["sig"][:, a:a + 1280])) for a in range(0, 6 * 1280, 1280)]
+    toks, audio = torch.cat([t for t, _ in outs], 1), torch.cat([y for _, y in outs], 1)
+    assert toks.shape[1] >= 20 and sum(differ) > len(differ) / 2, f"{sum(differ)} of {len(differ)} tiles differ"
+    assert_tokens("stream_toks", toks, g["stream_toks"][:, :toks.shape[1]])
+    assert_close("stream_rec_sig", audio, g["stream_rec_sig"][:, :audio.shape[1]])
