@@ -329,10 +329,14 @@ def test_ieee_cudnn_convs_restores_the_flag():
     assert flag() == before
 
 
-def test_streaming_with_the_devices_matmul_tiles(causal, golden_causal, triton_backend, monkeypatch):
-    """Every matmul of a streaming step with the tiles a GPU launch picks (narrow few-row slabs,
-    register-capped K blocks, conv and grouped-window caps; the interpreter's own choice is
-    whole rows in few programs), the first chunks against the golden outputs' prefixes."""
+@pytest.mark.parametrize("form", ["stream-fused", "stream-rows", "offline"])
+def test_the_devices_tiles_under_the_interpreter(causal, golden_causal, triton_backend, form, monkeypatch):
+    """The matmul and focal kernels with the tiles a GPU launch picks (narrow few-row slabs and
+    register-capped K blocks; focal channel tiles of 16 with 64-slot ring reads, the rows form's
+    4 x 64, the long form's 64 x 64 x 32), not the interpreter's whole tiles, against the golden
+    outputs: a streaming prefix with the focal window in the fused step kernel or in the rows
+    form, and an offline run (the long form)."""
+    import fastfocal.kernels.focal_context as fc
     import fastfocal.kernels.linear as lin
 
     real, differ = lin.tile, []
@@ -347,10 +351,21 @@ def test_streaming_with_the_devices_matmul_tiles(causal, golden_causal, triton_b
         return t
 
     monkeypatch.setattr(lin, "tile", device_tile)
+    monkeypatch.setattr(fc, "INTERP_TILES", False)
     g = golden_causal
-    s = causal.stream(batch_size=2)
-    outs = [s.push(T(g["sig"][:, a:a + 1280])) for a in range(0, 6 * 1280, 1280)]
-    toks, audio = torch.cat([t for t, _ in outs], 1), torch.cat([y for _, y in outs], 1)
-    assert toks.shape[1] >= 20 and sum(differ) > len(differ) / 2, f"{sum(differ)} of {len(differ)} tiles differ"
-    assert_tokens("stream_toks", toks, g["stream_toks"][:, :toks.shape[1]])
-    assert_close("stream_rec_sig", audio, g["stream_rec_sig"][:, :audio.shape[1]])
+    if form == "offline":  # its matmuls are the library's (LARGE_GEMM off); the focal layers take the long form
+        runs, long = [], fc.focal_context_long
+        monkeypatch.setattr(fc, "focal_context_long", lambda *a, **k: runs.append(a[0].shape[1]) or long(*a, **k))
+        lats = causal.sig_to_lats(T(g["sig"]))
+        assert runs == [200] * 3, runs
+        assert_close("lats", lats, g["lats"])
+        assert_tokens("toks", causal.lats_to_toks(lats), g["toks"], lats=g["lats"])
+    else:
+        monkeypatch.setattr(fc, "WINDOW_ROWS", 1 if form == "stream-rows" else 10 ** 9)
+        s = causal.stream(batch_size=2)
+        outs = [s.push(T(g["sig"][:, a:a + 1280])) for a in range(0, 3 * 1280, 1280)]
+        toks, audio = torch.cat([t for t, _ in outs], 1), torch.cat([y for _, y in outs], 1)
+        assert toks.shape[1] >= 8
+        assert_tokens("stream_toks", toks, g["stream_toks"][:, :toks.shape[1]])
+        assert_close("stream_rec_sig", audio, g["stream_rec_sig"][:, :audio.shape[1]])
+        assert sum(differ) > len(differ) / 2, f"{sum(differ)} of {len(differ)} matmul tiles differ"
