@@ -363,9 +363,9 @@ def test_the_devices_tiles_under_the_interpreter(causal, golden_causal, triton_b
     else:
         monkeypatch.setattr(fc, "WINDOW_ROWS", 1 if form == "stream-rows" else 10 ** 9)
         s = causal.stream(batch_size=2)
-        outs = [s.push(T(g["sig"][:, a:a + 1280])) for a in range(0, 3 * 1280, 1280)]
+        outs = [s.push(T(g["sig"][:, a:a + 1280])) for a in range(0, 2 * 1280, 1280)]  # the interpreter: ~20 s a step
         toks, audio = torch.cat([t for t, _ in outs], 1), torch.cat([y for _, y in outs], 1)
-        assert toks.shape[1] >= 8
+        assert toks.shape[1] >= 4 and audio.shape[1] > 0
         assert_tokens("stream_toks", toks, g["stream_toks"][:, :toks.shape[1]])
         assert_close("stream_rec_sig", audio, g["stream_rec_sig"][:, :audio.shape[1]])
         assert sum(differ) > len(differ) / 2, f"{sum(differ)} of {len(differ)} matmul tiles differ"
