@@ -38,3 +38,24 @@ def assert_tokens(name, got, ref, lats=None, margin=1e-5):
     if diff.any():
         first = tuple(int(i) for i in np.argwhere(diff)[0])
         raise AssertionError(f"{name}: {int(diff.sum())}/{diff.size} tokens differ; first at {first}: {got[first]} vs {ref[first]}")
+
+
+def device_matmul_tiles(monkeypatch) -> list:
+    """Make the matmul kernel launch with the tiles a GPU launch picks (the interpreter's own
+    choice is whole rows in few programs). Returns the list each launch appends
+    (device tile, interpreter tile) to."""
+    import fastfocal.kernels.linear as lin
+
+    real, picked = lin.tile, []
+
+    def device_tile(*a, **kw):
+        monkeypatch.setattr(lin, "INTERPRET", False)
+        try:
+            t = real(*a, **kw)
+        finally:
+            monkeypatch.setattr(lin, "INTERPRET", True)
+        picked.append((t, real(*a, **kw)))
+        return t
+
+    monkeypatch.setattr(lin, "tile", device_tile)
+    return picked
