@@ -34,6 +34,9 @@ SQRT1_2 = 0.7071067811865476
 # The interpreter pays per program and per op, not per element: there, tiles are 16x larger
 # and channel blocks whole. Same kernels, same code paths, fewer programs.
 TILE = 4096 * (16 if INTERPRET else 1)
+# The launchers' tile choices: the interpreter's (above) or the device's. Tests turn it off to run
+# the device's tiles under the interpreter; the kernels' INTERP constexprs keep INTERPRET.
+INTERP_TILES = INTERPRET
 
 
 # Programmatic dependent launch (FASTFOCAL_PDL=1; off until the GPU A/B says otherwise): a

@@ -34,12 +34,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d, launch_opts, out_or_new, pdl_wait, pow2, ring_slots
 
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
-# Tile choices: the interpreter's (whole tiles, few programs: it pays per op) or the device's.
-# Tests set it False to run the device's tiles under the interpreter.
-INTERP_TILES = INTERPRET
 # from this many rows a step's window level reads its rings as a GEMM with the streams on the
 # rows (`_window_rows_kernel`, one more launch); fewer keep it in the one fused launch
 WINDOW_ROWS = int(os.environ.get("FASTFOCAL_FOCAL_WINDOW_ROWS", "64"))
@@ -520,8 +518,8 @@ def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
     GPU. FASTFOCAL_FOCAL_TILE="channels,slots,warps" overrides a streaming step's tile (for
     sweeps on the device)."""
     block_t = min(pow2(T), 32)
-    block_c, block_r, warps = min(pow2(C), 128 if INTERP_TILES else 16), 128, 8
-    if T <= STREAM_FRAMES and not INTERP_TILES:
+    block_c, block_r, warps = min(pow2(C), 128 if _common.INTERP_TILES else 16), 128, 8
+    if T <= STREAM_FRAMES and not _common.INTERP_TILES:
         # 16-bit: 16 channels x 64 slots, 107 registers (4 programs an SM) and ~1,070 SASS
         # instructions a channel, where 8 x 128 took 127 and ~1,550 (the per-program work outside
         # the window loop, amortised over twice the channels); fp32: 16 x 64 needs 229 registers
@@ -530,14 +528,14 @@ def _blocks(T: int, C: int, ks: list[int], dtype: torch.dtype = torch.bfloat16):
             block_c, block_r, warps = (int(v) for v in _TILE_OVERRIDE.split(","))
     if T <= STREAM_FRAMES:  # a step's taps on its new frames are the last T of each level: one block of T
         return block_c, block_t, [min(block_t, pow2(k)) for k in ks], block_r, warps
-    budget = max(1, (TILE if INTERP_TILES else 1024) // (block_c * block_t))
+    budget = max(1, (TILE if _common.INTERP_TILES else 1024) // (block_c * block_t))
     return block_c, block_t, [min(pow2(k), budget) for k in ks], block_r, warps
 
 
 def _rows_tile(B: int, C: int) -> tuple[int, int, int]:
     """(BLOCK_S, BLOCK_C, warps) of `_focal_rows_kernel`; FASTFOCAL_FOCAL_ROWS_TILE="rows,channels,warps"
     overrides it (device sweeps)."""
-    if INTERP_TILES:  # the interpreter pays per op: whole tiles
+    if _common.INTERP_TILES:  # the interpreter pays per op: whole tiles
         return min(pow2(B), 16), min(pow2(C), 256), 4
     if _ROWS_TILE_OVERRIDE:
         bs, bc, w = (int(v) for v in _ROWS_TILE_OVERRIDE.split(","))
@@ -552,7 +550,7 @@ def _window_rows(ring: Tensor, idx: Tensor, start: Tensor, w: Tensor, R: int, C:
     (`_window_rows_kernel`)."""
     B, K = idx.shape[0], w.shape[-1]
     pre = torch.empty(B, C, 4, dtype=torch.float32, device=ring.device)
-    bs, bj = (16, min(pow2(K - 1), 512)) if INTERP_TILES else (64, 64)  # the interpreter pays per op: one trip
+    bs, bj = (16, min(pow2(K - 1), 512)) if _common.INTERP_TILES else (64, 64)  # the interpreter pays per op: one trip
     f32 = ring.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
     _window_rows_kernel[(triton.cdiv(B, bs), C)](
         ring, idx, start, w, pre, B, C, K=K, R=R, BLOCK_S=bs, BLOCK_J=bj,
@@ -733,9 +731,9 @@ def focal_context_long(
     # sm_90 (`sm90_compile.py --only long`): 16-bit 64 tiles x 64 frames x 32 taps, 8 warps,
     # 148-177 registers; fp32 (FMA dots) 32 x 64 x 16, 80-223; larger tiles spill
     bm, bu, bj, nw = (32, 64, 16, 8) if ctx.dtype == torch.float32 else (64, 64, 32, 8)
-    if _LONG_TILE_OVERRIDE and not INTERP_TILES:
+    if _LONG_TILE_OVERRIDE and not _common.INTERP_TILES:
         bm, bu, bj, nw = (int(v) for v in _LONG_TILE_OVERRIDE.split(","))
-    elif INTERP_TILES:  # the interpreter pays per op: one trip of taps
+    elif _common.INTERP_TILES:  # the interpreter pays per op: one trip of taps
         bm, bu, nw = 16, 32, 4
     n_tiles = triton.cdiv(T, bu)
     for lvl, (w, b_) in enumerate(zip(weights, biases)):
@@ -745,7 +743,7 @@ def focal_context_long(
             src, caches[lvl] if has_cache else src, idx if has_cache else src, start if has_cache else src,
             w, b_, gates, gates.stride(0), gates.stride(1), acc, ys[lvl] if lvl < 2 else acc,
             T, C, n_tiles, B * n_tiles, K=K, R=ring_len(K), HAS_CACHE=has_cache, LEVEL=lvl, WRITE_Y=lvl < 2,
-            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=min(pow2(K - 1 + bu), 1024) if INTERP_TILES else bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
+            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=min(pow2(K - 1 + bu), 1024) if _common.INTERP_TILES else bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
             num_warps=nw, **launch_opts(ctx),
         )
     if has_cache:  # after every read: the writes may overwrite them

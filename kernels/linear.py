@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import INTERPRET, check, check_device, evenly_strided_rows, gelu, launch_opts, pdl_wait, pow2, prefetch_l2, ring_slots, sin, tanh
 from .epilogue import ACTS, apply_epilogue, check_epilogue
 
@@ -275,7 +276,7 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
     conv's, and fp32 GEMM tiles of 32 rows (64 spilled 48 bytes under Triton 3.6, the device's)."""
     if whole_rows:
         bn = pow2(N)
-        if INTERPRET:
+        if _common.INTERP_TILES:
             return min(max(BLOCK_M, pow2(M)), 128), bn, min(pow2(K), 128), 4, 1
         # from the sm_90 compile: 64-row tiles spill at 8 warps, and 16 warps cap a thread at 128
         # registers; these take 122-128 (16-bit, 16 warps) and 190-216 (fp32, 8 warps), no spills
@@ -290,7 +291,7 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
     if M > FEW_ROWS:
         if GEMM_TILE_OVERRIDE is not None:
             return GEMM_TILE_OVERRIDE
-        if INTERPRET:
+        if _common.INTERP_TILES:
             bk = min(pow2(K), 128)
             while conv and bk > 16 and C % bk:
                 bk //= 2
@@ -306,7 +307,7 @@ def tile(M: int, N: int, K: int, dtype: torch.dtype, conv: bool = False, C: int 
                 bm = min(bm, 64)
         return bm, bn, bk, w, 3
     bm = min(max(BLOCK_M, pow2(M)), FEW_ROWS)  # more rows: more row tiles, the slab re-read from L2
-    if INTERPRET:  # the interpreter pays per program: whole rows in few programs
+    if _common.INTERP_TILES:  # the interpreter pays per program: whole rows in few programs
         return bm, min(pow2(N), 512), min(pow2(K), 1024), 4, 1
     if TILE_OVERRIDE is not None:
         bn, bk, w, s = TILE_OVERRIDE

@@ -40,22 +40,13 @@ def assert_tokens(name, got, ref, lats=None, margin=1e-5):
         raise AssertionError(f"{name}: {int(diff.sum())}/{diff.size} tokens differ; first at {first}: {got[first]} vs {ref[first]}")
 
 
-def device_matmul_tiles(monkeypatch) -> list:
-    """Make the matmul kernel launch with the tiles a GPU launch picks (the interpreter's own
-    choice is whole rows in few programs). Returns the list each launch appends
-    (device tile, interpreter tile) to."""
+def device_tiles(monkeypatch) -> list:
+    """Make the kernels launch with the tiles a GPU launch picks (the interpreter's own choice is
+    whole tiles in few programs). Returns the list of the matmul kernel's tiles, one a launch."""
+    import fastfocal.kernels._common as common
     import fastfocal.kernels.linear as lin
 
+    monkeypatch.setattr(common, "INTERP_TILES", False)
     real, picked = lin.tile, []
-
-    def device_tile(*a, **kw):
-        monkeypatch.setattr(lin, "INTERPRET", False)
-        try:
-            t = real(*a, **kw)
-        finally:
-            monkeypatch.setattr(lin, "INTERPRET", True)
-        picked.append((t, real(*a, **kw)))
-        return t
-
-    monkeypatch.setattr(lin, "tile", device_tile)
+    monkeypatch.setattr(lin, "tile", lambda *a, **kw: picked.append(real(*a, **kw)) or picked[-1])
     return picked

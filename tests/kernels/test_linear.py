@@ -322,9 +322,9 @@ def test_grouped_ring_conv_with_the_devices_tiles(dtype, monkeypatch):
     those tiles are capped for registers: 16 x 256 few-row slabs in 16-bit, 32-row GEMM tiles in
     fp32. Each step against the float64 conv over the whole stream."""
     import fastfocal.kernels.linear as lin
-    from helpers import device_matmul_tiles
+    from helpers import device_tiles
 
-    picked = device_matmul_tiles(monkeypatch)
+    picked = device_tiles(monkeypatch)
     S, L, C, G, k, T = 18, 24, 128, 2, 33, 4
     sig = rand(S, L, C, dtype=dtype, device=DEVICE)
     w = rand(C, C // G, k, dtype=dtype, device=DEVICE, scale=(C // G * k) ** -0.5)
@@ -340,7 +340,7 @@ def test_grouped_ring_conv_with_the_devices_tiles(dtype, monkeypatch):
     for _ in range(3):
         _step_streams(conv, want, sig, pos, [5, 0], T, False, dtype)  # few rows
     _step_streams(conv, want, sig, pos, list(range(1, S)), T, False, dtype)  # 68 rows: GEMM tiles
-    few, many = picked[0][0], picked[-1][0]
+    few, many = picked[0], picked[-1]
     assert few[2] == 256 and few[0] <= lin.FEW_ROWS  # 16-bit took 512 uncapped (fp32: 256 either way)
     assert many[0] == (32 if dtype == torch.float32 else 128)
 
