@@ -54,6 +54,7 @@ step() {  # step CAP_S "what it checks" CMD...: run under min(CAP_S, budget left
 step 90 "kernel and model tests on CUDA" \
     python3 -m pytest -q -p no:cacheprovider -n 8 -k "not pdl" tests/kernels/test_focal_context.py tests/kernels/test_attention.py \
     tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
+    tests/kernels/test_large_state.py \
     tests/test_streaming.py tests/test_golden.py
 step 75 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
