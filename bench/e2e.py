@@ -74,8 +74,13 @@ def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = args.backends
     rows = []
-    for dtype in args.dtypes:
-        codec = fastfocal.random_init(args.preset, seed=0, device=device, dtype=dtype)
+    # float32 once per --f32-dots mode (split tensor-core dots; rows say "float32-<mode>")
+    runs = [(d, m) for d in args.dtypes for m in (args.f32_dots if d in ("float32", "fp32") else ["ieee"])]
+    for i, (dtype, mode) in enumerate(runs):
+        if i == 0 or runs[i - 1][0] != dtype:
+            codec = fastfocal.random_init(args.preset, seed=0, device=device, dtype=dtype)
+        fastfocal.set_f32_dot(mode)
+        label = dtype if mode == "ieee" else f"{dtype}-{mode}"
         g = torch.Generator().manual_seed(0)
         for backend in backends:
             # "gemm": the default backend with ops.LARGE_GEMM (the matmul kernel's GEMM tiles)
@@ -89,20 +94,22 @@ def run(args) -> list[dict]:
                 td = timeit(lambda: codec.toks_to_sig(toks), args.reps)
                 audio = b * args.seconds
                 for what, t in (("encode", ts), ("decode", td)):
-                    rows.append({"bench": what, "dtype": dtype, "backend": backend, "batch": b, "seconds": args.seconds,
+                    rows.append({"bench": what, "dtype": label, "backend": backend, "batch": b, "seconds": args.seconds,
                                  "median_s": statistics.median(t), "audio_s_per_s": audio / statistics.median(t)})
-                    print(f"{what:7s} {dtype:8s} {backend:6s} batch {b:3d}: {audio / statistics.median(t):9.1f} audio-s/s")
+                    print(f"{what:7s} {label:8s} {backend:6s} batch {b:3d}: {audio / statistics.median(t):9.1f} audio-s/s")
             s = codec.stream(batch_size=1)
             x = (torch.randn(1, codec.chunk_size, generator=g) * 0.1).to(device)
             lat = timeit(lambda: s.push(x), args.steps, warmup=5)
             lat.sort()
             p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3  # noqa: E731
-            rows.append({"bench": "stream_step", "dtype": dtype, "backend": backend, "batch": 1,
+            rows.append({"bench": "stream_step", "dtype": label, "backend": backend, "batch": 1,
                          "p50_ms": p(0.5), "p99_ms": p(0.99), "steps": len(lat)})
-            print(f"step    {dtype:8s} {backend:6s} batch   1: p50 {p(0.5):.2f} ms  p99 {p(0.99):.2f} ms")
-        del codec
+            print(f"step    {label:8s} {backend:6s} batch   1: p50 {p(0.5):.2f} ms  p99 {p(0.99):.2f} ms")
+        if i + 1 == len(runs) or runs[i + 1][0] != dtype:
+            del codec
     os.environ.pop("FASTFOCAL_BACKEND", None)
     ops.LARGE_GEMM = LARGE_GEMM
+    fastfocal.set_f32_dot(None)
     return rows
 
 
@@ -150,6 +157,8 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--backends", nargs="+", default=["auto", "torch"], choices=["auto", "torch", "gemm", "triton"],
                     help="gemm: auto with FASTFOCAL_LARGE_GEMM=1")
+    ap.add_argument("--f32-dots", nargs="+", default=["ieee"], choices=list(fastfocal.F32_DOTS),
+                    help="float32 runs once per mode: ieee (exact) or split tensor-core dots (GPU only; CPU ignores it)")
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--reps", type=int, default=3)

@@ -54,7 +54,7 @@ step() {  # step CAP_S "what it checks" CMD...: run under min(CAP_S, budget left
 step 90 "kernel and model tests on CUDA" \
     python3 -m pytest -q -p no:cacheprovider -n 8 -k "not pdl" tests/kernels/test_focal_context.py tests/kernels/test_attention.py \
     tests/kernels/test_convnext.py tests/kernels/test_linear.py tests/kernels/test_status.py tests/kernels/test_model_triton.py \
-    tests/kernels/test_large_state.py \
+    tests/kernels/test_large_state.py tests/kernels/test_f32_dot.py \
     tests/test_streaming.py tests/test_golden.py
 step 75 "bf16 full-duplex step vs streams up to 1024 (target <= 12 ms at 1024; was 55.8 ms)" \
     python3 bench/serve_capacity.py --modes full --dtypes bfloat16 --max-streams 1024 --reps 30 --no-refine
@@ -66,6 +66,10 @@ step 100 "bf16 capacity targets, tuned engines as shipped: full 6000, encode 800
     env FASTFOCAL_TUNE=1 python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
 step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal levels as GEMMs (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
+step 80 "float32 with split tensor-core dots, offline at batch 64 (FASTFOCAL_F32_DOT; prediction: bf16x3 encode 3,500-5,000 audio-s/s against ieee's 1,798 and upstream fp32's 2,537; tf32x3 between)" \
+    python3 bench/e2e.py --dtypes float32 --f32-dots ieee bf16x3 tf32x3 --backends auto --batches 64 --seconds 10 --reps 2 --steps 20
+step 60 "split-dot tokens against float32 on the 2 speech files the repo carries, full-size random model (emulated on CPU: bf16x3 and tf32x3 100.00 %, fp16 99.05 %)" \
+    python3 bench/precision.py --random-init 50hz_4k_causal --audio tests/data/audio --files 2 --seconds 20 --device cuda --f32-dots bf16x3 tf32x3
 step 40 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
     python3 bench/stream_latency.py --modes full --steps 200
 step 75 "focal/attention streaming tiles, old against new default (prediction: focal fused 16,64,4 faster than 8,128,4 at 1 row; at 64 and 4096 rows triton (rows form) ~4x faster than triton-fused; attention 64,8,3 faster than 32,8,3)" \

@@ -7,6 +7,7 @@ Variants (E = encoder, C = compressor):
   fp32 E + {bf16,fp16} C       the encoder kept in float32
   autocast-fp16 E + fp32 C     the encoder's matmuls/convs in fp16 (fp32 accumulate), every
                                activation, norm and residual in float32 (torch.autocast)
+  fp32, <mode> dots            (--f32-dots, CUDA) the float32 codec with split tensor-core dots
 
 fp16 runs on CPU here only for the measurement (slow there; fastfocal refuses it on CPU).
 Appends rows to bench/results/precision.jsonl.
@@ -56,7 +57,12 @@ def speech(audio: str, files: int, seconds: float) -> list[torch.Tensor]:
 def main() -> None:
     ap = parser(__doc__, 12)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--f32-dots", nargs="*", default=[], choices=[m for m in fastfocal.F32_DOTS if m != "ieee"],
+                    help="also the float32 codec with these split tensor-core dots (CUDA only; on CPU "
+                         "bench/precision_split.py emulates them)")
     args = ap.parse_args()
+    if args.f32_dots and not args.device.startswith("cuda"):
+        ap.error("--f32-dots needs --device cuda: CPU dots are float32 whatever the mode")
     ref = fastfocal.open_codec(args.model, args.random_init, args.device, "fp32")
     xs = speech(args.audio, args.files, args.seconds)
     want = [ref.sig_to_toks(x) for x in xs]
@@ -80,6 +86,12 @@ def main() -> None:
         finally:
             os.environ.pop("FASTFOCAL_BACKEND") if old is None else os.environ.update(FASTFOCAL_BACKEND=old)
         yield "autocast-fp16 E + fp32 C", ref.feats_to_toks(f.float())
+        for m in args.f32_dots:  # float32 activations, matmuls as split tensor-core products
+            fastfocal.set_f32_dot(m)
+            try:
+                yield f"fp32, {m} dots", ref.sig_to_toks(x)
+            finally:
+                fastfocal.set_f32_dot("ieee")
 
     agree: dict[str, list[int]] = {}
     t0 = time.time()

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
-from .kernels import attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
+from .kernels import _common, attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
 from .kernels._common import derived, exact_convs, float32_weight, grouped_conv1d, pow2  # noqa: F401  (the model reaches them through ops)
 from .state import all_rows
 
@@ -304,6 +304,12 @@ SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
 LARGE_GEMM = os.environ.get("FASTFOCAL_LARGE_GEMM", "0") == "1"
 
 
+def _gemm_tiles(x) -> bool:
+    """Many-row matmuls take the matmul kernel's GEMM tiles: LARGE_GEMM, or float32 with split
+    tensor-core dots (`_common.set_f32_dot`; cuBLAS would run them as exact SGEMMs)."""
+    return LARGE_GEMM or _common.split_f32(x.dtype)
+
+
 def _skinny_rows(x: Tensor) -> bool:
     K = x.shape[-1]
     return K > 0 and x.numel() <= SKINNY_ROWS * K and use_triton(x)
@@ -316,8 +322,8 @@ def _skinny(x: Tensor, weight: Tensor) -> bool:
 
 
 def _fused(x: Tensor, weight: Tensor) -> bool:
-    """The matmul kernel with its epilogue: few rows, or (LARGE_GEMM) any number of rows."""
-    return _skinny(x, weight) or (LARGE_GEMM and not isinstance(x, Normed) and use_triton(x) and x.shape[-1] > 0
+    """The matmul kernel with its epilogue: few rows, or (`_gemm_tiles`) any number of rows."""
+    return _skinny(x, weight) or (not isinstance(x, Normed) and _gemm_tiles(x) and use_triton(x) and x.shape[-1] > 0
                                   and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(1) == 1)
 
 
@@ -335,7 +341,7 @@ def _skinny_linear(x, weight: Tensor, bias: Tensor | None, **epi) -> Tensor:
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T + b (F.linear), on CPU through the reordered weight. x may be a `Normed`."""
-    if _skinny(x, weight):
+    if _skinny(x, weight) or (_common.split_f32(weight.dtype) and _fused(x, weight)):
         return _skinny_linear(x, weight, bias)
     x = value(x)
     dtype = _pack_dtype(x, weight)
@@ -404,7 +410,7 @@ def linear_residual_layer_norm(x, weight, bias, res, ln_weight, ln_bias, eps) ->
         xr = lin.linear(x, weight, bias, res=res)
         return xr, Normed(xr, ("layer_norm", ln_weight, ln_bias, eps))
     if use_triton(x) and weight.shape[0] <= 8192:
-        h = F.linear(x, weight)
+        h = matmul(x, weight)  # cuBLAS, or the kernel for split float32 dots
         return norm.norm(h, ln_weight, ln_bias, eps, res=res, h_bias=bias, x_out=h)
     xr = _fused_cpu(x, weight, bias, res=res)
     if xr is not None:
@@ -419,7 +425,7 @@ def linear_residual_dyt(x, weight, bias, res, alpha) -> tuple[Tensor, Tensor]:
         xr = lin.linear(x, weight, bias, res=res)
         return xr, Normed(xr, ("dyt", alpha))
     if use_triton(x):
-        h = F.linear(x, weight)
+        h = matmul(x, weight)  # cuBLAS, or the kernel for split float32 dots
         return norm.norm(h, alpha=alpha, res=res, h_bias=bias, x_out=h)
     xr = _fused_cpu(x, weight, bias, res=res)
     if xr is not None:
@@ -435,7 +441,7 @@ FE_WINDOW_ROWS = 256
 
 
 def _windows_in_place(x: Tensor, weight: Tensor, windows: int) -> bool:
-    return 0 < windows and (LARGE_GEMM or (windows <= FE_WINDOW_ROWS and SKINNY_ROWS > 0)) and use_triton(x) \
+    return 0 < windows and (_gemm_tiles(x) or (windows <= FE_WINDOW_ROWS and SKINNY_ROWS > 0)) and use_triton(x) \
         and x.dtype == weight.dtype and x.is_contiguous()
 
 
@@ -474,7 +480,7 @@ def causal_conv_ln_gelu(x: Tensor, weight: Tensor, stride: int, cache: Tensor | 
     epilogue, then the cache write (the kernel read the old cache rows); otherwise the conv,
     then the norm carrying that write."""
     k, T = weight.shape[-1], x.shape[1]
-    if LARGE_GEMM and _causal_windows(x, weight, stride, cache, start) >= FE_NORM_EPILOGUE_ROWS \
+    if _gemm_tiles(x) and _causal_windows(x, weight, stride, cache, start) >= FE_NORM_EPILOGUE_ROWS \
             and weight.shape[0] <= lin.MAX_POST_NORM and weight.numel() <= FE_NORM_EPILOGUE_WEIGHT:
         y = lin.causal_conv(x, _taps_kc(weight), k, stride, cache, idx, start,
                             post_norm=(ln_weight.contiguous(), ln_bias.contiguous(), eps, True))

@@ -87,6 +87,48 @@ def launch_opts(t: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}
 
 
+# float32 dots (FASTFOCAL_F32_DOT, or set_f32_dot): "ieee" (CUDA-core FMAs: the exact path, the
+# default) or one of Triton's split tensor-core products, each operand a sum of 16-bit (TF32) parts:
+# "bf16x3" (~16 significant bits an operand, 3 bf16 MMAs), "tf32x3" (~22 bits, 3 TF32 MMAs),
+# "bf16x6" (~24 bits, 6 bf16 MMAs). Activations, norms and residuals stay float32 whatever the mode.
+F32_DOTS = ("ieee", "bf16x3", "tf32x3", "bf16x6")
+_F32_DOT = {"mode": "ieee"}
+
+
+def set_f32_dot(mode: str | None) -> None:
+    """The product float32 launches use from now on (None: FASTFOCAL_F32_DOT's say, else
+    "ieee"). A captured CUDA graph keeps the mode it was captured with."""
+    mode = os.environ.get("FASTFOCAL_F32_DOT", "ieee") if mode is None else mode
+    if mode not in F32_DOTS:
+        raise ValueError(f"float32 dot mode {mode!r}: expected one of {', '.join(F32_DOTS)}"
+                         + (" (from FASTFOCAL_F32_DOT)" if mode == os.environ.get("FASTFOCAL_F32_DOT") else ""))
+    _F32_DOT["mode"] = mode
+
+
+def f32_dot() -> str:
+    return _F32_DOT["mode"]
+
+
+def split_f32(dtype: torch.dtype) -> bool:
+    """Whether float32 matmuls of this dtype run as split tensor-core products (then they take
+    the matmul kernel, not cuBLAS's exact SGEMM)."""
+    return dtype == torch.float32 and _F32_DOT["mode"] != "ieee"
+
+
+def device_dot_precision(dtype: torch.dtype) -> str:
+    """A compiled launch's tl.dot input_precision: float32 takes the mode; 16-bit inputs ignore it."""
+    return _F32_DOT["mode"] if dtype == torch.float32 else "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """A launch's tl.dot input_precision. The interpreter knows only tf32/tf32x3/ieee and
+    computes every dot in float32: ieee there."""
+    return "ieee" if INTERPRET else device_dot_precision(dtype)
+
+
+set_f32_dot(None)
+
+
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Under PDL: wait until the previous kernel is done and its writes visible, then let the

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import INTERPRET, check, check_device, derived, launch_opts, out_or_new, pdl_wait, pow2
 
 LOG2E = 1.4426950408889634
@@ -248,9 +249,9 @@ def rel_attention(
         block_n, warps, stages = (int(v) for v in _TILE_OVERRIDE.split(","))
     n_m = triton.cdiv(T, block_m)
     write_ring = has_ring and n_m == 1
-    # fp32 stays IEEE (the exact path); bf16/fp16 use tensor cores. The interpreter's bf16 dot
-    # is broken, so there everything goes through fp32.
-    prec = "ieee" if (qkv.dtype == torch.float32 or INTERPRET) else "tf32"
+    # fp32: IEEE (the exact path) or the split product `_common.f32_dot` names; bf16/fp16 use
+    # tensor cores. The interpreter's bf16 dot is broken, so there everything goes through fp32.
+    prec = _common.dot_precision(qkv.dtype)
     _attn_kernel[(B * H, n_m)](
         qkv, qkv.stride(0), qkv.stride(1), y, y.stride(0), y.stride(1),
         gru_w, gru_b, gru_const.reshape(-1), tab,

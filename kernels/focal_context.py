@@ -554,7 +554,7 @@ def _window_rows(ring: Tensor, idx: Tensor, start: Tensor, w: Tensor, R: int, C:
     f32 = ring.dtype == torch.float32 or INTERPRET  # the interpreter's bf16 dot is broken
     _window_rows_kernel[(triton.cdiv(B, bs), C)](
         ring, idx, start, w, pre, B, C, K=K, R=R, BLOCK_S=bs, BLOCK_J=bj,
-        PREC="ieee" if f32 else "tf32", DOT_F32=f32, num_warps=4, **launch_opts(ring),
+        PREC=_common.dot_precision(ring.dtype), DOT_F32=f32, num_warps=4, **launch_opts(ring),
     )
     return pre
 
@@ -743,7 +743,7 @@ def focal_context_long(
             src, caches[lvl] if has_cache else src, idx if has_cache else src, start if has_cache else src,
             w, b_, gates, gates.stride(0), gates.stride(1), acc, ys[lvl] if lvl < 2 else acc,
             T, C, n_tiles, B * n_tiles, K=K, R=ring_len(K), HAS_CACHE=has_cache, LEVEL=lvl, WRITE_Y=lvl < 2,
-            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=min(pow2(K - 1 + bu), 1024) if _common.INTERP_TILES else bj, PREC="ieee" if f32 else "tf32", DOT_F32=f32, INTERP=INTERPRET,
+            BLOCK_M=bm, BLOCK_U=bu, BLOCK_J=min(pow2(K - 1 + bu), 1024) if _common.INTERP_TILES else bj, PREC=_common.dot_precision(ctx.dtype), DOT_F32=f32, INTERP=INTERPRET,
             num_warps=nw, **launch_opts(ctx),
         )
     if has_cache:  # after every read: the writes may overwrite them

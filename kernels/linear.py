@@ -578,7 +578,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=is_conv, HAS_IDX=cidx is not None,
         HAS_FRESH=fresh_kind, ALIGNED=conv is not None and C % bk == 0,
-        GROUP_I=gi, RING=R, WRITE_RING=write, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        GROUP_I=gi, RING=R, WRITE_RING=write, PREC=_common.dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, POST_NORM=post, num_warps=warps, num_stages=stages,
         **opts,
     )
