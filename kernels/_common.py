@@ -115,15 +115,16 @@ def split_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _F32_DOT["mode"] != "ieee"
 
 
-def device_dot_precision(dtype: torch.dtype) -> str:
-    """A compiled launch's tl.dot input_precision: float32 takes the mode; 16-bit inputs ignore it."""
-    return _F32_DOT["mode"] if dtype == torch.float32 else "tf32"
+def device_dot_precision(dtype: torch.dtype, exact: bool = False) -> str:
+    """A compiled launch's tl.dot input_precision: float32 takes the mode (exact: ieee whatever
+    it is); 16-bit inputs ignore it."""
+    return ("ieee" if exact else _F32_DOT["mode"]) if dtype == torch.float32 else "tf32"
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, exact: bool = False) -> str:
     """A launch's tl.dot input_precision. The interpreter knows only tf32/tf32x3/ieee and
     computes every dot in float32: ieee there."""
-    return "ieee" if INTERPRET else device_dot_precision(dtype)
+    return "ieee" if INTERPRET else device_dot_precision(dtype, exact)
 
 
 set_f32_dot(None)

@@ -564,6 +564,9 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
     if group is not None:
         bn = min(bn, go)  # a column tile within one group (go a power of two)
     n_tiles = triton.cdiv(N, bn)
+    # a few-row call is bound by its weight read: split float32 dots buy it nothing, and at its
+    # wide K blocks they spill (sm_90: 72-4,584 bytes of stack); it stays IEEE, exact
+    prec = _common.dot_precision(x.dtype, exact=M <= FEW_ROWS)
     opts = launch_opts(x)
     if opts["PDL"] and M <= FEW_ROWS:  # a weight-read-bound call: prefetch its slab before the wait
         opts["PDL"] = 2
@@ -578,7 +581,7 @@ def _launch(x, weight, out, M, T, sxb, sxt, conv, bias=None, act="none", res=Non
         HAS_RES=res is not None, ACT=ACTS[act], NORM=NORMS[kind],
         STORE_NORM=norm_out is not None, CONV=is_conv, HAS_IDX=cidx is not None,
         HAS_FRESH=fresh_kind, ALIGNED=conv is not None and C % bk == 0,
-        GROUP_I=gi, RING=R, WRITE_RING=write, PREC=_common.dot_precision(x.dtype),
+        GROUP_I=gi, RING=R, WRITE_RING=write, PREC=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERP=INTERPRET, POST_NORM=post, num_warps=warps, num_stages=stages,
         **opts,
     )
