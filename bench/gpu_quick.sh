@@ -66,8 +66,9 @@ step 100 "bf16 capacity targets, tuned engines as shipped: full 6000, encode 800
     env FASTFOCAL_TUNE=1 python3 bench/serve_capacity.py --dtypes bfloat16 --reps 20 --probe full:6000 encode:8000 decode:25000
 step 75 "offline bf16 at batch 64: cuBLAS + epilogues and the focal levels as GEMMs (auto), GEMM-tile kernel (gemm), reference (torch); targets encode >= 25,000, decode >= 40,000 audio-s/s" \
     python3 bench/e2e.py --dtypes bfloat16 --backends auto gemm torch --batches 64 --seconds 10 --reps 2 --steps 20
-step 80 "float32 with split tensor-core dots, offline at batch 64 (FASTFOCAL_F32_DOT; prediction: bf16x3 encode 3,500-5,000 audio-s/s against ieee's 1,798 and upstream fp32's 2,537; tf32x3 between)" \
-    python3 bench/e2e.py --dtypes float32 --f32-dots ieee bf16x3 tf32x3 --backends auto --batches 64 --seconds 10 --reps 2 --steps 20
+step 100 "float32 with split tensor-core dots, offline at batch 64 (FASTFOCAL_F32_DOT; prediction: bf16x3 encode 3,500-5,000 audio-s/s against ieee's 1,798 and upstream fp32's 2,537; tf32x3 between), then bf16x3 on 128x128x32 8-warp GEMM tiles (no spills but two conv configs on sm_90)" \
+    bash -c "python3 bench/e2e.py --dtypes float32 --f32-dots ieee bf16x3 tf32x3 --backends auto --batches 64 --seconds 10 --reps 2 --steps 20 --tag gpu-f32dot \
+        && FASTFOCAL_GEMM_TILE=128,128,32,8,3 python3 bench/e2e.py --dtypes float32 --f32-dots bf16x3 --backends auto --batches 64 --seconds 10 --reps 2 --steps 20 --tag gpu-f32dot-tile128"
 step 60 "split-dot tokens against float32 on the 2 speech files the repo carries, full-size random model (emulated on CPU: bf16x3 and tf32x3 100.00 %, fp16 99.05 %)" \
     python3 bench/precision.py --random-init 50hz_4k_causal --audio tests/data/audio --files 2 --seconds 20 --device cuda --f32-dots bf16x3 tf32x3
 step 40 "batch-1 full step, few-row kernel (prediction ~0.85 ms bf16, was 1.83; 121 launches)" \
