@@ -19,6 +19,7 @@ from .codec import Codec
 from .config import ConfigError
 from .corpus import CorpusError
 from .inputs import InputError, token_dtype
+from .kernels._common import F32_DOTS, f32_dot, set_f32_dot
 from .loading import DEFAULT_MODEL, CheckpointError, open_codec, provenance
 from .pipeline import NumericsError
 from .version import __version__
@@ -263,6 +264,8 @@ def cmd_info(args) -> int:
         ("device", c.device),
         ("dtype", str(c.dtype).removeprefix("torch.")),
     ]
+    if c.dtype == torch.float32:
+        rows.append(("float32 dots", f32_dot() if c.device.type == "cuda" else "ieee (CPU)"))
     for k, v in rows:
         print(f"{k + ':':17} {v}")
     return 0
@@ -287,6 +290,9 @@ def _model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
+    p.add_argument("--f32-dot", choices=list(F32_DOTS), default=None,
+                   help="fp32 on CUDA: ieee (exact, the default) or split tensor-core dots (bf16x3: float32's tokens, "
+                        "emulated 100 %%, at tensor-core rates); sets FASTFOCAL_F32_DOT for this run and its workers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors (argparse already printed them)
         return e.code if isinstance(e.code, int) else 2
     try:
+        if getattr(args, "f32_dot", None):  # the environment too: corpus workers are processes
+            os.environ["FASTFOCAL_F32_DOT"] = args.f32_dot
+            set_f32_dot(args.f32_dot)
         return args.func(args)
     except USER_ERRORS + (CliError,) as e:
         _error(e)

@@ -476,10 +476,11 @@ def _check_info(out: Path, codec: Codec, fmt: str) -> None:
         except (ValueError, RecursionError):
             old = {}
         old = old if isinstance(old, dict) else {}
-        diff = [k for k in ("model", "weights_hash", "dtype", "codebook_size", "format") if old.get(k) != info[k]]
+        diff = [k for k in ("model", "weights_hash", "dtype", "f32_dot", "codebook_size", "format")
+                if old.get(k) != info.get(k)]
         if diff:
             raise CorpusError(f"{out} holds output of {', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
-                           f"this run has {', '.join(f'{k}={info[k]!r}' for k in diff)}: use another --out")
+                           f"this run has {', '.join(f'{k}={info.get(k)!r}' for k in diff)}: use another --out")
         return
     _atomic_write(p, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from .kernels import _common
 from .codec import Codec
 from .config import CodecConfig, ConfigError, load_config, preset
 from .inputs import check_fits, resolve_device_dtype
@@ -141,8 +142,11 @@ def param_bytes(cfg: CodecConfig, dtype=torch.float32) -> int:
 
 def provenance(codec: Codec) -> dict:
     """What made a token file: sidecars, corpus manifests and info.json record it."""
-    return {"fastfocal_version": __version__, "dtype": str(codec.dtype).removeprefix("torch."),
-            "device": codec.device.type, "weights_hash": codec.weights_hash}
+    out = {"fastfocal_version": __version__, "dtype": str(codec.dtype).removeprefix("torch."),
+           "device": codec.device.type, "weights_hash": codec.weights_hash}
+    if codec.device.type == "cuda" and _common.split_f32(codec.dtype):  # not float32's exact arithmetic
+        out["f32_dot"] = _common.f32_dot()
+    return out
 
 
 def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> FocalCodecModel:

@@ -128,6 +128,24 @@ def test_roundtrip_and_info(tmp_path, causal, capsys):
         assert want in out, out
 
 
+def test_f32_dot_flag(capsys, monkeypatch):
+    """--f32-dot sets the split-dot mode for the run and, through the environment, its workers;
+    a CPU run says its dots stay IEEE, and its provenance records no mode (CPU ignores it)."""
+    import fastfocal
+    from fastfocal.loading import open_codec, provenance
+
+    monkeypatch.delenv("FASTFOCAL_F32_DOT", raising=False)
+    try:
+        assert main(["info", *MODEL, "--f32-dot", "bf16x3"]) == 0
+        assert fastfocal.f32_dot() == "bf16x3" and os.environ["FASTFOCAL_F32_DOT"] == "bf16x3"
+        assert "float32 dots:     ieee (CPU)" in capsys.readouterr().out
+        assert "f32_dot" not in provenance(open_codec(TINY, None, "cpu", "fp32"))
+    finally:
+        fastfocal.set_f32_dot("ieee")
+    assert main(["info", *MODEL, "--f32-dot", "bf16x4"]) == 2
+    assert "invalid choice: 'bf16x4'" in capsys.readouterr().err
+
+
 def _bad_inputs(d: Path) -> dict:
     sf.write(d / "empty.wav", np.zeros(0, np.float32), 16000)
     sf.write(d / "nan.wav", np.array([0.1, np.inf, 0.2] * 100, np.float32), 16000, subtype="FLOAT")
