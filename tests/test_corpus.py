@@ -363,6 +363,14 @@ def test_provenance_and_resume_with_other_dtype_or_weights(tmp_path, capsys):
     assert main(argv + ["--dtype", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dtype='float32'" in err[0] and "dtype='bfloat16'" in err[0] and "use another --out" in err[0]
+    assert "f32_dot" not in info  # exact float32
+    info["f32_dot"] = "bf16x3"  # as a CUDA run with split dots records it
+    (out / "info.json").write_text(json.dumps(info))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "f32_dot='bf16x3'" in err[0] and "f32_dot=None" in err[0], err
+    del info["f32_dot"]
+    (out / "info.json").write_text(json.dumps(info))
     sd = load_file(str(model / "model.safetensors"))
     sd["decoder.head.proj.bias"] = sd["decoder.head.proj.bias"] + 0.01  # same name, other weights
     save_file(sd, str(model / "model.safetensors"))
