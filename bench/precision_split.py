@@ -3,7 +3,8 @@
 Triton's `tl.dot(..., input_precision=)` runs a float32 product on tensor cores as a sum of
 16-bit (or TF32) parts: "tf32" (one TF32 product, 11 significant bits per operand), "bf16x3"
 (a = a_hi + a_lo in bf16, three products: ~16 bits), "tf32x3" (three TF32 products: ~22 bits),
-"bf16x6" (three bf16 parts, six products: ~24 bits). Activations, norms, residuals and the
+"bf16x6" (three bf16 parts, six products: ~24 bits); "bf16x3-coarse" here only: bf16x3 with
+its low part a bit short, twice the operand error (a bound on what the emulation leaves out). Activations, norms, residuals and the
 quantizer stay float32. On CPU this bench emulates that by rounding every matmul operand of the
 encoder and the compressor (linears, feature-extractor and positional convs, attention's q/k/v,
 the focal levels' input and taps, the modulation) to what its parts represent, then computing in
@@ -44,10 +45,15 @@ OPERANDS = {
 }
 
 
-def tf32(x: Tensor) -> Tensor:
-    """Round to TF32 (10 stored mantissa bits), nearest with ties away, as cvt.rna.tf32.f32."""
+def keep_bits(x: Tensor, stored: int) -> Tensor:
+    """Round float32 to `stored` mantissa bits, nearest with ties away (as cvt.rna.tf32.f32 at 10)."""
+    drop = 23 - stored
     b = x.contiguous().view(torch.int32)
-    return ((b + 0x1000) & ~0x1FFF).view(torch.float32)
+    return ((b + (1 << (drop - 1))) & ~((1 << drop) - 1)).view(torch.float32)
+
+
+def tf32(x: Tensor) -> Tensor:
+    return keep_bits(x, 10)
 
 
 def bf16(x: Tensor) -> Tensor:
@@ -58,6 +64,9 @@ def parts(x: Tensor, mode: str) -> list[Tensor]:
     """x as the parts a split dot multiplies: their sum is what the tensor cores see of x."""
     if mode == "tf32":
         return [tf32(x)]
+    if mode == "bf16x3-coarse":  # the low part one bit short: twice the operand error, a bound
+        hi = bf16(x)               # on what the emulation leaves out (the dropped low x low products)
+        return [hi, keep_bits(x - hi, 6)]
     one = tf32 if mode == "tf32x3" else bf16
     n = 3 if mode == "bf16x6" else 2
     out = []
@@ -75,7 +84,7 @@ def split_matmul(a: Tensor, b: Tensor, mode: str) -> Tensor:
     """The product the split dot computes, in float32 (the products of the parts are exact
     there; what remains is float32 accumulation): all pairs of parts whose order is kept."""
     pa, pb = parts(a, mode), parts(b, mode)
-    keep = {"tf32": 1, "tf32x3": 2, "bf16x3": 2, "bf16x6": 3}[mode]  # pairs i + j < keep
+    keep = {"tf32": 1, "tf32x3": 2, "bf16x3": 2, "bf16x3-coarse": 2, "bf16x6": 3}[mode]  # pairs i + j < keep
     return sum(pa[i] @ pb[j] for i in range(len(pa)) for j in range(len(pb)) if i + j < keep)
 
 
@@ -86,7 +95,7 @@ def check() -> None:
     exact = a.double() @ b.double()
     rel = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
     print(f"{'mode':8} {'split product':>14} {'emulation':>10}   (float32: {rel(a @ b):.2e})")
-    for m in ("tf32", "bf16x3", "tf32x3", "bf16x6"):
+    for m in ("tf32", "bf16x3", "bf16x3-coarse", "tf32x3", "bf16x6"):
         print(f"{m:8} {rel(split_matmul(a, b, m)):14.2e} {rel(emulate(a, m) @ emulate(b, m)):10.2e}")
 
 
