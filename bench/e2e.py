@@ -75,12 +75,14 @@ def run(args) -> list[dict]:
     backends = args.backends
     rows = []
     # float32 once per --f32-dots mode (split tensor-core dots; rows say "float32-<mode>")
-    runs = [(d, m) for d in args.dtypes for m in (args.f32_dots if d in ("float32", "fp32") else ["ieee"])]
+    # (no --f32-dots: FASTFOCAL_F32_DOT's mode)
+    runs = [(d, m) for d in args.dtypes for m in (args.f32_dots or [None] if d in ("float32", "fp32") else [None])]
     for i, (dtype, mode) in enumerate(runs):
         if i == 0 or runs[i - 1][0] != dtype:
             codec = fastfocal.random_init(args.preset, seed=0, device=device, dtype=dtype)
         fastfocal.set_f32_dot(mode)
-        label = dtype if mode == "ieee" else f"{dtype}-{mode}"
+        mode = fastfocal.f32_dot()
+        label = dtype if mode == "ieee" or dtype not in ("float32", "fp32") else f"{dtype}-{mode}"
         g = torch.Generator().manual_seed(0)
         for backend in backends:
             # "gemm": the default backend with ops.LARGE_GEMM (the matmul kernel's GEMM tiles)
@@ -157,8 +159,9 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--backends", nargs="+", default=["auto", "torch"], choices=["auto", "torch", "gemm", "triton"],
                     help="gemm: auto with FASTFOCAL_LARGE_GEMM=1")
-    ap.add_argument("--f32-dots", nargs="+", default=["ieee"], choices=list(fastfocal.F32_DOTS),
-                    help="float32 runs once per mode: ieee (exact) or split tensor-core dots (GPU only; CPU ignores it)")
+    ap.add_argument("--f32-dots", nargs="+", default=None, choices=list(fastfocal.F32_DOTS),
+                    help="float32 runs once per mode: ieee (exact) or split tensor-core dots (GPU only; CPU ignores "
+                         "it); default: FASTFOCAL_F32_DOT's mode")
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--reps", type=int, default=3)

@@ -63,6 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.f32_dots and not args.device.startswith("cuda"):
         ap.error("--f32-dots needs --device cuda: CPU dots are float32 whatever the mode")
+    fastfocal.set_f32_dot("ieee")  # the reference is exact float32 whatever FASTFOCAL_F32_DOT says
     ref = fastfocal.open_codec(args.model, args.random_init, args.device, "fp32")
     xs = speech(args.audio, args.files, args.seconds)
     want = [ref.sig_to_toks(x) for x in xs]

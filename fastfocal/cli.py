@@ -434,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "f32_dot", None):  # the environment too: corpus workers are processes
             os.environ["FASTFOCAL_F32_DOT"] = args.f32_dot
             set_f32_dot(args.f32_dot)
+        try:
+            f32_dot()
+        except ValueError as e:  # a bad FASTFOCAL_F32_DOT: one line now, not a traceback mid-run
+            raise CliError(str(e)) from None
         return args.func(args)
     except USER_ERRORS + (CliError,) as e:
         _error(e)

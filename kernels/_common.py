@@ -92,42 +92,46 @@ def launch_opts(t: torch.Tensor) -> dict:
 # "bf16x3" (~16 significant bits an operand, 3 bf16 MMAs), "tf32x3" (~22 bits, 3 TF32 MMAs),
 # "bf16x6" (~24 bits, 6 bf16 MMAs). Activations, norms and residuals stay float32 whatever the mode.
 F32_DOTS = ("ieee", "bf16x3", "tf32x3", "bf16x6")
-_F32_DOT = {"mode": "ieee"}
+_F32_DOT = {"force": None}
+
+
+def _f32_mode(mode, source: str) -> str:
+    if not isinstance(mode, str) or mode.strip().lower() not in F32_DOTS:
+        raise ValueError(f"float32 dot mode {mode!r}{source}: expected one of {', '.join(F32_DOTS)}")
+    return mode.strip().lower()
 
 
 def set_f32_dot(mode: str | None) -> None:
-    """The product float32 launches use from now on (None: FASTFOCAL_F32_DOT's say, else
-    "ieee"). A captured CUDA graph keeps the mode it was captured with."""
-    mode = os.environ.get("FASTFOCAL_F32_DOT", "ieee") if mode is None else mode
-    if mode not in F32_DOTS:
-        raise ValueError(f"float32 dot mode {mode!r}: expected one of {', '.join(F32_DOTS)}"
-                         + (" (from FASTFOCAL_F32_DOT)" if mode == os.environ.get("FASTFOCAL_F32_DOT") else ""))
-    _F32_DOT["mode"] = mode
+    """The product float32 launches use from now on (None: FASTFOCAL_F32_DOT's say again, read
+    at each launch like FASTFOCAL_BACKEND). A captured CUDA graph keeps the mode it was captured with."""
+    _F32_DOT["force"] = None if mode is None else _f32_mode(mode, "")
 
 
 def f32_dot() -> str:
-    return _F32_DOT["mode"]
+    """The float32 dot mode: set_f32_dot's, else FASTFOCAL_F32_DOT's (default ieee); a bad
+    environment value raises here, at the first float32 launch, naming the variable."""
+    if _F32_DOT["force"] is not None:
+        return _F32_DOT["force"]
+    env = os.environ.get("FASTFOCAL_F32_DOT")
+    return "ieee" if not env else _f32_mode(env, " (FASTFOCAL_F32_DOT)")
 
 
 def split_f32(dtype: torch.dtype) -> bool:
     """Whether float32 matmuls of this dtype run as split tensor-core products (then they take
     the matmul kernel, not cuBLAS's exact SGEMM)."""
-    return dtype == torch.float32 and _F32_DOT["mode"] != "ieee"
+    return dtype == torch.float32 and f32_dot() != "ieee"
 
 
 def device_dot_precision(dtype: torch.dtype, exact: bool = False) -> str:
     """A compiled launch's tl.dot input_precision: float32 takes the mode (exact: ieee whatever
     it is); 16-bit inputs ignore it."""
-    return ("ieee" if exact else _F32_DOT["mode"]) if dtype == torch.float32 else "tf32"
+    return ("ieee" if exact else f32_dot()) if dtype == torch.float32 else "tf32"
 
 
 def dot_precision(dtype: torch.dtype, exact: bool = False) -> str:
     """A launch's tl.dot input_precision. The interpreter knows only tf32/tf32x3/ieee and
     computes every dot in float32: ieee there."""
     return "ieee" if INTERPRET else device_dot_precision(dtype, exact)
-
-
-set_f32_dot(None)
 
 
 @triton.jit

@@ -141,9 +141,12 @@ def test_f32_dot_flag(capsys, monkeypatch):
         assert "float32 dots:     ieee (CPU)" in capsys.readouterr().out
         assert "f32_dot" not in provenance(open_codec(TINY, None, "cpu", "fp32"))
     finally:
-        fastfocal.set_f32_dot("ieee")
+        fastfocal.set_f32_dot(None)
     assert main(["info", *MODEL, "--f32-dot", "bf16x4"]) == 2
     assert "invalid choice: 'bf16x4'" in capsys.readouterr().err
+    monkeypatch.setenv("FASTFOCAL_F32_DOT", "bf16")
+    assert main(["info", *MODEL]) == 2
+    one_error_line(capsys, "float32 dot mode 'bf16' (FASTFOCAL_F32_DOT): expected one of ieee, bf16x3")
 
 
 def _bad_inputs(d: Path) -> dict:

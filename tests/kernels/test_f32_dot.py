@@ -22,23 +22,29 @@ DOT_KERNELS = [("linear", "_linear_kernel"), ("attention", "_attn_kernel"),
 @pytest.fixture
 def f32_dot():
     yield _common.set_f32_dot
-    _common.set_f32_dot("ieee")
+    _common.set_f32_dot(None)
 
 
 def test_modes_and_bad_values(f32_dot, monkeypatch):
-    with pytest.raises(ValueError, match="'bf16x4'.*ieee, bf16x3, tf32x3, bf16x6"):
+    monkeypatch.delenv("FASTFOCAL_F32_DOT", raising=False)
+    assert _common.f32_dot() == "ieee" and not _common.split_f32(torch.float32)  # the default: exact
+    with pytest.raises(ValueError, match="'bf16x4': expected one of ieee, bf16x3, tf32x3, bf16x6"):
         f32_dot("bf16x4")
+    with pytest.raises(ValueError, match="float32 dot mode 3: expected"):
+        f32_dot(3)
     monkeypatch.setenv("FASTFOCAL_F32_DOT", "tf32")  # one TF32 product: 11 bits, not offered
-    with pytest.raises(ValueError, match="FASTFOCAL_F32_DOT"):
-        f32_dot(None)
-    monkeypatch.setenv("FASTFOCAL_F32_DOT", "tf32x3")
-    f32_dot(None)
+    with pytest.raises(ValueError, match=r"'tf32' \(FASTFOCAL_F32_DOT\)"):
+        _common.f32_dot()
+    monkeypatch.setenv("FASTFOCAL_F32_DOT", " TF32x3")  # case and spaces as a shell may leave them
     assert _common.f32_dot() == "tf32x3" and _common.split_f32(torch.float32)
     assert not _common.split_f32(torch.bfloat16)
     assert _common.dot_precision(torch.float32) == ("ieee" if _common.INTERPRET else "tf32x3")
     assert _common.dot_precision(torch.bfloat16) == ("ieee" if _common.INTERPRET else "tf32")  # 16-bit dots ignore it
-    fastfocal.set_f32_dot("ieee")
+    assert _common.device_dot_precision(torch.float32, exact=True) == "ieee"
+    fastfocal.set_f32_dot("ieee")  # set_f32_dot wins over the environment until set_f32_dot(None)
     assert not _common.split_f32(torch.float32) and _common.dot_precision(torch.float32) == "ieee"
+    f32_dot(None)
+    assert _common.f32_dot() == "tf32x3"
 
 
 @pytest.mark.parametrize("mode", ["bf16x3", "ieee"])
