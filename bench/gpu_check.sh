@@ -42,7 +42,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step tests          python -m pytest -q -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml"
 step kernels        python bench/kernels/run_all.py $Q --out "$OUT/kernels.jsonl"
 step tile-sweep     env PYTHON=python bash bench/kernels/tile_sweep.sh "$OUT/kernels.jsonl"
-step e2e            python bench/e2e.py $Q --dtypes float32 bfloat16 float16
+step e2e            python bench/e2e.py $Q --dtypes float32 bfloat16 float16 --f32-dots ieee bf16x3 tf32x3
 step stream-latency python bench/stream_latency.py $Q
 step stream-latency-cublas env FASTFOCAL_SKINNY_ROWS=0 python bench/stream_latency.py $Q
 step stream-latency-pdl env FASTFOCAL_PDL=1 python bench/stream_latency.py $Q
@@ -51,7 +51,7 @@ step bf16-agreement python bench/bf16_agreement.py --random-init 50hz_4k_causal 
 step engine-host    python bench/engine_host.py --random-init 50hz_4k_causal --device cuda --dtype bf16 --mode full --streams 256,1024,4096 --steps 6
 step corpus        python bench/corpus_bench.py --random-init 50hz_4k_causal --dtype bf16 --device cuda --files ${CORPUS_FILES:-600}
 step offline-prof   python bench/offline_profile.py --random-init 50hz_4k_causal --dtypes float32 bfloat16 float16
-step precision      python bench/precision.py --random-init 50hz_4k_causal --device cuda --files 12 --seconds 8
+step precision      python bench/precision.py --random-init 50hz_4k_causal --device cuda --files 12 --seconds 8 --f32-dots bf16x3 tf32x3
 step readme-perf    python bench/readme_perf.py
 
 # ------------------------------------------------------------------ summary (last screen)

@@ -78,5 +78,8 @@ step 75 "focal/attention streaming tiles, old against new default (prediction: f
     bash bench/kernels/tile_sweep.sh "$R/kernels.jsonl"
 step 40 "batch-1 full step on cuBLAS + separate epilogues/norms (FASTFOCAL_SKINNY_ROWS=0, 244 launches)" \
     env FASTFOCAL_SKINNY_ROWS=0 python3 bench/stream_latency.py --modes full --dtypes bfloat16 --steps 200
+step 60 "float32 full engine step at 1024 streams, IEEE then bf16x3 dots (was 129.7 ms IEEE; prediction bf16x3 60-90 ms: GEMMs on tensor cores, state bytes still float32)" \
+    bash -c "python3 bench/serve_capacity.py --modes full --dtypes float32 --probe full:1024 --reps 10 \
+        && FASTFOCAL_F32_DOT=bf16x3 python3 bench/serve_capacity.py --modes full --dtypes float32 --probe full:1024 --reps 10"
 pack
 echo "gpu_quick: done in $((SECONDS - START)) s; results in gpu_quick.tgz"
