@@ -16,6 +16,7 @@ Appends rows (bench "precision_split") to bench/results/precision.jsonl.
 
     python bench/precision_split.py --random-init 50hz_4k_causal --files 34 --seconds 20
     python bench/precision_split.py --model tests/data/tiny_causal --files 34 --seconds 20
+    python bench/precision_split.py --random-init 50hz_4k_causal --files 34 --seconds 20 --shifts 4 --modes bf16x3 bf16x3-coarse
     python bench/precision_split.py --check
 """
 from __future__ import annotations
@@ -124,20 +125,23 @@ def main() -> None:
     ap = parser(__doc__, 34)
     ap.add_argument("--modes", nargs="+", default=["tf32", "bf16x3", "tf32x3", "bf16x6"])
     ap.add_argument("--check", action="store_true", help="only compare the emulation with the real split product")
+    ap.add_argument("--shifts", type=int, default=1, help="each file also started 1/N, 2/N ... of a token later: "
+                    "other frame alignments, other latents (N times the tokens)")
     args = ap.parse_args()
     if args.check:
         return check()
     codec = fastfocal.open_codec(args.model, args.random_init, "cpu", "fp32")
-    xs = speech(args.audio, args.files, args.seconds)
+    hop = codec.sample_rate_input // int(codec.token_rate)
+    xs = [x[round(k * hop / args.shifts):] for x in speech(args.audio, args.files, args.seconds) for k in range(args.shifts)]
     want = [codec.sig_to_toks(x) for x in xs]
     lat32 = torch.cat([codec.sig_to_lats(x).reshape(-1, codec.code_dim) for x in xs]).double()
     split = Split()
     n = sum(w.numel() for w in want)
-    info = {**machine(), "bench": "precision_split", "model": codec.name, "files": len(xs),
-            "seconds_per_file": args.seconds, "tokens": n}
+    info = {**machine(), "bench": "precision_split", "model": codec.name, "files": len(xs) // args.shifts,
+            "shifts": args.shifts, "seconds_per_file": args.seconds, "tokens": n}
     RESULTS.mkdir(exist_ok=True)
     margin = lat32.abs().min(1).values
-    print(f"{codec.name}: {len(xs)} files x <= {args.seconds:g} s, {n} tokens; latent rms "
+    print(f"{codec.name}: {len(xs) // args.shifts} files x <= {args.seconds:g} s x {args.shifts} shifts, {n} tokens; latent rms "
           f"{float(lat32.pow(2).mean().sqrt()):.3f}, tokens with a component within 1e-5 / 1e-4 of zero: "
           f"{100 * float((margin < 1e-5).double().mean()):.2f} / {100 * float((margin < 1e-4).double().mean()):.2f} %")
     print(f"{'split dots (E + C)':20} {'flips':>6} {'agreement':>10} {'latent err p50':>15} {'p99':>9}")
