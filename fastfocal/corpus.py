@@ -30,6 +30,7 @@ import torch
 from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
 from .inputs import InputError, available_bytes, check_audio, token_dtype
+from .kernels import _common
 from .loading import open_codec, provenance
 from .pipeline import ERR_NONFINITE_OUTPUT, NumericsError, Pipeline, check_err
 
@@ -807,6 +808,7 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
 def _device_main(items, out, device, opts, shard, position, q, watch):
     _watch_parent(watch)
     try:
+        _common.set_f32_dot(opts["f32_dot"])
         q.put(run_shard(items, Path(out), device, opts, shard, position))
     except Exception as e:  # reported by the parent as one line
         q.put({"error": f"{device}: {e}"})
@@ -855,7 +857,8 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         local = _env_int("LOCAL_RANK", None, 0)
         devices = [f"cuda:{local}" if local is not None and torch.cuda.is_available() else None]
     opts = dict(model=model, random_init=random_init, dtype=dtype, batch_seconds=batch_seconds, max_batch=max_batch,
-                workers=workers, prefetch=prefetch, fmt=fmt, quiet=quiet)
+                workers=workers, prefetch=prefetch, fmt=fmt, quiet=quiet,
+                f32_dot=_common.f32_dot())  # set_f32_dot's say reaches spawned device processes too
     n = len(devices)
     shards = [("" if world * n == 1 else f".{rank * n + k}") for k in range(n)]
     out = Path(out)

@@ -19,6 +19,7 @@ import numpy as np
 from .audio import AudioError, check_peak, read_audio
 from .corpus import SR, encode_batch
 from .inputs import token_dtype
+from .kernels._common import f32_dot as f32_dot_now, set_f32_dot
 from .loading import open_codec
 
 
@@ -38,7 +39,9 @@ class TokenEncoder:
     `load_row`) -> columns path, tokens, n_tokens, duration, error."""
 
     def __init__(self, model: str | None = None, random_init: str | None = None, device: str | None = None,
-                 dtype: str = "fp32", arrow: bool = False):
+                 dtype: str = "fp32", arrow: bool = False, f32_dot: str | None = None):
+        if f32_dot is not None:  # the driver's float32 dot mode (an actor's process has its own)
+            set_f32_dot(f32_dot)
         self.codec = open_codec(model, random_init, device, dtype)
         self.dtype = token_dtype(self.codec.codebook_size)
         # arrow: a pyarrow table with tokens as list<uint>; numpy columns would become fixed-shape
@@ -71,9 +74,10 @@ class TokenEncoder:
 
 
 def encode_paths(paths, model: str | None = None, random_init: str | None = None, dtype: str = "fp32",
-                 num_gpus: int = 0, num_cpu_actors: int = 1, batch_size: int = 64):
+                 num_gpus: int = 0, num_cpu_actors: int = 1, batch_size: int = 64, f32_dot: str | None = None):
     """A lazy ray.data.Dataset of tokens for `paths`: one actor per GPU (or `num_cpu_actors`
-    CPU actors when num_gpus is 0)."""
+    CPU actors when num_gpus is 0). f32_dot: the actors' float32 dot mode (default: this
+    process's, `fastfocal.f32_dot()`)."""
     try:
         import ray
     except ImportError:
@@ -82,7 +86,8 @@ def encode_paths(paths, model: str | None = None, random_init: str | None = None
     return ds.map_batches(
         TokenEncoder,
         fn_constructor_kwargs={"model": model, "random_init": random_init, "dtype": dtype,
-                               "device": "cuda" if num_gpus else "cpu", "arrow": True},
+                               "device": "cuda" if num_gpus else "cpu", "arrow": True,
+                               "f32_dot": f32_dot or f32_dot_now()},
         batch_size=batch_size,
         num_gpus=1 if num_gpus else 0,
         concurrency=num_gpus or num_cpu_actors,

@@ -570,3 +570,22 @@ def test_fp16_overflow_is_marked_in_the_manifest(tmp_path, causal, monkeypatch, 
     assert rows["loud"].get("recomputed_fp32") is True and "recomputed_fp32" not in rows["quiet"]
     assert rows["loud"]["dtype"] == "float16"
     check_tokens(half, tmp_path / "src", out, ["loud", "quiet"])
+
+
+def test_device_processes_get_the_float32_dot_mode(tmp_path, monkeypatch):
+    """Device shards run in spawned processes: encode_corpus hands them set_f32_dot's say."""
+    import fastfocal
+    from fastfocal import corpus
+
+    seen = []
+    monkeypatch.setattr(corpus, "run_shard", lambda items, out, device, opts, shard, *a: seen.append(opts) or
+                        {"files": 0, "seconds": 0.0, "skipped": 0, "errors": 0, "wall_s": 0.0})
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "a.wav", X16[:16000], 16000, subtype="FLOAT")
+    try:
+        fastfocal.set_f32_dot("tf32x3")
+        corpus.encode_corpus([str(src)], tmp_path / "out", model=TINY, workers=0, quiet=True)
+    finally:
+        fastfocal.set_f32_dot(None)
+    assert seen and seen[0]["f32_dot"] == "tf32x3"

@@ -101,3 +101,16 @@ def test_ray_pipeline_on_a_local_cluster(ray_cluster, files, causal, tmp_path):
     for r in table:
         if Path(r["path"]).stem not in BAD:
             np.testing.assert_array_equal(np.asarray(r["tokens"]), causal.sig_to_toks(read_audio(r["path"])).numpy())
+
+
+def test_actor_takes_the_drivers_float32_dot_mode():
+    """Actors run in their own processes: the mode comes with their constructor arguments."""
+    import fastfocal
+
+    try:
+        TokenEncoder(model=TINY, device="cpu", f32_dot="bf16x3")
+        assert fastfocal.f32_dot() == "bf16x3"
+        with pytest.raises(ValueError, match="'bf16'"):
+            TokenEncoder(model=TINY, device="cpu", f32_dot="bf16")
+    finally:
+        fastfocal.set_f32_dot(None)
