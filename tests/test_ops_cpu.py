@@ -134,11 +134,20 @@ def test_fused_gelu_and_residual_post_ops_equal_the_separate_ops(wx, dtype):
 
 @pytest.mark.parametrize("B,T", [(1, 4), (1, 65), (3, 200), (80, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-as-fp32"])
-def test_grouped_conv_forms_equal_the_conv(B, T, dtype, monkeypatch):
-    """ops.grouped_conv_time_major (the CPU / long-run form) (batched GEMM for short runs; for long bf16 runs
+@pytest.mark.parametrize("pack", ["packed", "bmm"])
+def test_grouped_conv_forms_equal_the_conv(B, T, dtype, pack, monkeypatch):
+    """ops.grouped_conv_time_major (the CPU / long-run form) (short runs: a oneDNN matmul per group
+    on its reordered weight, or with FASTFOCAL_CPU_PACK=0 one batched GEMM; for long bf16 runs
     ~64 rows at a time, whatever the chunk boundaries) against the float64 conv; fp32 long runs
     are the library conv. bf16-as-fp32: a CPU without native bf16 (all in fp32, one rounding)."""
+    from fastfocal import ops
     from fastfocal.ops import grouped_conv_time_major as _grouped_conv
+
+    monkeypatch.setenv("FASTFOCAL_CPU_PACK", "1" if pack == "packed" else "0")
+    calls, packed_call = [], ops._packed_call
+    monkeypatch.setattr(ops, "_packed_call", lambda *a, **k: calls.append(1) or packed_call(*a, **k))
+    # short runs take the per-group matmul; long runs too in native bf16 (64 rows at a time)
+    short = T <= 64 or (dtype == torch.bfloat16 and cpu.native(torch.bfloat16))
 
     if dtype == "bf16-as-fp32":
         monkeypatch.setitem(cpu._NATIVE, torch.bfloat16, False)
@@ -156,3 +165,4 @@ def test_grouped_conv_forms_equal_the_conv(B, T, dtype, monkeypatch):
     ref = F.conv1d(xp.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), groups=G) if dtype != torch.float32 else want
     tol = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((got.double() - ref).abs() <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
+    assert bool(calls) == (pack == "packed" and short and ops._PACK_OPS), (pack, len(calls))
