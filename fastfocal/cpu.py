@@ -163,7 +163,10 @@ def rel_attention_step(qkv: Tensor, y: Tensor, gru_w: Tensor, gru_b: Tensor, gru
     gate = attention_gate_ref(y, gru_w, gru_b, gru_const, H)  # B H T fp32
     # the matmuls read the rings in their dtype (fp32 accumulation inside); scores, bias and
     # softmax in fp32 (the reference rounds the bias to the compute dtype)
-    s = torch.cat([torch.matmul(q, kr.transpose(2, 3)), torch.matmul(q, k.transpose(2, 3))], 3).float()
+    # fp32: the ring as the GEMM's first operand (K q^T, then a transposed view) measured 327 -> 214 us
+    # a layer from a cold cache (16 heads x 508 keys); bf16 gains nothing from it
+    ring_s = torch.matmul(kr, q.transpose(2, 3)).transpose(2, 3) if cd == torch.float32 else torch.matmul(q, kr.transpose(2, 3))
+    s = torch.cat([ring_s, torch.matmul(q, k.transpose(2, 3))], 3).float()
     s = torch.addcmul(mask, bias, gate.unsqueeze(-1)).add_(s, alpha=d ** -0.5)
     p = torch.softmax(s, dim=-1).to(vr.dtype)
     o = torch.matmul(p[..., :R], vr).add_(torch.matmul(p[..., R:], v))  # B H T d
