@@ -15,6 +15,7 @@ On CUDA the step is a CUDA-graph replay per batch bucket (see graphs.py).
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import gc
 import itertools
@@ -53,6 +54,11 @@ def freeze_heap() -> int:
         atexit.register(gc.unfreeze)  # lets interpreter shutdown free them (nanobind warns of leaks otherwise)
         freeze_heap._exit_hook = True
     return gc.get_freeze_count()
+
+
+# the shared input rings grow (every slot at once) to at most this many chunks; a longer backlog
+# of one stream is kept apart for that stream alone
+MAX_RING_CHUNKS = 8
 
 
 class EngineFull(RuntimeError):
@@ -189,6 +195,9 @@ class StreamEngine:
         self._fill = np.zeros(max_streams, np.int64)
         self._err = np.zeros(max_streams, np.int32)
         self._sid = np.full(max_streams, -1, np.int64)  # -1: free
+        # input beyond a slot's ring (the shared rings grow to MAX_RING_CHUNKS chunks, for every
+        # slot at once): slot -> [deque of arrays, oldest first; their total length]
+        self._over: dict[int, list] = {}
         self._slot: dict[int, int] = {}  # open stream id -> slot
         self._free = list(range(max_streams - 1, -1, -1))  # pop(): lowest first, then the last freed
         self._next_id = 0
@@ -289,11 +298,13 @@ class StreamEngine:
         del self._slot[sid]
         self._lookup = None
         self._sid[slot], self._fill[slot] = -1, 0
+        self._over.pop(slot, None)
         self._free.append(slot)
 
     def pending(self, sid: int) -> int:
         """Samples (or tokens) buffered for this stream."""
-        return int(self._fill[self._get(sid)])
+        slot = self._get(sid)
+        return int(self._fill[slot]) + (self._over[slot][1] if slot in self._over else 0)
 
     def error(self, sid: int) -> str | None:
         return ERRORS.get(int(self._err[self._get(sid)]))
@@ -316,8 +327,15 @@ class StreamEngine:
             return
         fill = self._fill.item(slot)  # .item(): numpy scalar reads are the cost of a submit
         need = fill + n
-        if need > self._cap:
-            self._grow(need)
+        if slot in self._over or (need > self._cap and not self._grow(need)):
+            self._spill(slot, v)
+            return
+        self._write(slot, v)
+
+    def _write(self, slot: int, v: np.ndarray) -> None:
+        """Append v (fits) to slot's ring."""
+        n, fill = v.shape[0], self._fill.item(slot)
+        need = fill + n
         w = (self._head.item(slot) + fill) % self._cap
         d, off = divmod(w, self.chunk)
         if off + n <= self.chunk:  # within one chunk row: the usual case, kept cheap
@@ -326,6 +344,37 @@ class StreamEngine:
             for d, off, i, m in self._pieces(w, n):
                 self._ring[d, slot, off:off + m] = v[i:i + m]
         self._fill[slot] = need
+
+    def _spill(self, slot: int, v: np.ndarray) -> None:
+        """Fill slot's ring, keep the rest of v as its backlog (a copy: the caller may reuse v)."""
+        room = 0 if slot in self._over else self._cap - self._fill.item(slot)
+        if room > 0:
+            self._write(slot, v[:room])
+        rest = np.array(v[room:], dtype=self._np_in)
+        if rest.shape[0]:
+            q = self._over.setdefault(slot, [collections.deque(), 0])
+            q[0].append(rest)
+            q[1] += rest.shape[0]
+
+    def _refill(self, slots) -> None:
+        """Move backlog into the rings of these slots (after a step freed room in them)."""
+        for slot in self._over.keys() & set(np.asarray(slots).tolist()):
+            q, total = self._over[slot]
+            room = self._cap - self._fill.item(slot)
+            while room > 0 and q:
+                a = q[0]
+                m = min(room, a.shape[0])
+                self._write(slot, a[:m])
+                if m == a.shape[0]:
+                    q.popleft()
+                else:
+                    q[0] = a[m:]
+                room -= m
+                total -= m
+            if q:
+                self._over[slot][1] = total
+            else:
+                del self._over[slot]
 
     def submit_batch(self, sids, data) -> None:
         """submit(sids[i], data[i]) for many streams at once: data (k, n) holds n samples (or
@@ -339,8 +388,16 @@ class StreamEngine:
         if not n or not len(slots):
             return
         need = self._fill[slots] + n
-        if int(need.max()) > self._cap:
-            self._grow(int(need.max()))
+        if int(need.max()) > self._cap and not self._grow(int(need.max())) or self._over:
+            # rows that do not fit (or already have a backlog) go one by one, through the backlog
+            late = (need > self._cap) | np.isin(slots, list(self._over))
+            if late.any():
+                for i in np.flatnonzero(late).tolist():
+                    self._spill(int(slots[i]), v[i])
+                keep = np.flatnonzero(~late)
+                if not len(keep):
+                    return
+                slots, v, need = slots[keep], np.ascontiguousarray(v[keep]), need[keep]
         w = (self._head[slots] + self._fill[slots]) % self._cap
         # rows writing at one ring position (streams stepped together share it) take one
         # multithreaded row copy per chunk row touched; per-element fancy indexing is ~10x slower
@@ -386,12 +443,16 @@ class StreamEngine:
         p = (self._head[slots, None] + np.arange(n)) % self._cap
         return p // self.chunk, p % self.chunk
 
-    def _grow(self, need: int) -> None:
-        """Double the rings until `need` fits, unwrapping each slot's pending input to the front."""
+    def _grow(self, need: int) -> bool:
+        """Double the rings until `need` fits, unwrapping each slot's pending input to the front;
+        False (nothing done) where that would pass MAX_RING_CHUNKS: a longer backlog is one
+        stream's, kept apart (`_spill`), not room in every slot's ring."""
         depth = self._ring.shape[0]
         new_depth = depth
         while new_depth * self.chunk < need:
             new_depth *= 2
+        if new_depth > max(MAX_RING_CHUNKS, depth):
+            return False
         check_fits(self.max_streams * new_depth * self.chunk * self._ring.itemsize, "cpu",
                    f"input rings of {new_depth * self.chunk} per stream")
         slots = np.arange(self.max_streams)
@@ -400,6 +461,7 @@ class StreamEngine:
         ring = self._new_ring(new_depth)
         ring[:depth] = old.reshape(self.max_streams, depth, self.chunk).transpose(1, 0, 2)
         self._ring, self._head = ring, np.zeros_like(self._head)
+        return True
 
     def _take(self, slots: np.ndarray, n: int, out: np.ndarray) -> None:
         """Pop the first n pending elements of each slot into out (len(slots), n)."""
@@ -453,7 +515,9 @@ class StreamEngine:
             copy = bool(self.runner.graphs)
             res = {k: (o.to(torch.float32, copy=copy) if o.is_floating_point() else (o.clone() if copy else o))
                    for k, o in zip(names, outs)}
-            err = outs[-1].cpu().numpy()
+            err = outs[-1].cpu().numpy()  # a sync: the copy of x (maybe a view of the rings) is done
+        if self._over:
+            self._refill(slots)
         sticky = self._err[slots]
         self._err[slots] = np.where(sticky != 0, sticky, err)
         return StepResult(self._sid[slots].copy(), res.get("toks"), res.get("audio"), self._err[slots].copy())
@@ -472,9 +536,12 @@ class StreamEngine:
         slot = self._get(sid)
         names = MODE_OUTPUTS[self.mode]
         n = int(self._fill[slot])
-        if n:
+        backlog = self._over.pop(slot, [(), 0])[0]
+        if n or backlog:
             x = np.empty((1, n), self._np_in)
             self._take(np.array([slot]), n, x)
+            if backlog:
+                x = np.concatenate([x[0], *backlog])[None]
             with nvtx_range("engine.finish"), torch.inference_mode():
                 xt = torch.from_numpy(x).to(self.device, self.dtype if self.mode != "decode" else torch.long)
                 o = self.pipeline.run_tail(xt, self._slot_ids[slot:slot + 1], names, self.codec.segment_frames)

@@ -536,3 +536,65 @@ def test_step_outputs_are_the_rows_of_step_batch(causal):
             assert torch.equal(o.tokens, want.tokens[i]) and torch.equal(o.audio, want.audio[i])
             assert o.tokens.shape == (4,) and o.audio.shape == (want.audio.shape[1],)
     assert "StreamOutput(tokens=tensor(" in repr(first[ids[0][0]])
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_one_streams_backlog_stays_its_own(causal, golden_causal, batch):
+    """A stream given far more input than the shared rings hold (one submit of many chunks)
+    keeps the excess as its own backlog: the rings of every slot stay at MAX_RING_CHUNKS, its
+    pending count holds it all, and its outputs (steps, then finish) equal an independent
+    session's, as do those of a stream fed in real time beside it."""
+    from fastfocal import engine as engine_mod
+
+    inputs = windows(golden_causal, 2, seed=5)
+    big = torch.cat([inputs[0]] * 3)  # ~12-27 chunks
+    bx = torch.cat([inputs[1]] * 2)
+    engine = StreamEngine(causal, 3, mode="full")
+    a, b = engine.open(), engine.open()
+    n = engine.chunk
+    if batch:  # submit_batch: the row that does not fit (a: 5 + 4 chunks) goes to its backlog, b's to the ring
+        engine.submit(a, big[:5 * n])
+        engine.submit_batch([a, b], np.stack([big[5 * n:9 * n].numpy(), bx[:4 * n].numpy()]))
+        assert engine._over and engine.pending(b) == 4 * n
+        engine.submit(a, big[9 * n:])
+        fed_b = 4 * n
+    else:
+        engine.submit(a, big)
+        fed_b = 0
+    assert engine._ring.shape[0] <= engine_mod.MAX_RING_CHUNKS
+    assert engine.pending(a) == len(big)
+    outs = {a: [], b: []}
+    while a in engine.ready() or fed_b < len(bx):
+        if fed_b < len(bx):
+            engine.submit(b, bx[fed_b:fed_b + n])
+            fed_b += n
+        for s, o in engine.step().items():
+            assert o.error is None
+            outs[s].append(o)
+        assert engine._ring.shape[0] <= engine_mod.MAX_RING_CHUNKS
+    assert 0 < engine.pending(a) < engine.chunk
+    outs[a].append(engine.finish(a))
+    outs[b].append(engine.finish(b))
+    for s, x in ((a, big), (b, bx)):
+        ref_t, ref_a = reference(causal, "full", x)
+        assert_tokens(f"stream {s} tokens", torch.cat([o.tokens for o in outs[s]]), ref_t)
+        assert_close(f"stream {s} audio", torch.cat([o.audio for o in outs[s]]), ref_a, rel=1e-5)
+    c = engine.open()  # the slot's backlog went with its stream
+    assert engine.pending(c) == 0 and not engine._over
+
+
+def test_backlog_goes_with_close_and_finish(causal):
+    """close() drops a backlog; finish() runs ring and backlog in order."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(20 * 1280 + 333) * 0.1).astype(np.float32)
+    engine = StreamEngine(causal, 2, mode="encode")
+    s = engine.open()
+    engine.submit(s, x[:1000])
+    engine.submit(s, x[1000:])  # past the rings: a backlog, after what the ring holds
+    assert engine.pending(s) == len(x) and engine._over
+    got = engine.finish(s).tokens
+    assert_tokens("finish over ring + backlog", got, reference(causal, "encode", T(x))[0])
+    t = engine.open()
+    engine.submit(t, x)
+    engine.close(t)
+    assert not engine._over
