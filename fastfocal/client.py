@@ -16,9 +16,10 @@ import numpy as np
 from yarl import URL
 
 from .audio import read_audio, write_audio
-from .inputs import InputError, token_dtype
+from .inputs import InputError, _as_numpy, amplitude_problem, token_dtype
 
 MODES = ("full", "encode", "decode")
+WIRE_TOKEN_LIMIT = 1 << 16  # decode mode sends tokens as uint16: larger values would wrap
 
 
 class ServerError(RuntimeError):
@@ -46,6 +47,59 @@ def stream_url(url: str, mode: str = "full", fmt: str = "f32le") -> URL:
     return u.update_query(mode=mode, format=fmt)
 
 
+def _array(data, name: str) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return data
+    try:
+        if hasattr(data, "detach"):  # a torch.Tensor: the project's conversion (bf16/fp16, uint widths)
+            return np.asarray(_as_numpy(data, name))
+        return np.asarray(data)
+    except (ValueError, TypeError) as e:  # ragged lists, odd objects
+        raise InputError(f"{name} must be a numeric array, got {type(data).__name__} ({e})") from None
+
+
+def _one_row(x: np.ndarray, name: str, what: str) -> np.ndarray:
+    """(n,), (n, 1) or (1, n) -> (n,); anything else is refused."""
+    if x.ndim == 2 and 1 in x.shape:
+        return x.reshape(-1)
+    if x.ndim != 1:
+        raise InputError(f"{name} must be {what}, got shape {x.shape}")
+    return x
+
+
+def check_audio_input(data, name: str = "audio") -> np.ndarray:
+    """Audio for one stream as a 1-D float32 array, or an InputError: the server takes mono 16 kHz
+    float PCM, and the wire carries bare samples, so a wrong array would be served silently as garbage
+    (stereo interleaved as mono of twice the length, integer PCM scaled by 32768 and clipped,
+    NaN cast to 0 in s16le)."""
+    x = _array(data, name)
+    if x.ndim == 2 and min(x.shape) > 1:
+        ax = 1 if x.shape[0] >= x.shape[1] else 0  # channels are the short axis
+        raise InputError(f"{name} has {x.shape[ax]} channels (shape {x.shape}): the server takes mono 16 kHz "
+                         f"audio; mix down first (x.mean({ax}))")
+    x = _one_row(x, name, "mono: (samples,), (samples, 1) or (1, samples)")
+    if x.dtype.kind != "f":
+        raise InputError(f"{name} must be floating point in [-1, 1], got {x.dtype} "
+                         "(convert integer PCM with x / 32768)")
+    x = np.ascontiguousarray(x, np.float32)
+    problem = amplitude_problem(x)  # the rule the server and the file readers apply
+    if problem is not None:
+        raise InputError(f"{name} {problem}")
+    return x
+
+
+def check_token_input(data, codebook_size: int | None = None, name: str = "tokens") -> np.ndarray:
+    """Tokens for one stream as a 1-D int64 array of codebook indices, or an InputError."""
+    x = _one_row(_array(data, name), name, "1-D: (T,), (T, 1) or (1, T)")
+    if x.dtype.kind not in "iu":
+        raise InputError(f"{name} must be integer codebook indices, got {x.dtype}")
+    x = x.astype(np.int64)
+    hi = min(codebook_size or WIRE_TOKEN_LIMIT, WIRE_TOKEN_LIMIT)
+    if x.size and (x.min() < 0 or x.max() >= hi):
+        raise InputError(f"{name}: token out of range [0, {hi}): found values in [{x.min()}, {x.max()}]")
+    return x
+
+
 def encode_pcm(x: np.ndarray, fmt: str) -> bytes:
     if fmt == "s16le":
         return np.clip(np.round(np.asarray(x, np.float64) * 32768), -32768, 32767).astype("<i2").tobytes()
@@ -60,6 +114,8 @@ async def stream(url: str, data: np.ndarray, mode: str = "full", fmt: str = "f32
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if message < 1:
         raise InputError(f"message size must be positive, got {message}")
+    # checked before connecting: nothing unchecked goes on the wire
+    data = check_token_input(data) if mode == "decode" else check_audio_input(data)
     own = session is None
     session = session or aiohttp.ClientSession()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -78,10 +134,8 @@ async def stream(url: str, data: np.ndarray, mode: str = "full", fmt: str = "f32
             if ready.get("type") == "error":
                 raise ServerError(ready.get("message", "error"), ws.close_code)
             rate = ready["token_rate"] if mode == "decode" else ready["sample_rate_in"]
-            if mode == "decode":
-                data = np.asarray(data)
-                if data.size and (data.min() < 0 or data.max() >= ready["codebook_size"]):
-                    raise InputError(f"token out of range [0, {ready['codebook_size']})")
+            if mode == "decode":  # the codebook is known from here: checked before the first message
+                data = check_token_input(data, ready["codebook_size"])
             sender = asyncio.create_task(_send(ws, data, mode, fmt, message, rate if realtime else None))
             try:
                 toks, audio = await _receive(ws)
@@ -149,7 +203,10 @@ def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", 
         data, msg = read_tokens(path), max(1, round(message_ms / 20))
     else:
         data, msg = read_audio(path, 16000), max(1, round(message_ms * 16))
-    res = asyncio.run(stream(url, data, mode, fmt, api_key, realtime, msg))
+    try:
+        res = asyncio.run(stream(url, data, mode, fmt, api_key, realtime, msg))
+    except InputError as e:  # name the file: the CLI shows this one line
+        raise InputError(f"{path}: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

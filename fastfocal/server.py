@@ -39,7 +39,7 @@ log = logging.getLogger("fastfocal.server")
 MODES = tuple(PIPELINE_MODES)  # full, encode, decode
 FORMATS = {"f32le": np.dtype("<f4"), "s16le": np.dtype("<i2")}
 ERROR_TYPES = ("unauthorized", "over_capacity", "bad_request", "bad_input", "bad_message", "slow_client",
-               "stream", "internal")
+               "idle_client", "stream", "shutdown", "internal")
 _END = object()  # output-queue marker: send {"type": "end"} and close 1000
 
 
@@ -152,7 +152,7 @@ class EngineThread:
             with self._cv:
                 while not self._cmds and not self._stop and not self._ready():
                     self._cv.wait()
-                if self._stop and not self._cmds:
+                if self._stop:  # shutting down: what is queued is dropped (the loop is going away)
                     return
                 cmds, self._cmds = self._cmds, collections.deque()
             for fn, args, fut, on_error in cmds:
@@ -196,12 +196,24 @@ class EngineThread:
     def submit(self, mode: str, sid: int, x: torch.Tensor) -> None:
         self.engines[mode].submit(sid, x)
 
-    def finish(self, mode: str, sid: int):
-        """Whole chunks go through the batched step as they would without a flush; then the tail."""
+    def finish_later(self, mode: str, sid: int) -> asyncio.Future:
+        """End a stream: its whole chunks go through the batched steps as they would without a
+        flush (one step a turn of the engine loop, so other commands and modes keep running),
+        then the tail. The future resolves on the loop with `_pack_one` of the tail."""
+        fut = self.loop.create_future()
+        self._put((self._finish_when_stepped, (mode, sid, fut), None, None))
+        return fut
+
+    def _finish_when_stepped(self, mode: str, sid: int, fut) -> None:
         eng = self.engines[mode]
-        while sid in eng.ready():
-            self.step(mode)
-        return _pack_one(eng.finish(sid))
+        try:
+            if sid in eng.ready():  # the loop steps it after this turn's commands; look again then
+                self._put((self._finish_when_stepped, (mode, sid, fut), None, None))
+                return
+            res, exc = _pack_one(eng.finish(sid)), None
+        except Exception as e:  # noqa: BLE001 -- handed to the caller
+            res, exc = None, e
+        self._to_loop(_resolve, fut, res, exc)
 
     def close(self, mode: str, sid: int) -> None:
         try:
@@ -220,22 +232,49 @@ class _Conn:
         self.stopped: asyncio.Future = asyncio.get_running_loop().create_future()
         self.out: collections.deque = collections.deque()
         self.has_out = asyncio.Event()
-        self.room = asyncio.Event()
+        self.moved = asyncio.Event()  # a chunk stepped or an output sent: the reader may go on
         self.submitted = 0  # samples (tokens in decode mode) handed to the engine
         self.stepped = 0  # chunks that came back
         self.index = 0  # tokens sent so far
         self.finished = False  # the engine freed the slot (finish or a failed step)
         self.accepting = True  # outputs still wanted (false once closed or failed)
+        self.input_error: str | None = None  # a submit the engine refused (reported even after a flush)
+        self.active = time.monotonic()  # last message in or out (the idle timeout)
+        self.per_chunk = 2 if mode == "full" else 1  # output messages per stepped chunk
+        self.task: asyncio.Task | None = None  # the connection's handler
 
     def pending_chunks(self) -> int:
         return self.submitted // self.chunk - self.stepped
+
+    def room(self) -> int:
+        """Chunks more input may complete now: at most max_pending_chunks + 1 wait in the engine,
+        and what they will output fits the output queue, so a client that reads is never
+        overflowed however fast it sends (reading pauses instead)."""
+        srv, pending = self.server, self.pending_chunks()
+        return min(srv.max_pending + 1 - pending, (srv.max_queued - len(self.out)) // self.per_chunk - pending)
 
     def stop(self, kind: str, code: int = 1000, message: str = "", etype: str | None = None) -> None:
         """kind: 'flush' (also drain), 'closed' (client gone) or 'error'. First reason wins."""
         if not self.stopped.done():
             self.stopped.set_result((kind, code, message, etype))
             self.accepting = kind == "flush"
-        self.room.set()
+        self.moved.set()
+
+    def abort(self, reason: str) -> None:
+        """Shutdown past the drain timeout: drop the connection and end its handler now."""
+        log.warning("stream %s/%d: %s", self.mode, self.sid, reason)
+        self.server.metrics.errors.labels("shutdown").inc()
+        self.accepting = False
+        tr = self.request.transport
+        if tr is not None:
+            tr.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+    def refused(self, e: Exception) -> None:
+        """The engine refused a submit: the stream ends with that error (also if a flush was read)."""
+        self.input_error = str(e)
+        self.stop("error", 1008, str(e), "bad_input")
 
     def push(self, item, force: bool = False) -> None:
         if not self.accepting:
@@ -256,7 +295,7 @@ class _Conn:
 
     def on_chunk(self, toks, audio, err) -> None:
         self.stepped += 1
-        self.room.set()
+        self.moved.set()
         if err is not None:
             self.stop("error", *_engine_error(err))
             return
@@ -281,14 +320,20 @@ class Server:
 
     max_streams: slots per mode (beyond it: HTTP 503). api_key: required as `Authorization:
     Bearer KEY` on /v1/stream and /metrics (HTTP 401 otherwise); /healthz stays open for balancers.
-    max_pending_chunks: a connection's socket is not read while more chunks than this wait in the
-    engine (TCP backpressure paces fast senders). max_queued: output messages queued for a
-    connection; beyond it the client is not reading: error 1008 and close.
+    max_pending_chunks: a connection's input goes to the engine while at most this many chunks
+    wait there (a long message in pieces); beyond it the socket is not read (TCP backpressure
+    paces fast senders). max_queued: output messages queued for a connection; input is taken only
+    while its output fits, so a client that reads is paced, never dropped. send_timeout: a
+    connection whose next output message cannot be sent for this long is not reading: error 1008
+    and close. idle_timeout: a connection with nothing pending that sends nothing for this long
+    is closed (1008; None: never). heartbeat: WebSocket pings at this interval; a peer that
+    does not answer is gone (its slot is freed).
     """
 
     def __init__(self, codec: Codec, max_streams: int = 64, modes=MODES, api_key: str | None = None,
                  max_pending_chunks: int = 8, max_queued: int = 64, max_message_bytes: int = 4 << 20,
-                 close_timeout: float = 5.0, cuda_graphs: bool = True):
+                 close_timeout: float = 5.0, cuda_graphs: bool = True, send_timeout: float = 30.0,
+                 idle_timeout: float | None = 60.0, heartbeat: float | None = 20.0):
         modes = tuple(dict.fromkeys(modes))
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
@@ -297,6 +342,15 @@ class Server:
                         ("max_message_bytes", max_message_bytes)):
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if max_queued < 4:  # the ready message and one stepped chunk's outputs must fit
+            raise InputError(f"max_queued must be at least 4, got {max_queued}")
+        for name, v in (("send_timeout", send_timeout), ("idle_timeout", idle_timeout), ("heartbeat", heartbeat),
+                        ("close_timeout", close_timeout)):
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise InputError(f"{name} must be a positive number of seconds{'' if name in ('send_timeout', 'close_timeout') else ' or None'}, got {v!r}")
+        if send_timeout is None or close_timeout is None:
+            raise InputError("send_timeout and close_timeout must be positive numbers of seconds")
+        self.send_timeout, self.idle_timeout, self.heartbeat = float(send_timeout), idle_timeout, heartbeat
         self.codec, self.api_key, self.max_streams = codec, api_key or None, max_streams
         self.max_pending, self.max_queued, self.max_message_bytes = max_pending_chunks, max_queued, max_message_bytes
         self.close_timeout = close_timeout
@@ -345,7 +399,13 @@ class Server:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
-            log.warning("drain: %d streams still open after %.0f s", len(self.conns), timeout)
+            log.warning("drain: %d streams still open after %.0f s: closing them", len(self.conns), timeout)
+            for c in list(self.conns.values()):
+                c.abort("server shutting down: drain timeout")
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.close_timeout + 1.0)
+            except asyncio.TimeoutError:
+                log.warning("drain: %d streams did not close", len(self.conns))
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         await self.drain(drain_timeout)
@@ -406,12 +466,13 @@ class Server:
             self.worker.post(self.worker.close, mode, sid)
             return self._refuse(503, "server is draining", "over_capacity")
         conn = _Conn(self, request, mode, fmt, sid)
+        conn.task = asyncio.current_task()
         self.conns[(mode, sid)] = conn
         self._idle.clear()
         self.metrics.open_streams.labels(mode).inc()
         try:
             ws = conn.ws = web.WebSocketResponse(max_msg_size=self.max_message_bytes, compress=False,
-                                                 timeout=self.close_timeout)
+                                                 timeout=self.close_timeout, heartbeat=self.heartbeat)
             await ws.prepare(request)
             self.metrics.connections.labels(mode).inc()
             await self._session(conn)
@@ -452,11 +513,13 @@ class Server:
     async def _flush(self, conn: _Conn):
         """Run the stream's tail (StreamEngine.finish) and queue it and end; None or (code, message, type)."""
         try:
-            toks, audio, err = await asyncio.shield(self.worker.call(self.worker.finish, conn.mode, conn.sid))
+            toks, audio, err = await asyncio.shield(self.worker.finish_later(conn.mode, conn.sid))
         except Exception:  # noqa: BLE001
             log.exception("finish failed")
             return 1011, "internal error", "internal"
         conn.finished = True
+        if conn.input_error is not None:  # refused before the flush was run: its output is missing
+            return 1008, conn.input_error, "bad_input"
         if err is not None:
             return _engine_error(err)
         conn.emit(toks, audio)
@@ -469,7 +532,8 @@ class Server:
         async def send():
             if not ws.closed:
                 await ws.send_str(json.dumps({"type": "error", "message": message}))
-                await ws.close(code=code, message=message.encode()[:120])
+                # at most 123 bytes in a close frame, cut at a character
+                await ws.close(code=code, message=message.encode()[:120].decode("utf-8", "ignore").encode())
 
         try:
             await asyncio.wait_for(send(), self.close_timeout)
@@ -479,15 +543,20 @@ class Server:
                 tr.abort()
 
     async def _read(self, conn: _Conn) -> None:
+        """Messages in, one at a time. A message's input goes to the engine in pieces of what
+        `conn.room()` allows; while there is none the socket is not read, except for one
+        message looked ahead, so a close (or a vanished peer) is seen at once."""
         ws = conn.ws
+        recv = None  # the message looked ahead (a task on ws.receive())
         try:
             while not conn.stopped.done():
-                while conn.pending_chunks() > self.max_pending and not conn.stopped.done():
-                    conn.room.clear()
-                    await conn.room.wait()
-                if conn.stopped.done():
+                if recv is None:
+                    recv = asyncio.ensure_future(ws.receive())
+                msg = await self._next_message(conn, recv)
+                recv = None
+                if msg is None:
                     return
-                msg = await ws.receive()
+                conn.active = time.monotonic()
                 if msg.type == WSMsgType.BINARY:
                     self.metrics.bytes_in.inc(len(msg.data))
                     try:
@@ -495,15 +564,24 @@ class Server:
                     except _ClientFault as e:
                         conn.stop("error", 1008, str(e), e.etype)
                         return
-                    if x.numel():
-                        conn.submitted += x.numel()
-                        self.worker.post(self.worker.submit, conn.mode, conn.sid, x,
-                                         on_error=lambda e: conn.stop("error", 1008, str(e), "bad_input"))
+                    a = 0
+                    while a < x.numel():
+                        room = conn.room()
+                        if room < 1:  # wait for steps or sends, watching the socket for a close
+                            if recv is None:
+                                recv = asyncio.ensure_future(ws.receive())
+                            if not await self._wait_room(conn, recv):
+                                return
+                            continue
+                        n = min(x.numel() - a, room * conn.chunk - conn.submitted % conn.chunk)
+                        conn.submitted += n
+                        self.worker.post(self.worker.submit, conn.mode, conn.sid, x[a:a + n], on_error=conn.refused)
+                        a += n
                 elif msg.type == WSMsgType.TEXT:
                     self.metrics.bytes_in.inc(len(msg.data))
                     try:
                         obj = json.loads(msg.data)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
                         obj = None
                     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
                         conn.stop("error", 1008, 'malformed message: expected JSON {"type": "flush"}', "bad_message")
@@ -520,6 +598,50 @@ class Server:
         except Exception:  # noqa: BLE001
             log.exception("reader failed")
             conn.stop("error", 1011, "internal error", "internal")
+        finally:
+            if recv is not None:
+                recv.cancel()
+
+    async def _next_message(self, conn: _Conn, recv: asyncio.Future):
+        """recv's message, or None once the stream stopped or sat idle past idle_timeout (stopped
+        then): idle is nothing pending in the engine, nothing queued to send, no message."""
+        stopped = asyncio.ensure_future(asyncio.shield(conn.stopped))
+        try:
+            while True:
+                left = None
+                if self.idle_timeout is not None:
+                    left = self.idle_timeout - (time.monotonic() - conn.active)
+                    if left <= 0:
+                        if conn.pending_chunks() <= 0 and not conn.out:
+                            conn.stop("error", 1008, f"no message for {self.idle_timeout:g} s", "idle_client")
+                            return None
+                        conn.active, left = time.monotonic(), self.idle_timeout  # busy: not idle yet
+                await asyncio.wait({recv, stopped}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if conn.stopped.done():
+                    return None
+                if recv.done():
+                    return recv.result()
+        finally:
+            stopped.cancel()
+
+    async def _wait_room(self, conn: _Conn, recv: asyncio.Future) -> bool:
+        """Wait until conn.room() > 0; False when the stream stopped meanwhile, or the message
+        looked ahead says the client is gone (then stopped 'closed')."""
+        while conn.room() < 1:
+            if conn.stopped.done():
+                return False
+            if recv.done() and recv.result().type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                conn.stop("closed")
+                return False
+            conn.moved.clear()
+            waits = {asyncio.ensure_future(conn.moved.wait())}
+            if not recv.done():
+                waits.add(recv)
+            done, rest = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in rest:
+                if w is not recv:
+                    w.cancel()
+        return not conn.stopped.done()
 
     def _decode(self, conn: _Conn, data: bytes) -> torch.Tensor:
         """Checked engine input from one binary message (numpy, before anything is submitted)."""
@@ -552,14 +674,19 @@ class Server:
                     await conn.has_out.wait()
                     continue
                 item = conn.out.popleft()
+                conn.moved.set()  # room in the queue: the reader may take more input
                 if item is _END:
                     await ws.send_str('{"type": "end"}')
                     await ws.close(code=1000)
                     return
-                if isinstance(item, bytes):
-                    await ws.send_bytes(item)
-                else:
-                    await ws.send_str(item)
+                send = ws.send_bytes(item) if isinstance(item, bytes) else ws.send_str(item)
+                try:  # a full socket buffer blocks the send: the client is not reading
+                    await asyncio.wait_for(send, self.send_timeout)
+                except asyncio.TimeoutError:
+                    conn.stop("error", 1008, f"client stopped reading (nothing sent for {self.send_timeout:g} s)",
+                              "slow_client")
+                    return
+                conn.active = time.monotonic()
                 self.metrics.bytes_out.inc(len(item))
         except asyncio.CancelledError:
             raise

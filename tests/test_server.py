@@ -391,6 +391,9 @@ def test_bad_audio_closes_that_client_only(causal, speech):
     ("encode", "s16le", b"\0\0\0", "odd byte count"),
     ("decode", "f32le", np.array([1, 4096], "<u2").tobytes(), "token out of range"),
     ("decode", "f32le", b"\1", "odd byte count"),
+    pytest.param("full", "f32le", "[" * 100000, "malformed", id="deeper-than-the-recursion-limit"),
+    pytest.param("full", "f32le", '{"type": "' + "\u20ac" * 80 + '"}', "unknown message type",
+                 id="close-reason-cut-at-a-character"),
 ])
 def test_malformed_messages_1008(causal, speech, mode, fmt, msg, expect):
     with serving(causal, max_streams=1, modes=(mode,)) as srv:
@@ -478,11 +481,12 @@ def test_backpressure_bounds_what_is_read(causal, speech):
 
 
 def test_client_that_stops_reading_is_closed_alone(causal, speech):
-    """A client that sends but never reads overflows its bounded output queue and is closed;
+    """A client that sends but never reads: its input is taken only while its output fits the
+    bounded queue, then nothing can be sent for send_timeout and it is closed (slow_client);
     another client meanwhile gets its stream exactly."""
     chunk = speech[0, :1280].tobytes()
     x = speech[1, :20 * 1280 + 9]
-    with serving(causal, max_streams=2, modes=("full",), max_queued=8, close_timeout=1.0) as srv:
+    with serving(causal, max_streams=2, modes=("full",), max_queued=8, close_timeout=1.0, send_timeout=2.0) as srv:
         async def slow():
             reader, writer = await raw_ws(srv.port, rcvbuf=4096)
             await until(lambda: srv.server.conns, "connection registered")
@@ -635,3 +639,148 @@ def test_cuda_engine_thread_with_graphs(speech):
     for w, q in zip(xs, replies):
         check_ok(q)
         assert q.tokens.shape == (-(-len(w) // 320),) and q.audio.shape == (-(-len(w) // 320) * 480,)
+
+
+# --------------------------------------------------------------------------- long messages, slow links, idle peers
+def test_one_long_message_is_taken_in_pieces(causal):
+    """A decode message of 1,000 chunks is handed to the engine a few chunks at a time: the
+    engine's shared input rings stay small (they grew for every slot before), and the audio is
+    the engine's on the whole input."""
+    from fastfocal import engine as engine_mod
+
+    toks = np.random.default_rng(11).integers(0, causal.codebook_size, 4000).astype("<u2")
+    with serving(causal, max_streams=4, modes=("decode",), max_pending_chunks=3) as srv:
+        real, pieces = srv.server.worker.submit, []
+        srv.server.worker.submit = lambda mode, sid, x: pieces.append(len(x)) or real(mode, sid, x)
+        r = run(talk(srv.url, [toks.tobytes()], mode="decode"), timeout=120)
+        depth = srv.server.engines["decode"]._ring.shape[0]
+    check_ok(r)
+    assert sum(pieces) == len(toks) and max(pieces) <= 4 * 4, pieces[:10]  # at most max_pending + 1 chunks
+    assert depth <= engine_mod.MAX_RING_CHUNKS, depth
+    assert_close("decode audio", r.audio, engine_ref(causal, "decode", toks.astype(np.int64))[1], rel=1e-5)
+
+
+def test_reading_client_on_a_slow_link_is_paced_not_dropped(causal, speech):
+    """A client sending as fast as it can but reading everything, over a link slower than the
+    engine's output: input is taken only while its output fits the queue, so the stream runs
+    to the end (it was closed as slow_client)."""
+    x = np.tile(speech[0], 2)[:60 * 1280 + 7]
+    with serving(causal, max_streams=1, modes=("full",), max_queued=16) as srv:
+        async def main():
+            reader, writer = await raw_ws(srv.port, rcvbuf=4096)
+            await until(lambda: srv.server.conns, "connection registered")
+            conn = next(iter(srv.server.conns.values()))
+            conn.request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for a in range(0, len(x), 1280):
+                writer.write(frame(x[a:a + 1280].tobytes()))
+            writer.write(frame(b'{"type": "flush"}', opcode=1))
+            frames = []
+            while True:  # a slow reader (~2x real time): 4 KiB at a time, 20 ms apart
+                head = await asyncio.wait_for(reader.readexactly(2), 30)
+                n = head[1] & 0x7F
+                if n == 126:
+                    n = int.from_bytes(await reader.readexactly(2), "big")
+                elif n == 127:
+                    n = int.from_bytes(await reader.readexactly(8), "big")
+                body = b""
+                while len(body) < n:
+                    body += await reader.read(min(4096, n - len(body)))
+                    await asyncio.sleep(0.02)
+                frames.append((head[0] & 0x0F, body))
+                if head[0] & 0x0F == 8:  # close
+                    writer.transport.abort()
+                    return frames
+        frames = run(main(), timeout=120)
+    texts = [json.loads(b) for op, b in frames if op == 1]
+    assert texts[-1]["type"] == "end", texts[-3:]
+    assert int.from_bytes(frames[-1][1][:2], "big") == 1000
+    toks = [t for m in texts if m["type"] == "tokens" for t in m["tokens"]]
+    audio = np.concatenate([np.frombuffer(b, "<f4") for op, b in frames if op == 2])
+    ref_t, ref_a = engine_ref(causal, "full", x)
+    assert np.array_equal(np.array(toks), ref_t)
+    assert_close("audio", audio, ref_a, rel=1e-5)
+
+
+def test_close_is_seen_while_the_reader_is_parked(causal):
+    """A client that sends a long decode message and then closes: the close is looked ahead
+    while the message's chunks wait, so the slot is freed at once (it waited for the whole
+    backlog to be decoded and sent)."""
+    toks = np.random.default_rng(12).integers(0, causal.codebook_size, 8000).astype("<u2")
+    with serving(causal, max_streams=1, modes=("decode",), max_pending_chunks=2) as srv:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                ws = await s.ws_connect(f"{srv.url}/v1/stream?mode=decode")
+                await ws.send_bytes(toks.tobytes())
+                await ws.receive()  # ready
+                t0 = time.monotonic()
+                await ws.close()
+                return time.monotonic() - t0
+        took = run(main())
+        srv.wait_open(0, "after the close")
+        stepped = srv.server.metrics.chunks.labels("decode")._value.get()
+    assert stepped < 200, f"{stepped:.0f} of 2000 chunks decoded for a client that had closed"
+    assert took < 10, took
+
+
+def test_idle_peer_is_closed_and_frees_its_slot(causal, speech):
+    """A peer that connects and sends nothing holds no slot past idle_timeout; a stream that
+    sends within it is unaffected."""
+    with serving(causal, max_streams=1, modes=("full",), idle_timeout=0.5) as srv:
+        async def main():
+            reader, writer = await raw_ws(srv.port)
+            data = await asyncio.wait_for(reader.read(1 << 16), 10)  # ready, then error + close
+            while b'"error"' not in data or data.count(b"\x88") == 0:
+                more = await asyncio.wait_for(reader.read(1 << 16), 10)
+                if not more:
+                    break
+                data += more
+            writer.transport.abort()
+            return data
+        data = run(main())
+        assert b"no message for 0.5 s" in data
+        srv.wait_open(0, "idle peer")
+        assert metric(srv, "fastfocal_errors_total", type="idle_client") == 1
+        x = speech[0, :3 * 1280 + 11]
+        r = run(talk(srv.url, split(x, np.random.default_rng(3), 500, 1500)))
+    check_ok(r)
+
+
+def test_refused_submit_after_flush_is_reported(causal, speech, monkeypatch):
+    """The engine refusing a submit (e.g. no memory to take it) ends the stream with that error,
+    also when the flush was already read: its output would silently be missing."""
+    from fastfocal.inputs import InputError
+
+    x = speech[0, :3 * 1280]
+    with serving(causal, max_streams=1, modes=("full",)) as srv:
+        real = srv.server.worker.submit
+        calls = []
+
+        def submit(mode, sid, piece):
+            calls.append(len(piece))
+            if len(calls) == 2:
+                raise InputError("input rings for 1 stream need 9 GiB, 1 GiB free")
+            return real(mode, sid, piece)
+
+        monkeypatch.setattr(srv.server.worker, "submit", submit)
+        r = run(talk(srv.url, [x[:1280].tobytes(), x[1280:].tobytes()]))
+    assert r.close_code == 1008 and r.kinds[-1] == "error" and "9 GiB" in r.error, r
+
+
+def test_drain_timeout_closes_what_is_left(causal, speech):
+    """drain(timeout): streams still open when it runs out are dropped, so shutdown ends."""
+    with serving(causal, max_streams=1, modes=("full",), send_timeout=60.0) as srv:
+        async def main():
+            reader, writer = await raw_ws(srv.port, rcvbuf=4096)  # never reads
+            await until(lambda: srv.server.conns, "connection registered")
+            conn = next(iter(srv.server.conns.values()))
+            conn.request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for _ in range(40):
+                writer.write(frame(speech[0, :1280].tobytes()))
+            await until(lambda: conn.stepped >= 3, "steps")
+            t0 = time.monotonic()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.drain(1.0), srv.loop))
+            writer.transport.abort()
+            return time.monotonic() - t0
+        took = run(main())
+        assert not srv.server.conns and took < 1.0 + srv.server.close_timeout + 2, took
+        assert metric(srv, "fastfocal_errors_total", type="shutdown") == 1
