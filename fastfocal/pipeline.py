@@ -186,9 +186,11 @@ class Pipeline:
         return res
 
     def run_tail(self, x: Tensor, idx: Tensor | None, keep: Sequence[str],
-                 segment_frames: int = SEGMENT_FRAMES) -> dict[str, Tensor]:
-        """A stream's end: all of x (B, n) for any n. Audio is zero-padded to whole chunks and
-        gives one token per started frame; a partial token group is decoded as offline does."""
+                 segment_frames: int = SEGMENT_FRAMES, offline_tail: bool = False) -> dict[str, Tensor]:
+        """A stream's end: all of x (B, n) for any n. Audio is zero-padded to whole chunks (the
+        streaming rule; offline_tail: only to whole frames, so a partial last chunk is run at its
+        own length as offline encoding of the whole signal runs it) and gives one token per
+        started frame; a partial token group is decoded as offline does."""
         n = x.shape[1]
         enc = tuple(s for s in self.stages if s in MODES["encode"])
         dec = tuple(s for s in self.stages if s in MODES["decode"])
@@ -196,7 +198,8 @@ class Pipeline:
         err = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
         if enc:
             frames = -(-n // self.cfg.hop_samples)
-            padded = x.new_zeros(x.shape[0], -(-frames // self.cfg.chunk_frames) * self.chunk)
+            unit = 1 if offline_tail else self.cfg.chunk_frames
+            padded = x.new_zeros(x.shape[0], -(-frames // unit) * unit * self.cfg.hop_samples)
             padded[:, :n] = x
             o = self.run_segmented(padded, idx, [k for k in keep if k != "audio"] + ["toks"], segment_frames, enc)
             out = {k: v[:, :frames] for k, v in o.items() if k != "err"}  # zero padding adds no error

@@ -129,15 +129,18 @@ class _Session:
                 out = self.pipeline.run_segmented(whole, self.idx, self.outputs, self.codec.segment_frames)
             return self._result(out)
 
-    def flush(self):
+    def flush(self, offline_tail: bool = False):
         """End the streams: zero-pad a partial chunk of audio (one token per started 20 ms
-        frame) or decode a partial group of tokens (as offline decoding does), then reset."""
+        frame) or decode a partial group of tokens (as offline decoding does), then reset.
+        offline_tail: run a partial chunk at its own length (whole 20 ms frames) instead, as
+        offline encoding of the whole signal does: pushes + flush(offline_tail=True) then give
+        sig_to_toks's tokens (the frames of a zero-padded chunk also see its padding)."""
         with torch.inference_mode():
             if self._fill == 0:
                 out = {**self._empty(), "err": torch.zeros(1, dtype=torch.int32)}
             else:
                 out = self.pipeline.run_tail(self._buf[:, :self._fill], self.idx, self.outputs,
-                                             self.codec.segment_frames)
+                                             self.codec.segment_frames, offline_tail)
             self.reset()
             return self._result(out)
 

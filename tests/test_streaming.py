@@ -55,6 +55,26 @@ def test_flush_tail_matches_zero_padded_offline(causal, golden_causal):
     assert_tokens("toks", toks, ref)
 
 
+@pytest.mark.parametrize("row,n", [(0, 7263), (0, 16236), (1, 35179), (0, 12800)])
+def test_offline_tail_flush_equals_offline(causal, golden_causal, row, n):
+    """flush(offline_tail=True) runs a partial last chunk at its own length, as offline encoding
+    of the whole signal does: pushes (any sizes) + that flush give sig_to_toks's tokens. At these
+    lengths the streaming rule's zero-padded chunk changes a last token (its frames see the
+    padding), so the two flushes are told apart; whole chunks (12800) are the same either way."""
+    sig = T(golden_causal["sig"][row:row + 1, :n])
+    ref = causal.sig_to_toks(sig)
+    for sizes in ([n], [1280, 999, 4000]):
+        s = causal.stream_encoder(1)
+        parts, a, i = [], 0, 0
+        while a < n:
+            parts.append(s.push(sig[:, a:a + sizes[i % len(sizes)]]))
+            a, i = a + sizes[i % len(sizes)], i + 1
+        assert_tokens(f"offline tail {sizes}", torch.cat(parts + [s.flush(offline_tail=True)], 1), ref)
+    s = causal.stream_encoder(1)
+    padded = torch.cat([s.push(sig), s.flush()], 1)
+    assert torch.equal(padded, ref) == (n % 1280 == 0)
+
+
 def test_stream_decoder_any_push_sizes(causal, golden_causal):
     toks = T(golden_causal["dec_toks"][:, :37])  # not a multiple of 4: last group partial
     ref = causal.decode(toks)
