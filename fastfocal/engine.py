@@ -297,7 +297,7 @@ class StreamEngine:
         slot = self._get(sid)
         del self._slot[sid]
         self._lookup = None
-        self._sid[slot], self._fill[slot] = -1, 0
+        self._sid[slot], self._fill[slot], self._head[slot] = -1, 0, 0  # every head on a chunk boundary (_grow)
         self._over.pop(slot, None)
         self._free.append(slot)
 
@@ -453,13 +453,18 @@ class StreamEngine:
             new_depth *= 2
         if new_depth > max(MAX_RING_CHUNKS, depth):
             return False
-        check_fits(self.max_streams * new_depth * self.chunk * self._ring.itemsize, "cpu",
-                   f"input rings of {new_depth * self.chunk} per stream")
-        slots = np.arange(self.max_streams)
-        d, off = self._positions(slots, self._cap)  # every element, oldest first
-        old = self._ring[d, slots[:, None], off]  # (slots, cap)
+        S = self.max_streams
+        check_fits(S * new_depth * self.chunk * self._ring.itemsize + self._ring.nbytes, "cpu",
+                   f"input rings of {new_depth * self.chunk} per stream")  # the new rings + one copy of the old
+        if (self._head % self.chunk == 0).all():  # heads sit on chunk boundaries: move whole chunk rows
+            rows = (self._head[None, :] // self.chunk + np.arange(depth)[:, None]) % depth  # (depth, S), oldest first
+            old = self._ring[rows, np.arange(S)[None, :]]  # (depth, S, chunk)
+        else:  # element by element (not reached: heads move by whole chunks, finish's tail frees the slot)
+            slots = np.arange(S)
+            d, off = self._positions(slots, self._cap)
+            old = self._ring[d, slots[:, None], off].reshape(S, depth, self.chunk).transpose(1, 0, 2)
         ring = self._new_ring(new_depth)
-        ring[:depth] = old.reshape(self.max_streams, depth, self.chunk).transpose(1, 0, 2)
+        ring[:depth] = old
         self._ring, self._head = ring, np.zeros_like(self._head)
         return True
 
