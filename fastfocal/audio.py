@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .inputs import amplitude_problem
+from .inputs import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, InputError, amplitude_problem, check_fits
 
 # libsndfile's header report flags a data chunk larger than the file as "data : N (should be M)"
 # (WAV, AIFF, CAF, AU; W64 and RF64 through their container size). A WAV's RIFF size alone is
@@ -23,6 +23,12 @@ class AudioError(ValueError):
     """An audio file that is missing, unreadable, truncated, empty or holds NaN/Inf samples."""
 
 
+def _native(path):
+    """A path for soundfile, which encodes a str path as strict UTF-8: the file system's bytes
+    open any name (b'caf\\xe9.wav' on Linux); Windows takes str (wide-character open)."""
+    return str(path) if os.name == "nt" else os.fsencode(path)
+
+
 def _open(source, name: str) -> sf.SoundFile:
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
@@ -30,6 +36,7 @@ def _open(source, name: str) -> sf.SoundFile:
             raise AudioError(f"{name}: no such file")
         if p.is_dir():
             raise AudioError(f"{name}: is a directory, not an audio file")
+        source = _native(source)
     try:
         f = sf.SoundFile(source)
     except sf.LibsndfileError as e:
@@ -46,6 +53,14 @@ def _open(source, name: str) -> sf.SoundFile:
     return f
 
 
+def _rate(f: sf.SoundFile, name: str) -> int:
+    sr = f.samplerate
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{name}: sample rate {sr:,} Hz is outside the {MIN_SAMPLE_RATE:,}-{MAX_SAMPLE_RATE:,} Hz "
+                         "fastfocal reads")
+    return sr
+
+
 def check_peak(sig: np.ndarray, name: str) -> None:
     """NaN/Inf or samples beyond fastfocal.inputs.MAX_AMPLITUDE: an AudioError naming the file (the rule of
     fastfocal.inputs.amplitude_problem)."""
@@ -58,12 +73,19 @@ def read_audio(source, target_sr: int = 16000, name: str | None = None) -> np.nd
     """Read a file path or file-like object as float32 mono at `target_sr`.
 
     Channels are averaged; resampling is soxr HQ, streamed block by block so memory stays
-    about the size of the output.
+    about the size of the output. Rates outside fastfocal.inputs' [MIN_SAMPLE_RATE,
+    MAX_SAMPLE_RATE], and files whose output would not fit in free memory, are refused first.
     """
     name = name or str(source)
     f = _open(source, name)
     with f:
-        sr = f.samplerate
+        sr = _rate(f, name)
+        try:  # the resampled parts, then their concatenation: twice the float32 output
+            check_fits(2 * 4 * -(-f.frames * target_sr // sr), "cpu",
+                       f"{name}: {f.frames:,} frames at {sr:,} Hz, as {target_sr:,} Hz audio,",
+                       "split the file or free memory")
+        except InputError as e:
+            raise AudioError(str(e)) from None
         rs = None if sr == target_sr else soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ")
         parts = []
         n_in = 0
@@ -100,13 +122,23 @@ def read_audio_bytes(path, target_sr: int = 16000) -> tuple[np.ndarray, bytes]:
 
 
 def audio_info(path) -> tuple[int, int]:
-    """(frames, sample rate) from the header alone."""
+    """(frames, sample rate) from the header alone; a rate read_audio refuses is refused here too."""
     with _open(path, str(path)) as f:
-        return f.frames, f.samplerate
+        return f.frames, _rate(f, str(path))
 
 
-def write_audio(path, sig, sr: int, subtype: str = "PCM_16") -> None:
-    """Write a mono (samples,) signal as WAV; PCM_16 clips to [-1, 1], FLOAT keeps values."""
+def written_by(path) -> str:
+    """The software tag of an existing audio file ("" if none, or not a readable audio file)."""
+    try:
+        with _open(path, str(path)) as f:
+            return f.software or ""
+    except AudioError:
+        return ""
+
+
+def write_audio(path, sig, sr: int, subtype: str = "PCM_16", software: str | None = None) -> None:
+    """Write a mono (samples,) signal as WAV to a path or binary file; PCM_16 clips to [-1, 1],
+    FLOAT keeps values. software: a tag stored in the file's INFO chunk (see `written_by`)."""
     if subtype not in ("PCM_16", "FLOAT"):
         raise ValueError(f"subtype must be PCM_16 or FLOAT, got {subtype!r}")
     if hasattr(sig, "detach"):
@@ -116,4 +148,7 @@ def write_audio(path, sig, sr: int, subtype: str = "PCM_16") -> None:
         raise ValueError(f"write_audio takes a mono (samples,) signal, got shape {sig.shape}")
     if subtype == "PCM_16":
         sig = np.clip(sig, -1.0, 1.0)
-    sf.write(str(path), sig, sr, subtype=subtype, format="WAV")
+    with sf.SoundFile(path if hasattr(path, "write") else _native(path), "w", sr, 1, subtype, format="WAV") as f:
+        if software:
+            f.software = software
+        f.write(sig)

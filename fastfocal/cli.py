@@ -6,15 +6,17 @@ exit with status 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import AudioError, check_peak, read_audio, write_audio
+from .audio import AudioError, check_peak, read_audio, write_audio, written_by
 from .codec import Codec
 from .config import ConfigError
 from .corpus import CorpusError
@@ -28,6 +30,8 @@ PIECE_SECONDS = 30  # encode pushes this much audio per progress step (tokens as
 
 USER_ERRORS = (AudioError, InputError, ConfigError, CheckpointError, CorpusError, OSError, NumericsError)
 
+OVERWRITE_HELP = "replace existing files that are not this command's earlier outputs (default: refuse)"
+
 
 class CliError(ValueError):
     """A bad command line or file that stops the command."""
@@ -35,6 +39,7 @@ class CliError(ValueError):
 
 def _error(msg) -> None:
     text = " ".join(str(msg).split()) or type(msg).__name__  # one line, whatever the message holds
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 file name as \udcXX escapes
     print(f"fastfocal: error: {text}", file=sys.stderr)
 
 
@@ -52,8 +57,59 @@ def _out_path(args, src: str, suffix: str, seen: dict[Path, str]) -> Path:
         raise CliError(f"{src}: output {out} would overwrite the output of {seen[out]}")
     if out.exists() and Path(src).exists() and os.path.samefile(out, src):
         raise CliError(f"{src}: output {out} would overwrite the input; pass --out DIR")
+    # a file this command did not write (a recording, someone's data) is never replaced silently
+    for p in (out, out.with_suffix(".json")) if suffix == ".npy" else (out,):
+        if p.exists() and not args.overwrite and not _earlier_output(p, args.command):
+            raise CliError(f"{src}: output {p} exists and is not from an earlier `fastfocal {args.command}`; "
+                           "pass --overwrite to replace it, or --out DIR")
     seen[out] = src
     return out
+
+
+def _software(command: str) -> str:
+    return f"fastfocal {__version__} {command}"
+
+
+def _earlier_output(path: Path, command: str) -> bool:
+    """Whether an existing output was written by an earlier run of `command`: a token file or
+    sidecar by its sidecar, a WAV by its INFO software tag (libsndfile appends its version)."""
+    if command == "encode":
+        try:
+            meta = json.loads(path.with_suffix(".json").read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(meta, dict) and {"fastfocal_version", "n_tokens", "source"} <= meta.keys()
+    tag = written_by(path).split()
+    return tag[:1] == ["fastfocal"] and tag[2:3] == [command]
+
+
+def _write_outputs(src: str, outputs: list[tuple[Path, Callable]]) -> None:
+    """Each write(file) to a temporary name beside its output, then all renamed into place: a full
+    disk or a crash never leaves a partial output, nor new tokens beside an old sidecar."""
+    tmps: list[Path] = []
+    path = outputs[0][0]
+    try:
+        for path, write in outputs:
+            tmps.append(path.with_name(f".{path.name}.tmp{os.getpid()}"))
+            with open(tmps[-1], "wb") as f:
+                write(f)
+        for (path, _), tmp in zip(outputs, tmps):
+            os.replace(tmp, path)
+    except OSError as e:
+        raise CliError(f"{src}: cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def _print_path(path: Path) -> None:
+    """An output's path on stdout; a name stdout's encoding cannot take (not UTF-8) as its bytes."""
+    try:
+        print(path)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def _each(args, fn) -> int:
@@ -65,6 +121,9 @@ def _each(args, fn) -> int:
             fn(src)
         except USER_ERRORS + (CliError,) as e:
             _error(e if str(src) in str(e) else f"{src}: {e}")
+            failed += 1
+        except UnicodeError as e:  # a file name or text in another encoding: still one line, naming the file
+            _error(f"{src}: {type(e).__name__}: {e}")
             failed += 1
     return 2 if failed else 0
 
@@ -85,8 +144,10 @@ def _progress(seconds: float, desc: str, quiet: bool):
 
 def encode_tokens(codec: Codec, sig: np.ndarray, bar=None) -> np.ndarray:
     """Tokens of a 16 kHz signal, equal to codec.sig_to_toks(sig). A causal model takes a long
-    signal as stream pushes of PIECE_SECONDS (streaming equals offline exactly), so a progress
-    bar can follow; a non-causal one attends over the whole file in one call."""
+    signal as stream pushes of PIECE_SECONDS, so a progress bar can follow, and a flush that runs
+    the partial last chunk at its own length as offline does (`offline_tail`: the streaming
+    rule's zero-padded chunk would change its last tokens); a non-causal one attends over the
+    whole file in one call."""
     piece = PIECE_SECONDS * codec.sample_rate_input
     if not codec.causal or len(sig) <= piece:
         toks = codec.sig_to_toks(sig).reshape(-1)
@@ -98,7 +159,7 @@ def encode_tokens(codec: Codec, sig: np.ndarray, bar=None) -> np.ndarray:
             parts.append(enc.push(torch.from_numpy(sig[a:a + piece])).reshape(-1))
             if bar is not None:
                 bar.update(round((a + len(sig[a:a + piece])) / codec.sample_rate_input) - bar.n)
-        parts.append(enc.flush().reshape(-1))
+        parts.append(enc.flush(offline_tail=True).reshape(-1))
     return torch.cat(parts).cpu().numpy()
 
 
@@ -125,9 +186,9 @@ def cmd_encode(args) -> int:
         sig = _read(src, codec)
         with _progress(len(sig) / codec.sample_rate_input, Path(src).name, args.quiet) as bar:
             toks = encode_tokens(codec, sig, bar).astype(token_dtype(codec.codebook_size))
-        np.save(out, toks)
-        out.with_suffix(".json").write_text(json.dumps(_sidecar(codec, src, len(sig), len(toks)), indent=1) + "\n")
-        print(out)
+        side = (json.dumps(_sidecar(codec, src, len(sig), len(toks)), indent=1) + "\n").encode()
+        _write_outputs(src, [(out, lambda f: np.save(f, toks)), (out.with_suffix(".json"), lambda f: f.write(side))])
+        _print_path(out)
 
     return _each(args, one)
 
@@ -229,10 +290,18 @@ def cmd_decode(args) -> int:
         except (CheckpointError, ConfigError) as e:
             raise CliError(f"{src}: the model its sidecar names cannot be loaded ({e}); pass --model") from None
         sig = codec.toks_to_sig(check_tokens_for(src, toks, meta, codec, args.force))
-        write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
-        print(out)
+        _write_wav(args, src, out, sig, codec)
 
     return _each(args, one)
+
+
+def _write_wav(args, src: str, out: Path, sig, codec: Codec) -> None:
+    # soundfile writes a file object through cffi callbacks, which print and drop an OSError (a full
+    # disk): the WAV is made in memory (at most the float32 signal's size), then written by Python
+    wav = io.BytesIO()
+    write_audio(wav, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16", _software(args.command))
+    _write_outputs(src, [(out, lambda f: f.write(wav.getbuffer()))])
+    _print_path(out)
 
 
 def cmd_roundtrip(args) -> int:
@@ -242,8 +311,7 @@ def cmd_roundtrip(args) -> int:
     def one(src):
         out = _out_path(args, src, ".wav", seen)
         sig = codec.sig_to_sig(_read(src, codec))
-        write_audio(out, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16")
-        print(out)
+        _write_wav(args, src, out, sig, codec)
 
     return _each(args, one)
 
@@ -303,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="audio files -> <stem>.npy tokens + <stem>.json sidecar")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _model_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal for inputs over 30 s)")
     p.set_defaults(func=cmd_encode)
@@ -310,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="<stem>.npy tokens -> <stem>.wav (model: --model, else the one the sidecar names)")
     p.add_argument("inputs", nargs="+", metavar="TOKENS.npy")
     p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     _model_args(p)
     p.add_argument("--force", action="store_true", help="decode tokens whose sidecar names other weights than the model's")
@@ -318,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roundtrip", help="audio -> tokens -> audio, written as <stem>.wav")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", default=".", help="output directory (default: current)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     _model_args(p)
     p.set_defaults(func=cmd_roundtrip)
@@ -379,6 +450,10 @@ def _serve_commands(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("FASTFOCAL_API_KEY"), help="require Authorization: Bearer KEY (default $FASTFOCAL_API_KEY)")
     p.add_argument("--max-pending", type=int, default=8, help="chunks buffered per stream before its socket is not read (default 8)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for open streams (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="close a stream that sends nothing for this long with nothing pending (default 60; 0: never)")
+    p.add_argument("--send-timeout", type=float, default=30.0,
+                   help="close a client that takes none of its output for this long (default 30)")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.set_defaults(func=cmd_serve)
 
@@ -407,7 +482,7 @@ def cmd_serve(args) -> int:
     codec = _codec(args)
     return serve(codec, host=args.host, port=args.port, api_key=args.api_key, drain_timeout=args.drain_timeout,
                  max_streams=args.max_streams, modes=args.modes.split(","), max_pending_chunks=args.max_pending,
-                 cuda_graphs=not args.no_graphs)
+                 cuda_graphs=not args.no_graphs, idle_timeout=args.idle_timeout or None, send_timeout=args.send_timeout)
 
 
 def cmd_client(args) -> int:
@@ -421,7 +496,7 @@ def cmd_client(args) -> int:
     except (ServerError, OSError) as e:
         raise CliError(f"{args.url}: {e}") from None
     for p in paths:
-        print(p)
+        _print_path(p)
     return 0
 
 
@@ -441,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS + (CliError,) as e:
         _error(e)
+        return 2
+    except UnicodeError as e:  # a name or text in another encoding: one line, naming it (an encode error's object)
+        obj = getattr(e, "object", None)
+        _error(f"{obj}: {type(e).__name__}: {e}" if isinstance(obj, str) else f"{type(e).__name__}: {e}")
         return 2
     except KeyboardInterrupt:
         print("fastfocal: interrupted", file=sys.stderr)

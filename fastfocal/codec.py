@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from . import ops
 from .config import CodecConfig
-from .inputs import InputError, available_bytes, check_amplitude, check_audio, check_fits, check_frames, check_tokens
+from .inputs import (MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, InputError, available_bytes, check_amplitude, check_audio,
+                     check_fits, check_frames, check_tokens)
 from .model import FocalCodecModel, num_params
 from .pipeline import ERR_NONFINITE_OUTPUT, SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
@@ -117,8 +119,8 @@ class Codec:
         """The pipeline's stages over a whole checked input; one output, float32 if audio.
         wide: on the float32 weights (x's values as they are: float16 values are exact in float32)."""
         dtype = torch.float32 if wide else self.dtype
-        check_fits(x.shape[0] * self._row_bytes(stages, x, dtype), self.device,
-                   f"a batch of {x.shape[0]} x {x.shape[1]} {name}")
+        check_fits(x.shape[0] * self._row_bytes(stages, x, dtype, keep), self.device,
+                   f"a batch of {x.shape[0]} x {x.shape[1]} {name}", "use a smaller batch or split the input")
         if stages[0] == "encoder":
             check_amplitude(x, name)
         with torch.inference_mode():
@@ -131,12 +133,28 @@ class Codec:
         check_err(out["err"], name)
         return out[keep][0] if squeeze else out[keep]
 
-    def _row_bytes(self, stages: Sequence[str], x: Tensor, dtype: torch.dtype) -> int:
-        """Memory one row of x takes through `stages` in `dtype`: streaming state (causal) and
-        an activation bound."""
+    def _row_bytes(self, stages: Sequence[str], x: Tensor, dtype: torch.dtype, keep: str) -> int:
+        """Memory one row of x takes through `stages` in `dtype`: streaming state (causal), an
+        activation bound, and the `keep` output, which is held whole."""
         frames = x.shape[1] // (self.config.hop_samples if stages[0] == "encoder" else 1)
         state = Pipeline.bytes_per_slot(self.model, stages, dtype) if self.causal else 0
-        return state + Pipeline.activation_bytes_for(self.config, dtype, 1, frames)
+        act = Pipeline.activation_bytes_for(self.config, dtype, 1, frames)
+        return state + act + self._out_bytes(stages, x, dtype, keep)
+
+    def _out_bytes(self, stages: Sequence[str], x: Tensor, dtype: torch.dtype, keep: str) -> int:
+        """One row's `keep` output: its segments and their concatenation in `dtype` (int64 tokens),
+        and audio's float32 copy. Tokens at 50 Hz give 480 samples each at 24 kHz."""
+        c = self.config
+        n = -(-x.shape[1] // c.hop_samples) if stages[0] == "encoder" else x.shape[1]  # frames in
+        if "compressor" in stages:
+            n = -(-n // math.prod(c.compressor.downscale_factors))
+        if "decompressor" in stages:
+            n *= math.prod(c.decompressor.upscale_factors)
+        size = torch.finfo(dtype).bits // 8
+        per_frame = {"feats": c.encoder.dim * 2 * size, "lats": c.code_dim * 2 * size, "toks": 2 * 8,
+                     "qfeats": c.decompressor.output_dim * 2 * size,
+                     "audio": c.decoder.hop_length * (2 * size + (4 if dtype != torch.float32 else 0))}
+        return n * per_frame[keep]
 
     def _redo_overflowed(self, stages: Sequence[str], x: Tensor, out: dict, keep: str, name: str) -> None:
         """float16 has 5 exponent bits, so a loud input can overflow where bfloat16 and float32
@@ -147,7 +165,7 @@ class Codec:
         if not bad.numel():
             return
         wide = self.float32_model()
-        step = max(1, available_bytes(self.device) // self._row_bytes(stages, x, torch.float32))  # twice fp16's
+        step = max(1, available_bytes(self.device) // self._row_bytes(stages, x, torch.float32, keep))  # twice fp16's
         y = out[keep]
         for a in range(0, bad.numel(), step):
             rows = bad[a:a + step]
@@ -275,9 +293,15 @@ class Codec:
         return self.sig_to_toks(sig)
 
     def _resample(self, sig, sample_rate) -> Tensor:
-        if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 1000 <= sample_rate <= 384000:
-            raise InputError(f"sample_rate must be a number of Hz in [1000, 384000], got {sample_rate!r}")
+        number = isinstance(sample_rate, (int, float, np.integer, np.floating)) and not isinstance(sample_rate, (bool, np.bool_))
+        if not number or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+            raise InputError(f"sample_rate must be a number of Hz in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}], "
+                             f"got {sample_rate!r}")
         sig, squeeze = check_audio(sig, frame=max(1, round(self.config.hop_samples * sample_rate / self.sample_rate_input)))
+        n_out = math.ceil(sig.shape[1] * self.sample_rate_input / sample_rate)
+        check_fits(2 * 4 * sig.shape[0] * n_out, "cpu",  # soxr's output, then its contiguous copy
+                   f"audio of {sig.shape[0]} x {sig.shape[1]} samples at {sample_rate} Hz, resampled to 16 kHz,",
+                   "use a smaller batch or split the input")
         import soxr
 
         x = sig.float().cpu().numpy().T  # soxr takes (frames, channels): rows become channels

@@ -211,7 +211,7 @@ class CodecConfig:
             name = d.get(f"{part}_name")
             if name is None:
                 raise ConfigError(f"config is missing '{part}_name'")
-            if name not in classes:
+            if not isinstance(name, str) or name not in classes:  # a list or object is no name (and unhashable)
                 raise ConfigError(
                     f"unsupported {part}_name {name!r}; expected one of {sorted(classes)}"
                 )
@@ -269,6 +269,9 @@ class CodecConfig:
             raise ConfigError("decompressor input_dim must equal compressor output_dim")
         if c.input_dim != e.dim:
             raise ConfigError("compressor input_dim must equal encoder dim")
+        for part, p in (("compressor", c), ("decompressor", dc)):
+            if not p.hidden_dims:
+                raise ConfigError(f"{part}_config.hidden_dims must list at least one layer, got []")
         if len(c.hidden_dims) != len(c.downscale_factors) or len(dc.hidden_dims) != len(dc.upscale_factors):
             raise ConfigError("focal hidden_dims and scale factors must have equal length")
         if dec.input_dim != dc.output_dim:
@@ -285,6 +288,8 @@ class CodecConfig:
             chunk = e.lookahead_size + 1
             if e.window_size <= chunk:
                 raise ConfigError("encoder window_size must exceed the chunk (lookahead + 1)")
+            if dec.kernel_size < 2:  # the streaming convs' rings hold kernel_size - 1 >= 1 past frames
+                raise ConfigError(f"decoder_config.kernel_size must be >= 2 for a causal model, got {dec.kernel_size}")
         for name, v in (("dropout", c.dropout), ("dropout", dc.dropout), ("dropout", e.dropout)):
             if v < 0 or v >= 1:
                 raise ConfigError(f"{name} must be in [0, 1)")

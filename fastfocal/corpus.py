@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -355,8 +357,47 @@ def _read_list(p: Path) -> list[Path]:
     return [Path(q) if os.path.isabs(q) else p.parent / q for q in paths]
 
 
+def _walk(top: str):
+    """(folder, sorted file names) under top, following symlinked folders, each real folder once:
+    a link to an ancestor would otherwise repeat the tree until the kernel's link limit."""
+    seen = set()
+    for d, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield d, sorted(files)
+
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), but `**` walks with `_walk`: symlinked folders are
+    followed as a directory input follows them, with the same cycle protection."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = next(k for k, c in enumerate(parts) if glob.has_magic(c))
+    base = str(Path(*parts[:i])) if i else os.curdir
+    return [os.path.join(d, f) for d, files in _walk(base) for f in files
+            if _match(parts[i:], (*Path(os.path.relpath(d, base)).parts, f))]
+
+
+def _match(pat: tuple, names: tuple) -> bool:
+    """glob's rules, one path component at a time: `**` is any number of folders; wildcards do
+    not match hidden names (a leading '.') unless the pattern component starts with '.'."""
+    if not pat:
+        return not names
+    if pat[0] == "**":
+        return _match(pat[1:], names) or (bool(names) and not names[0].startswith(".") and _match(pat, names[1:]))
+    return (bool(names) and (not names[0].startswith(".") or pat[0].startswith("."))
+            and fnmatch.fnmatchcase(names[0], pat[0]) and _match(pat[1:], names[1:]))
+
+
 def find_inputs(inputs: list[str]) -> list[Item]:
-    """Expand directories (recursive, by extension), globs, manifests and files.
+    """Expand directories (recursive, by extension, following symlinked folders), globs,
+    manifests and files. A file reached twice (two names, a symlink) is taken once, by its
+    first name.
 
     Outputs mirror the tree under the common root: a directory argument is its own root.
     """
@@ -364,14 +405,15 @@ def find_inputs(inputs: list[str]) -> list[Item]:
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS and f.is_file())
+            files = [os.path.join(d, f) for d, names in _walk(s) for f in names
+                     if Path(f).suffix.lower() in AUDIO_EXTS and os.path.isfile(os.path.join(d, f))]
             found += [(os.path.abspath(f), os.path.abspath(p)) for f in files]
         elif p.is_file() and p.suffix.lower() in (".jsonl", ".csv"):
             found += [(os.path.abspath(f), os.path.dirname(os.path.abspath(f))) for f in _read_list(p)]
         elif p.is_file():
             found.append((os.path.abspath(p), os.path.dirname(os.path.abspath(p))))
         elif glob.has_magic(s):
-            files = sorted(f for f in glob.glob(s, recursive=True) if os.path.isfile(f))
+            files = sorted(f for f in _glob(s) if os.path.isfile(f))
             if not files:
                 raise CorpusError(f"{s}: glob matches no files")
             found += [(os.path.abspath(f), os.path.dirname(os.path.abspath(f))) for f in files]
@@ -382,9 +424,9 @@ def find_inputs(inputs: list[str]) -> list[Item]:
     root = os.path.commonpath([r for _, r in found])
     items = {}
     for f, _ in found:
-        if f in items:
-            continue
-        items[f] = Item(f, Path(os.path.relpath(f, root)).with_suffix("").as_posix())
+        real = os.path.realpath(f)
+        if real not in items:
+            items[real] = Item(f, Path(os.path.relpath(f, root)).with_suffix("").as_posix())
     return sorted(items.values(), key=lambda it: it.rel)
 
 
@@ -419,48 +461,62 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_or_none(path: str) -> str | None:
+    try:
+        return _sha256(Path(path))
+    except OSError:
+        return None
+
+
 def _output_ok(out: Path, row: dict, checked: dict) -> bool:
     """A manifest row's output is there and whole: an .npy's header, size and the sha256 the row
-    records; a parquet shard's size and end magic (read once per shard)."""
-    if not isinstance(row["out"], str):
+    records; a parquet shard readable and holding the row's file (its paths read once per shard)."""
+    if not isinstance(row["out"], str) or not isinstance(row.get("path"), str):
         return False
     p = out / row["out"]
-    if p in checked:
-        return checked[p]
-    ok = False
+    if p.suffix == ".parquet":
+        if p not in checked:
+            try:
+                import pyarrow.parquet as pq
+
+                checked[p] = set(pq.read_table(p, columns=["path"]).column("path").to_pylist())
+            except Exception:  # missing, cut, not parquet, or written without a path column
+                checked[p] = set()
+        return _text(row["path"]) in checked[p]
     try:
-        if p.suffix == ".parquet":
-            with open(p, "rb") as f:
-                size = f.seek(0, 2)
-                ok = size >= 12 and f.seek(size - 4) >= 0 and f.read(4) == b"PAR1"
-            checked[p] = ok
-        else:
-            with open(p, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-                start = f.tell()
-                body = f.seek(0, 2) - start
-            n = row.get("n_tokens")
-            ok = (len(shape) == 1 and dtype.kind in "iu" and body == shape[0] * dtype.itemsize
-                  and (n is None or n == shape[0]) and ("out_sha256" not in row or row["out_sha256"] == _sha256(p)))
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            start = f.tell()
+            body = f.seek(0, 2) - start
     except (OSError, ValueError, EOFError):
-        ok = False
-    return ok
+        return False
+    n = row.get("n_tokens")
+    return (len(shape) == 1 and dtype.kind in "iu" and body == shape[0] * dtype.itemsize
+            and (n is None or n == shape[0]) and ("out_sha256" not in row or row["out_sha256"] == _sha256(p)))
 
 
-def _done(out: Path, own: Path) -> set[str]:
-    """Files finished by earlier runs: listed in some manifest*.jsonl with their output present
-    and whole (0-byte, cut or altered outputs are encoded again). Our own manifest is rewritten
-    without entries whose output is gone or bad."""
-    done = set()
-    checked: dict[Path, bool] = {}
+def _text(s: str) -> str:
+    """s as valid UTF-8 text for a parquet string column: a file name that is not UTF-8 (its
+    bytes kept as surrogates) gets backslash escapes (the manifest keeps the exact name)."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _done(out: Path, own: Path) -> dict[str, dict]:
+    """Files finished by earlier runs, by the real path of their source: listed in some
+    manifest*.jsonl with their output present and whole (0-byte, cut or altered outputs are
+    encoded again). Matching by source, not by output name, keeps a file's name when the set
+    of inputs (and so their common root) changes. Our own manifest is rewritten without
+    entries whose output is gone or bad, one entry per source."""
+    done = {}
+    checked: dict[Path, set] = {}
     for mf in sorted(out.glob("manifest*.jsonl")):
         rows = [r for r in _read_jsonl(mf) if _output_ok(out, r, checked)]
         if mf == own:
-            last = {r["rel"]: r for r in rows}
+            last = {r["path"]: r for r in rows}
             _atomic_write(mf, lambda f: f.write("".join(json.dumps(r) + "\n" for r in last.values()).encode()))
-        done |= {r["rel"] for r in rows}
+        done.update((os.path.realpath(r["path"]), r) for r in rows)
     return done
 
 
@@ -553,7 +609,10 @@ class _ParquetWriter:
         self.pa, self.pq = pa, pq
         self.out, self.dtype, self.shard, self.rows_per_file = out, dtype, shard, rows_per_file
         self.rows: list[tuple[Item, np.ndarray]] = []
-        self.n = len(list(out.glob(f"tokens{shard}-*.parquet")))
+        # after the highest shard there: counting them would reuse a number when one is missing
+        shard_name = re.compile(rf"tokens{re.escape(shard)}-(\d+)\.parquet")
+        self.n = 1 + max((int(m[1]) for p in out.glob("tokens*.parquet") if (m := shard_name.fullmatch(p.name))),
+                         default=-1)
         self.ready: list[tuple[Item, str]] = []
 
     def add(self, it: Item, toks: np.ndarray) -> str | None:
@@ -566,10 +625,13 @@ class _ParquetWriter:
         if not self.rows:
             return
         name = f"tokens{self.shard}-{self.n:05d}.parquet"
+        while (self.out / name).exists():  # never replace a shard: its files are "done" in some manifest
+            self.n += 1
+            name = f"tokens{self.shard}-{self.n:05d}.parquet"
         pa = self.pa
         table = pa.table({
-            "rel": [it.rel for it, _ in self.rows],
-            "path": [it.path for it, _ in self.rows],
+            "rel": [_text(it.rel) for it, _ in self.rows],
+            "path": [_text(it.path) for it, _ in self.rows],
             "tokens": pa.array([t for _, t in self.rows], type=pa.list_(pa.from_numpy_dtype(self.dtype))),
         })
         _atomic_write(self.out / name, lambda f: self.pq.write_table(table, f))
@@ -688,7 +750,8 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         writer = _NpyWriter(out, dtype)
     man_path, err_path = out / f"manifest{shard}.jsonl", out / f"errors{shard}.jsonl"
     done = _done(out, man_path)
-    todo = [it for it in items if it.rel not in done]
+    todo = [it for it in items if os.path.realpath(it.path) not in done]
+    taken = {r["rel"]: r for r in done.values()}  # output names held by files earlier runs finished
     stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0}
     t0 = time.perf_counter()
     pool, watch = _executor(opts["workers"])
@@ -710,7 +773,12 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         # outputs must not collide: a.wav and a.flac in one folder would both be a.npy
         by_rel: dict[str, Item] = {}
         for it in todo:
-            if it.rel in by_rel:
+            old = taken.get(it.rel)
+            if old is not None and old.get("sha256") is not None and old["sha256"] == _sha256_or_none(it.path):
+                stats["skipped"] += 1  # the same file (its bytes), moved since
+            elif old is not None:
+                fail(it, f"{it.path}: same output name as {old['path']}, encoded by an earlier run into {out}")
+            elif it.rel in by_rel:
                 fail(it, f"{it.path}: same output name as {by_rel[it.rel].path}")
             else:
                 by_rel[it.rel] = it
@@ -849,8 +917,12 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
             import pyarrow  # noqa: F401
         except ImportError:
             raise CorpusError("--format parquet needs pyarrow: pip install pyarrow") from None
-    if (batch_seconds is not None and batch_seconds <= 0) or (max_batch is not None and max_batch < 1) or prefetch < 0:
-        raise CorpusError("--batch-seconds must be > 0, --max-batch >= 1, --prefetch >= 0")
+    if batch_seconds is not None and not (math.isfinite(batch_seconds) and batch_seconds > 0):  # nan, inf: never a size
+        raise CorpusError(f"--batch-seconds must be a finite number > 0, got {batch_seconds!r}")
+    if max_batch is not None and max_batch < 1:
+        raise CorpusError(f"--max-batch must be >= 1, got {max_batch!r}")
+    if prefetch < 0:
+        raise CorpusError(f"--prefetch must be >= 0, got {prefetch!r}")
     rank, world = _rank_world()
     items = find_inputs(inputs)[rank::world]
     if not devices:

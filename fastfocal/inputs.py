@@ -21,6 +21,10 @@ class InputError(ValueError):
 # (wrong scaling, integer PCM cast to float, corrupt data) and would silently give garbage.
 MAX_AMPLITUDE = 8.0
 
+# Input sample rates taken (Hz), by files and Codec.encode alike: below 1 kHz is no speech (and a
+# 1 Hz header would grow a file 16,000-fold at 16 kHz); 384 kHz is the highest common audio rate.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384000
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -243,13 +247,18 @@ def one_stream(x: Tensor, name: str) -> Tensor:
 
 # --------------------------------------------------------------------------- memory
 def available_bytes(device) -> int:
-    """Memory a new allocation can take on `device` (free GPU memory; available host RAM)."""
+    """Memory a new allocation can take on `device` (free GPU memory; available host RAM, and no
+    more than this process's address-space limit leaves)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "meta":
         return 1 << 62
+    return min(_host_available(), _address_space_left())
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -263,12 +272,28 @@ def available_bytes(device) -> int:
         return 1 << 62
 
 
-def check_fits(nbytes: int, device, what: str) -> None:
+def _address_space_left() -> int:
+    """`ulimit -v` minus what the process has mapped: past it an allocation fails whatever RAM is free."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return 1 << 62
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, limit - mapped)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return 1 << 62
+
+
+def check_fits(nbytes: int, device, what: str,
+               hint: str = "use a smaller batch, fewer streams or a shorter window") -> None:
     """Refuse an allocation that cannot fit, before making it."""
     avail = available_bytes(device)
     if nbytes > avail:
         raise InputError(f"{what} needs {_gib(nbytes)} but only {_gib(avail)} is available on "
-                         f"{torch.device(device)}: use a smaller batch, fewer streams or a shorter window")
+                         f"{torch.device(device)}: {hint}")
 
 
 def _gib(n: int) -> str:

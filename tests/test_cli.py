@@ -1,4 +1,5 @@
 """Audio IO and the `fastfocal` command on real speech with the tiny causal model."""
+import io
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
 
 from fastfocal.audio import AudioError, read_audio, write_audio
 from fastfocal import cli
@@ -326,8 +328,18 @@ def test_decode_uses_the_sidecar_model_and_checks_weights(tmp_path, capsys, caus
 
 
 # ----------------------------------------------------------------------------- progress (issue 8.9)
-def test_long_encode_streams_in_pieces_with_exact_tokens(tmp_path, monkeypatch, causal):
-    x = np.concatenate([read_audio(WAV16), read_audio(WAV48), read_audio(WAV16)[::-1].copy()])
+@pytest.mark.parametrize("case", ["files", "tail-flips"])
+def test_long_encode_streams_in_pieces_with_exact_tokens(tmp_path, monkeypatch, causal, golden_causal, case):
+    """Pushes of PIECE_SECONDS and an offline tail: sig_to_toks's tokens. tail-flips: a length
+    where the streaming rule's zero-padded last chunk changes a token (checked here), so a plain
+    flush would fail it."""
+    if case == "files":
+        x = np.concatenate([read_audio(WAV16), read_audio(WAV48), read_audio(WAV16)[::-1].copy()])
+    else:
+        x = golden_causal["sig"][0, :16236].astype(np.float32)
+        s = causal.stream_encoder(1)
+        plain = torch.cat([s.push(torch.from_numpy(x)[None]), s.flush()], 1)[0]
+        assert not torch.equal(plain, causal.sig_to_toks(x))
     sf.write(tmp_path / "long.wav", x, 16000, subtype="FLOAT")
     monkeypatch.setattr(cli, "PIECE_SECONDS", 1)
     pushes = []
@@ -380,3 +392,169 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     bar = stderr_on_tty()
     assert "audio-s" in bar and "long.wav" in bar, bar
     assert stderr_on_tty("--quiet") == ""
+
+
+# ----------------------------------------------------------------------------- sample rates and memory (review F2, F3)
+def test_sample_rates_outside_the_codec_range_are_refused(tmp_path, capsys):
+    """A 1 Hz header made read_audio resample 16,000x (a 2 MB WAV asked for 60 GiB); 2 GHz gave
+    a message about frames, not the rate."""
+    x = (np.random.RandomState(0).randn(1000) * 0.1).astype(np.float32)
+    for name, sr, shown in (("sr1.wav", 1, "1 Hz"), ("sr999.wav", 999, "999 Hz"),
+                            ("sr2g.wav", 2_000_000_000, "2,000,000,000 Hz")):
+        sf.write(tmp_path / name, x, sr, subtype="PCM_16")
+        match = f"{tmp_path / name}: sample rate {shown} is outside the 1,000-384,000 Hz fastfocal reads"
+        with pytest.raises(AudioError) as e:
+            read_audio(tmp_path / name)
+        assert str(e.value) == match
+        assert main(["encode", str(tmp_path / name), "--out", str(tmp_path / "o"), *MODEL]) == 2
+        one_error_line(capsys, match)
+    sf.write(tmp_path / "sr1000.wav", x, 1000, subtype="FLOAT")  # the lowest rate taken
+    np.testing.assert_array_equal(read_audio(tmp_path / "sr1000.wav"), soxr.resample(x, 1000, 16000, quality="HQ"))
+
+
+def test_resampled_size_is_checked_against_memory_first(monkeypatch):
+    import fastfocal.audio as audio
+    from fastfocal import inputs
+
+    frames = sf.info(WAV48).frames
+    monkeypatch.setattr(inputs, "available_bytes", lambda device: 1 << 16)
+    monkeypatch.setattr(audio.soxr, "ResampleStream", lambda *a, **k: pytest.fail("resampled before the check"))
+    with pytest.raises(AudioError) as e:
+        read_audio(WAV48)
+    need = 2 * 4 * -(-frames * 16000 // 48000)
+    assert str(e.value) == (f"{WAV48}: {frames:,} frames at 48,000 Hz, as 16,000 Hz audio, needs {need / 2**20:.3g} MiB "
+                            "but only 0.0625 MiB is available on cpu: split the file or free memory")
+
+
+def test_decode_counts_the_output_audio_before_running(tmp_path, capsys, causal, monkeypatch):
+    """3M valid tokens passed a 16 MiB check and then needed 5.4 GB of output audio: the check
+    now counts it (480 float32 samples a token, held whole), so the file is refused up front."""
+    import torch
+
+    from fastfocal import codec as codec_mod
+    from fastfocal import inputs
+    from fastfocal.pipeline import Pipeline
+
+    T = 20000
+    npy = tmp_path / "long.npy"
+    np.save(npy, np.random.RandomState(0).randint(0, 4096, T).astype(np.uint16))
+    state_and_activations = (Pipeline.bytes_per_slot(causal.model, ("decompressor", "decoder"), torch.float32)
+                             + Pipeline.activation_bytes_for(causal.config, torch.float32, 1, T))
+    monkeypatch.setattr(inputs, "available_bytes", lambda device: state_and_activations + T * 480)  # < the audio
+    monkeypatch.setattr(codec_mod, "run_offline", lambda *a, **k: pytest.fail("decoded before the memory check"))
+    assert main(["decode", str(npy), "--out", str(tmp_path / "o"), *MODEL]) == 2
+    line = one_error_line(capsys, f"{npy}: a batch of 1 x {T} tokens needs ")
+    assert line.endswith("is available on cpu: use a smaller batch or split the input")
+    assert not (tmp_path / "o" / "long.wav").exists()
+
+
+# ----------------------------------------------------------------------------- outputs (review F4)
+def test_decode_never_replaces_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """`encode x.wav` then `decode x.npy` (both --out .) wrote the reconstruction over the
+    recording. A file the command did not write is refused unless --overwrite; its own earlier
+    output (tagged in the WAV's INFO chunk) is replaced, so reruns work."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(WAV48, "p287_007.wav")
+    original = Path("p287_007.wav").read_bytes()
+    assert main(["encode", "p287_007.wav", *MODEL]) == 0
+    capsys.readouterr()
+    assert main(["decode", "p287_007.npy", *MODEL]) == 2
+    one_error_line(capsys, "p287_007.npy: output p287_007.wav exists and is not from an earlier `fastfocal decode`; "
+                           "pass --overwrite to replace it, or --out DIR")
+    assert Path("p287_007.wav").read_bytes() == original
+    for _ in range(2):  # the second run replaces the first one's output
+        assert main(["decode", "p287_007.npy", "--out", "rec", *MODEL]) == 0
+    assert sf.info("rec/p287_007.wav").samplerate == 24000
+    capsys.readouterr()
+    assert main(["roundtrip", "p287_007.wav", "--out", "rec", *MODEL]) == 2  # decode's output is not roundtrip's
+    one_error_line(capsys, "output rec/p287_007.wav exists and is not from an earlier `fastfocal roundtrip`")
+    assert main(["decode", "p287_007.npy", "--overwrite", *MODEL]) == 0
+    assert sf.info("p287_007.wav").samplerate == 24000
+
+
+def test_encode_never_replaces_files_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    notes = out / "84-121123-0000.json"
+    notes.write_text('{"my": "notes"}')
+    assert main(["encode", WAV16, "--out", str(out), *MODEL]) == 2
+    one_error_line(capsys, f"output {notes} exists and is not from an earlier `fastfocal encode`; pass --overwrite")
+    assert notes.read_text() == '{"my": "notes"}' and not (out / "84-121123-0000.npy").exists()
+    np.save(out / "p287_007.npy", np.arange(3))  # someone's array, no sidecar
+    assert main(["encode", WAV48, "--out", str(out), *MODEL]) == 2
+    one_error_line(capsys, f"output {out / 'p287_007.npy'} exists and is not from an earlier `fastfocal encode`")
+    np.testing.assert_array_equal(np.load(out / "p287_007.npy"), np.arange(3))
+    assert main(["encode", WAV16, WAV48, "--out", str(out), "--overwrite", *MODEL]) == 0
+    assert main(["encode", WAV16, WAV48, "--out", str(out), *MODEL]) == 0  # its own outputs: rerun is fine
+    assert json.loads(notes.read_text())["n_tokens"] == len(np.load(out / "84-121123-0000.npy"))
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with room for 100 bytes."""
+
+    def write(self, b):
+        super().write(bytes(b)[:100])
+        raise OSError(28, "No space left on device")
+
+
+def _full_disk_open(path, mode="r", *a, **k):
+    return _FullDisk(path, "wb") if "w" in mode else open(path, mode, *a, **k)
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode", "roundtrip"])
+def test_a_full_disk_leaves_no_partial_output(tmp_path, capsys, monkeypatch, cmd):
+    """Outputs go to a temporary name and are renamed into place: a failed write leaves the
+    earlier output (or none), no 0-byte or cut file, no temp file; the error names the output."""
+    out = tmp_path / "o"
+    assert main(["encode", WAV16, "--out", str(tmp_path / "t"), *MODEL]) == 0
+    src = WAV16 if cmd != "decode" else str(tmp_path / "t" / "84-121123-0000.npy")
+    name = out / f"84-121123-0000.{'npy' if cmd == 'encode' else 'wav'}"
+    assert main([cmd, src, "--out", str(out), *MODEL]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(cli, "open", _full_disk_open, raising=False)  # the files the command writes
+    capsys.readouterr()
+    assert main([cmd, src, "--out", str(out), *MODEL]) == 2
+    one_error_line(capsys, f"{src}: cannot write {name}: No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, nothing left behind
+    for p in out.iterdir():
+        p.unlink()
+    assert main([cmd, src, "--out", str(out), *MODEL]) == 2
+    assert not list(out.iterdir())
+
+
+# ----------------------------------------------------------------------------- file names (review F7)
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
+def test_file_names_that_are_not_utf8(tmp_path, causal):
+    """b'caf\\xe9.wav' (Latin-1) made soundfile raise UnicodeEncodeError: a traceback, and the
+    next input never ran. Such names read and write like any other."""
+    import shutil
+
+    cafe = tmp_path / os.fsdecode(b"caf\xe9.wav")
+    shutil.copy(WAV16, cafe)
+    shutil.copy(WAV48, tmp_path / "zz.wav")
+    assert main(["encode", str(cafe), str(tmp_path / "zz.wav"), "--out", str(tmp_path / "o"), *MODEL]) == 0
+    npy = tmp_path / "o" / os.fsdecode(b"caf\xe9.npy")
+    np.testing.assert_array_equal(np.load(npy), causal.sig_to_toks(read_audio(WAV16)).numpy())
+    assert json.loads(npy.with_suffix(".json").read_text())["source"] == str(cafe)
+    assert (tmp_path / "o" / "zz.npy").exists()
+    # a stdout that takes strict UTF-8 only: the output's name is printed as its bytes
+    r = subprocess.run([sys.executable, "-m", "fastfocal", "decode", str(npy), "--out", str(tmp_path / "w"), *MODEL],
+                       capture_output=True, timeout=120, env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
+    assert r.returncode == 0 and r.stdout == os.fsencode(tmp_path / "w" / os.fsdecode(b"caf\xe9.wav")) + b"\n", r.stderr
+    with open(tmp_path / "w" / os.fsdecode(b"caf\xe9.wav"), "rb") as f:  # soundfile takes no such str path
+        rec, sr = sf.read(f, dtype="float32")
+    assert sr == 24000 and len(rec) == len(np.load(npy)) * 480
+
+
+def test_a_unicode_error_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    def bad_name(path, *a, **k):
+        return os.fsdecode(b"caf\xe9").encode("utf-8")  # what a strict UTF-8 encoder raises
+
+    monkeypatch.setattr(cli, "read_audio", bad_name)
+    assert main(["encode", WAV16, WAV48, "--out", str(tmp_path / "o"), *MODEL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": UnicodeEncodeError: ")[0] for line in err] == [f"fastfocal: error: {WAV16}",
+                                                                         f"fastfocal: error: {WAV48}"]
+    assert "\\udce9" in err[0]  # the character, escaped: the line always prints

@@ -589,3 +589,155 @@ def test_device_processes_get_the_float32_dot_mode(tmp_path, monkeypatch):
     finally:
         fastfocal.set_f32_dot(None)
     assert seen and seen[0]["f32_dot"] == "tf32x3"
+
+
+# ----------------------------------------------------------------------------- review findings F5, F7-F10
+@pytest.mark.parametrize("flags, match", [
+    (["--batch-seconds", "nan"], "--batch-seconds must be a finite number > 0, got nan"),
+    (["--batch-seconds", "inf"], "--batch-seconds must be a finite number > 0, got inf"),
+    (["--batch-seconds", "0"], "--batch-seconds must be a finite number > 0, got 0.0"),
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--prefetch", "-1"], "--prefetch must be >= 0, got -1"),
+])
+def test_bad_size_flags_are_one_line(src, tmp_path, capsys, flags, match):
+    assert encode(src, tmp_path / "out", *flags) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"fastfocal: error: {match}"]
+
+
+def _symlinked_tree(d: Path) -> Path:
+    """corpus/spk1/a.wav, corpus/spk2 -> ../elsewhere/spk2 (b.wav), a link back up the tree
+    (corpus/spk1/up -> ..) and a second name for a.wav."""
+    (d / "corpus/spk1").mkdir(parents=True)
+    (d / "elsewhere/spk2").mkdir(parents=True)
+    sf.write(d / "corpus/spk1/a.wav", X16[:3200], 16000)
+    sf.write(d / "elsewhere/spk2/b.wav", X16[3200:6400], 16000)
+    (d / "corpus/spk2").symlink_to("../elsewhere/spk2")
+    (d / "corpus/spk1/up").symlink_to("..")
+    (d / "corpus/spk1/a2.wav").symlink_to("a.wav")
+    return d / "corpus"
+
+
+def test_symlinked_folders_and_cycles(tmp_path):
+    """A directory input skipped symlinked folders while the same tree as a glob followed them,
+    and a link to an ancestor gave one file 41 times. Both follow links, each real folder once,
+    each file once (by its first name)."""
+    top = _symlinked_tree(tmp_path)
+    want = [(str(top / "spk1/a.wav"), "spk1/a"), (str(top / "spk2/b.wav"), "spk2/b")]
+    for inp in (str(top), str(top / "**" / "*.wav"), str(top / "**")):
+        assert [(it.path, it.rel) for it in find_inputs([inp])] == want, inp
+    assert find_inputs([str(top), str(top / "spk1/a2.wav")]) == find_inputs([str(top)])  # a second name: once
+    assert [it.rel for it in find_inputs([str(top / "spk1/a2.wav"), str(top)])] == ["spk1/a2", "spk2/b"]  # first name
+
+
+def test_recursive_glob_matches_as_glob_does(tmp_path):
+    """Without symlinks, `**` patterns give glob.glob's files: hidden names only where the
+    pattern names them, `**` as zero or more folders."""
+    import glob
+
+    for f in ("a.wav", "x/b.wav", "x/y/c.wav", "x/y/c.flac", ".h/d.wav", "x/.e.wav", "x/.h/f.wav", "x1/g.wav"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    for pat in ("**/*.wav", "**", "x*/**/*.wav", "x/**/c.*", "**/.h/*.wav", "**/.*.wav", "x/**", "**/y/*"):
+        want = sorted(f for f in glob.glob(str(tmp_path / pat), recursive=True) if os.path.isfile(f))
+        got = sorted(f for f in corpus._glob(str(tmp_path / pat)) if os.path.isfile(f))
+        assert got == want, pat
+
+
+def test_parquet_shards_are_numbered_after_the_highest(tmp_path, causal):
+    """Shards were numbered by counting them: with one missing, the next number was an existing
+    shard's, which was then overwritten while the manifest still counted its files as done."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+
+    def run():
+        return corpus.encode_corpus([str(src)], out, model=TINY, workers=0, quiet=True, fmt="parquet")
+
+    def shards():
+        return {p.name: pq.read_table(p).column("rel").to_pylist() for p in sorted(out.glob("*.parquet"))}
+
+    sf.write(src / "a.wav", X16[:16000], 16000, subtype="FLOAT")
+    run()
+    sf.write(src / "b.wav", X48[:16000], 16000, subtype="FLOAT")
+    run()
+    assert shards() == {"tokens-00000.parquet": ["a"], "tokens-00001.parquet": ["b"]}
+    (out / "tokens-00000.parquet").unlink()
+    assert run()["files"] == 1
+    assert shards() == {"tokens-00001.parquet": ["b"], "tokens-00002.parquet": ["a"]}
+    rows = {r["rel"]: r["out"] for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert rows == {"a": "tokens-00002.parquet", "b": "tokens-00001.parquet"}
+    # a shard replaced by another (valid) one: its files are no longer done
+    (out / "tokens-00001.parquet").write_bytes((out / "tokens-00002.parquet").read_bytes())
+    t = run()
+    assert (t["files"], t["skipped"]) == (1, 1)
+    assert shards()["tokens-00003.parquet"] == ["b"]
+    b = pq.read_table(out / "tokens-00003.parquet").to_pylist()[0]
+    np.testing.assert_array_equal(np.array(b["tokens"]), causal.sig_to_toks(read_audio(src / "b.wav")).numpy())
+    assert run()["files"] == 0
+
+
+def test_resume_matches_files_by_source_when_the_corpus_grows(tmp_path, causal):
+    """Names are relative to the common folder of all files found; a file added in a sibling
+    folder moved it, and every file was encoded again under a new name. Done files are now
+    matched by their source and keep their names; only new files are encoded."""
+    import shutil
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "spk1").mkdir(parents=True)
+    (src / "spk2").mkdir()
+    sf.write(src / "spk1/a.wav", X16[:16000], 16000, subtype="FLOAT")
+
+    def run(inp):
+        return corpus.encode_corpus([inp], out, model=TINY, workers=0, quiet=True)
+
+    pattern = str(src / "**" / "*.wav")
+    assert run(pattern)["files"] == 1  # the only file: its folder is the root, the output a.npy
+    before = ident(out, "a")
+    sf.write(src / "spk2/b.wav", X48[:16000], 16000, subtype="FLOAT")
+    t = run(pattern)
+    assert (t["files"], t["skipped"]) == (1, 1)
+    assert ident(out, "a") == before and not (out / "spk1").exists()
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((r["path"], r["out"]) for r in rows) == [(str(src / "spk1/a.wav"), "a.npy"),
+                                                           (str(src / "spk2/b.wav"), "spk2/b.npy")]
+    check_tokens(causal, src, out, ["spk2/b"])
+    assert run(pattern)["files"] == 0
+    # another file under a name an earlier run gave: an error, the earlier output kept
+    other = tmp_path / "other"
+    (other / "spk2").mkdir(parents=True)
+    sf.write(other / "spk2/b.wav", X16[5000:21000], 16000, subtype="FLOAT")
+    b_before = ident(out, "spk2/b")
+    t = run(str(other))
+    assert (t["files"], t["errors"]) == (0, 1) and ident(out, "spk2/b") == b_before
+    err = json.loads((out / "errors.jsonl").read_text())
+    assert err["error"] == f"{other / 'spk2/b.wav'}: same output name as {src / 'spk2/b.wav'}, encoded by an earlier run into {out}"
+    # the same bytes moved elsewhere, under the same name: done
+    shutil.copy(src / "spk2/b.wav", other / "spk2/b.wav")
+    t = run(str(other))
+    assert (t["files"], t["skipped"], t["errors"]) == (0, 1, 0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_file_names_that_are_not_utf8_are_encoded(tmp_path, causal, fmt):
+    """A readable b'caf\\xe9.wav' went to errors.jsonl with a UnicodeEncodeError."""
+    import shutil
+
+    if fmt == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(DATA / "audio/84-121123-0000.wav", src / os.fsdecode(b"caf\xe9.wav"))
+    sf.write(src / "zz.wav", X48[:16000], 16000, subtype="FLOAT")
+    t = corpus.encode_corpus([str(src)], out, model=TINY, workers=1, quiet=True, fmt=fmt)
+    assert (t["files"], t["errors"]) == (2, 0), (out / "errors.jsonl").read_text()
+    want = causal.sig_to_toks(X16).numpy()
+    rows = {r["rel"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert set(rows) == {os.fsdecode(b"caf\xe9"), "zz"}
+    if fmt == "npy":
+        np.testing.assert_array_equal(np.load(out / os.fsdecode(b"caf\xe9.npy")), want)
+    else:  # parquet text is UTF-8: the name's odd byte as an escape (the manifest keeps it exactly)
+        table = {r["rel"]: r for r in pq.read_table(out / "tokens-00000.parquet").to_pylist()}
+        assert table["caf\\xe9"]["path"] == str(src) + "/caf\\xe9.wav"
+        np.testing.assert_array_equal(np.array(table["caf\\xe9"]["tokens"]), want)
+    assert corpus.encode_corpus([str(src)], out, model=TINY, workers=0, quiet=True, fmt=fmt)["skipped"] == 2

@@ -115,3 +115,49 @@ def test_encode_resamples_other_rates(causal, golden_causal):
     assert (got == causal.encode(sig16)).float().mean() > 0.5  # same speech, close tokens
     with pytest.raises(InputError, match="sample_rate"):
         causal.encode(sig16, sample_rate=0)
+    # numpy scalars are numbers of Hz too (np.float64 was taken, np.int64 refused)
+    for rate in (np.int64(48000), np.int32(48000), np.float64(48000.0)):
+        assert torch.equal(causal.encode(sig48, sample_rate=rate), ref), type(rate)
+    for rate in (np.bool_(True), np.int64(999), np.float64("nan"), "48000"):
+        with pytest.raises(InputError, match=r"sample_rate must be a number of Hz in \[1000, 384000\]"):
+            causal.encode(sig48, sample_rate=rate)
+
+
+def test_memory_check_counts_the_output(causal, monkeypatch):
+    """Offline runs hold their whole output: a decode's audio (480 float32 samples a token) and
+    a round trip's are counted before any work, not only state and one segment's activations."""
+    from fastfocal import codec as codec_mod
+    from fastfocal import inputs
+    from fastfocal.pipeline import Pipeline
+
+    T = 10000
+    for stages, x, out_samples, call in [
+        (("decompressor", "decoder"), torch.zeros(1, T, dtype=torch.long), T * 480, causal.toks_to_sig),
+        (("encoder", "compressor", "decompressor", "decoder"), torch.zeros(1, T * 320), T * 480, causal.sig_to_sig),
+    ]:
+        frames = x.shape[1] // (320 if stages[0] == "encoder" else 1)
+        rest = (Pipeline.bytes_per_slot(causal.model, stages, torch.float32)
+                + Pipeline.activation_bytes_for(causal.config, torch.float32, 1, frames))
+        monkeypatch.setattr(codec_mod, "run_offline", lambda *a, **k: pytest.fail("ran before the memory check"))
+        monkeypatch.setattr(inputs, "available_bytes", lambda device: rest + out_samples * 4)  # one copy is not enough
+        with pytest.raises(InputError, match=rf"a batch of 1 x {x.shape[1]} (tokens|audio) needs .* split the input"):
+            call(x)
+        monkeypatch.undo()
+        monkeypatch.setattr(inputs, "available_bytes", lambda device: rest + out_samples * 8 + 4096)
+        assert call(x[:, :x.shape[1] // 10]).shape == (1, out_samples // 10)  # what fits runs
+        monkeypatch.undo()
+
+
+def test_available_memory_respects_the_address_space_limit(monkeypatch):
+    """Under `ulimit -v` an allocation fails whatever RAM is free: checks must see the limit (a
+    6 GB cap on a 24 GB machine let a 10 GiB decode through the check, to die in the allocator)."""
+    import resource
+
+    from fastfocal.inputs import available_bytes
+
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (mapped + (64 << 20), resource.RLIM_INFINITY))
+    assert 0 < available_bytes("cpu") <= 64 << 20
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert available_bytes("cpu") > 64 << 20

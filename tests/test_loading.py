@@ -223,6 +223,44 @@ def test_config_sizes_are_validated(tmp_path, data_dir, capsys, part, key, value
     assert err.count("\n") == 1 and key in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda c: c.__setitem__("encoder_name", ["WavLM"]), r"unsupported encoder_name \['WavLM'\]; expected one of"),
+        (lambda c: c.__setitem__("decoder_name", {"WaveNeXt": 1}), r"unsupported decoder_name \{'WaveNeXt': 1\}"),
+        (lambda c: c["compressor_config"].update(hidden_dims=[], downscale_factors=[]),
+         r"compressor_config.hidden_dims must list at least one layer, got \[\]"),
+        (lambda c: c["decompressor_config"].update(hidden_dims=[], upscale_factors=[]),
+         r"decompressor_config.hidden_dims must list at least one layer, got \[\]"),
+        (lambda c: c["decoder_config"].update(kernel_size=1), r"decoder_config.kernel_size must be >= 2 for a causal model"),
+    ],
+    ids=["name-list", "name-object", "compressor-empty", "decompressor-empty", "causal-decoder-kernel-1"],
+)
+def test_config_values_that_would_fail_later_are_refused_at_load(tmp_path, data_dir, capsys, fn, match):
+    """Each of these loaded (or failed with a TypeError) and then crashed in the model or at the first
+    decode: a ConfigError naming the field, and one CLI line, instead."""
+    d = copy_model(data_dir / "tiny_causal", tmp_path / "m")
+    edit_config(d, fn)
+    with pytest.raises(ConfigError, match=match):
+        fastfocal.load(d, device="cpu")
+    from fastfocal.cli import main
+
+    assert main(["info", "--model", str(d), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastfocal: error: ") and "Traceback" not in err
+
+
+def test_decoder_kernel_1_is_a_working_config_when_non_causal(data_dir):
+    """A kernel of 1 is a pointwise conv: fine offline (non-causal); only the causal streaming
+    rings need one past frame, so only there it is refused."""
+    raw = json.loads((data_dir / "tiny_noncausal" / "config.json").read_text())
+    raw["decoder_config"]["kernel_size"] = 1
+    codec = fastfocal.random_init(CodecConfig.from_dict(raw), device="cpu")
+    audio = codec.toks_to_sig(torch.randint(0, 4096, (1, 10)))
+    per_token = codec.config.token_hop * codec.sample_rate_output // codec.sample_rate_input
+    assert audio.shape == (1, 10 * per_token) and torch.isfinite(audio).all() and audio.abs().max() > 0
+
+
 def test_config_not_utf8_or_too_deep(tmp_path, data_dir):
     d = copy_model(data_dir / "tiny_causal", tmp_path / "m")
     (d / "config.json").write_bytes(b'{"encoder_name": "WavLM\xff\xfe"}')

@@ -580,7 +580,8 @@ def test_serve_command_sigterm_drains(causal, speech):
     open stream with end + 1000 and exits 0."""
     env = {**os.environ, "FASTFOCAL_API_KEY": "", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "fastfocal", "serve", "--model", str(ROOT / "tests/data/tiny_causal"),
-                          "--device", "cpu", "--port", "0", "--max-streams", "2", "--modes", "full"],
+                          "--device", "cpu", "--port", "0", "--max-streams", "2", "--modes", "full",
+                          "--idle-timeout", "0", "--send-timeout", "10"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
@@ -606,6 +607,14 @@ def test_serve_command_sigterm_drains(causal, speech):
             p.wait(10)
     check_ok(r)
     assert np.array_equal(r.tokens, engine_ref(causal, "full", x)[0])
+
+
+def test_serve_command_bad_timeout_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "fastfocal", "serve", "--model", str(ROOT / "tests/data/tiny_causal"),
+                        "--device", "cpu", "--port", "0", "--send-timeout", "-1"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "send_timeout must be a positive number" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.gpu
