@@ -333,7 +333,7 @@ def _skinny_linear(x, weight: Tensor, bias: Tensor | None, **epi) -> Tensor:
         return lin.linear(x, weight, bias, **epi)
     if x.y is not None:
         return lin.linear(x.y, weight, bias, **epi)
-    y = torch.empty_like(x.x)
+    y = torch.empty(x.x.shape, dtype=x.x.dtype, device=x.x.device)  # contiguous: x.x may be a transposed view
     out = lin.linear(x.x, weight, bias, norm=x.spec, norm_out=y, **epi)
     x.y = y
     return out

@@ -98,8 +98,11 @@ def dwconv_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor
         K=K, PADL=K - 1 if causal else (K - 1) // 2, HAS_CACHE=has_cache, WRITE_CACHE=write,
         BLOCK_T=bt, BLOCK_C=bc, num_warps=4 if bc * bt <= 4096 and (write or not has_cache) else 8, **launch_opts(x),
     )
-    if has_cache and not write:  # here T > K-1: the new cache is x's last K-1 frames
-        cache.index_copy_(0, idx, x[:, T - (K - 1):].transpose(1, 2).to(cache.dtype))
+    if has_cache and not write:  # the new cache: the last K-1 frames of [cache ‖ x] (after the launch read it)
+        new = x[:, max(0, T - (K - 1)):].transpose(1, 2).to(cache.dtype)
+        if T < K - 1:  # several time tiles of fewer frames than the cache holds (the device's tile at 1024 channels)
+            new = torch.cat([cache.index_select(0, idx)[:, :, T:], new], 2)
+        cache.index_copy_(0, idx, new)
     return out
 
 

@@ -34,6 +34,28 @@ def test_stream_steps(dtype, B, T, C):
     assert_equal("untouched slots", cache[untouched], before)
 
 
+@pytest.mark.parametrize("T", [1, 3, 5, 6, 7, 9])
+def test_stream_steps_over_several_time_tiles(T, monkeypatch):
+    """A call split into time tiles leaves the cache write to the launcher, for any T: also
+    fewer frames than the cache holds (then the new cache is the old one's tail and x). The
+    device's 4096-element tile does this at 1024 channels for 5 frames; a small tile here."""
+    from fastfocal.kernels import convnext
+
+    monkeypatch.setattr(convnext, "TILE", 64)  # 32 channels: 2 frames a tile
+    C, S, dtype = 32, 4, torch.float32
+    p = params(C, dtype)
+    cache = rand(S, C, 6, dtype=dtype, device=DEVICE)
+    idx = torch.tensor([2, 0], device=DEVICE)
+    ref = cache.clone()
+    for step in range(3):
+        x = rand(2, T, C, dtype=dtype, device=DEVICE, scale=2.0)
+        want = dwconv_layer_norm_ref(*f64(x, *p), 1e-6, True, ref.double(), idx)
+        got = dwconv_layer_norm(x, *p, 1e-6, True, cache, idx)
+        assert_close(f"T={T} step {step}", got, want, dtype)
+        dwconv_layer_norm_ref(x, *p, 1e-6, True, ref, idx)
+        assert_equal(f"cache T={T} step {step}", cache, ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,T,C", [(2, 1, 12), (2, 4, 96), (2, 37, 12), (1, 70, 1024)])

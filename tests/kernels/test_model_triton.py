@@ -358,3 +358,13 @@ def test_the_devices_tiles_under_the_interpreter(causal, golden_causal, triton_b
         assert_close("stream_rec_sig", audio, g["stream_rec_sig"][:, :audio.shape[1]])
         # the device's tiles are pipelined (stages > 1); every interpreter tile has 1 stage
         assert picked and all(t[4] > 1 for t in picked), picked
+
+
+def test_short_noncausal_decode_on_the_kernels(noncausal, triton_backend, monkeypatch):
+    """A few tokens through the non-causal decompressor on the kernels: its upscale output is a
+    transposed view, and the next block's pre-norm (inside the few-row matmul) must still write
+    a contiguous normalised copy; equal to the reference path."""
+    toks = torch.randint(0, noncausal.codebook_size, (1, 4), generator=torch.Generator().manual_seed(3))
+    got = noncausal.toks_to_qfeats(toks)
+    monkeypatch.setenv("FASTFOCAL_BACKEND", "torch")
+    assert_close("qfeats", got, noncausal.toks_to_qfeats(toks))
