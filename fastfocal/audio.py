@@ -36,6 +36,8 @@ def _open(source, name: str) -> sf.SoundFile:
             raise AudioError(f"{name}: no such file")
         if p.is_dir():
             raise AudioError(f"{name}: is a directory, not an audio file")
+        if not p.is_file():  # a FIFO or device: opening it would block, or read forever
+            raise AudioError(f"{name}: not a regular file")
         source = _native(source)
     try:
         f = sf.SoundFile(source)

@@ -63,7 +63,7 @@ def test_write_audio(tmp_path):
 
 @pytest.mark.parametrize("kind, match", [
     ("missing", "no such file"), ("empty", "contains no samples"), ("nan", "NaN or Inf"),
-    ("garbage", "cannot read audio"), ("dir", "is a directory"),
+    ("garbage", "cannot read audio"), ("dir", "is a directory"), ("fifo", "not a regular file"),
 ])
 def test_read_audio_errors(tmp_path, kind, match):
     p = tmp_path / f"{kind}.wav"
@@ -75,6 +75,8 @@ def test_read_audio_errors(tmp_path, kind, match):
         p.write_bytes(b"RIFF" + bytes(range(256)) * 8)
     elif kind == "dir":
         p.mkdir()
+    elif kind == "fifo":  # opening it would block until a writer came
+        os.mkfifo(p)
     with pytest.raises(AudioError, match=match) as e:
         read_audio(p)
     assert str(p) in str(e.value)
