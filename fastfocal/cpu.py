@@ -245,10 +245,6 @@ def _f32(w: Tensor | None) -> Tensor | None:
     return None if w is None else float32_weight(w)
 
 
-# a batch-1 step's long depthwise convs (the focal window levels) run on channel slices
-DW_SPLIT_CHANNELS, DW_SPLIT_FRAMES, DW_SPLIT_TAPS = 512, 16, 256
-
-
 def _depthwise(xp: Tensor, w: Tensor, b: Tensor | None, exact: bool) -> Tensor:
     """Depthwise conv1d of xp (B, C, L) by w (C, 1, k) (+ b) -> (B, C, L - k + 1). For a few output
     frames (a batch-1 step) the library conv's per-call set-up is most of its cost: there one
@@ -259,14 +255,6 @@ def _depthwise(xp: Tensor, w: Tensor, b: Tensor | None, exact: bool) -> Tensor:
     k = w.shape[-1]
     T = L - k + 1
     if exact or B * T > 4 or k > 32 or xp.dtype != torch.float32 or w.dtype != torch.float32:
-        if B == 1 and T <= DW_SPLIT_FRAMES and C > DW_SPLIT_CHANNELS and C % DW_SPLIT_CHANNELS == 0 and k >= DW_SPLIT_TAPS:
-            # oneDNN's 512-tap depthwise conv of one row over > 512 channels measured 1.3-3x slower
-            # than the same conv on 512-channel slices (1024 channels: 2.7-2.9 vs 1.5-2.1 ms from a
-            # cold cache; short kernels lose by it). Whole slices only: oneDNN takes the same
-            # depthwise kernel for both (a partial slice may take another), so bit for bit
-            n = DW_SPLIT_CHANNELS
-            return torch.cat([F.conv1d(xp[:, a:a + n], w[a:a + n], None if b is None else b[a:a + n], groups=n)
-                              for a in range(0, C, n)], 1)
         return F.conv1d(xp, w, b, groups=C)
     win = xp.transpose(0, 1).unfold(2, k, 1).reshape(C, B * T, k)
     if b is None:

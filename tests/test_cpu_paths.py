@@ -186,24 +186,6 @@ def test_depthwise_small_steps_equal_float64(B, T, k, exact, bias):
         assert torch.equal(got, torch.nn.functional.conv1d(xp, w, b, groups=C))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("B,T,k,C", [(1, 4, 512, 1024), (1, 1, 300, 1536), (1, 16, 256, 2048), (2, 4, 512, 1024),
-                                     (1, 4, 7, 1024), (1, 4, 512, 1100)])
-def test_depthwise_channel_slices_are_the_conv_bit_for_bit(B, T, k, C, bias):
-    """A batch-1 step's long depthwise conv over more than DW_SPLIT_CHANNELS channels runs the
-    library conv on channel slices (faster there): the same sums, so bit for bit the one conv
-    over all channels (and so are the cases that keep the one conv: short kernels, several
-    rows, a channel count that would leave a partial slice)."""
-    g = torch.Generator().manual_seed(T * 1000 + k)
-    xp = torch.randn(B, C, k - 1 + T, generator=g)
-    w = torch.randn(C, 1, k, generator=g) / k ** 0.5
-    b = torch.randn(C, generator=g) if bias else None
-    got = cpu._depthwise(xp, w, b, True)
-    assert torch.equal(got, torch.nn.functional.conv1d(xp, w, b, groups=C))
-    want = torch.nn.functional.conv1d(xp.double(), w.double(), None if b is None else b.double(), groups=C)
-    assert_close("depthwise slices", got, want, torch.float32, rel=1e-5)  # 512-tap fp32 sums
-
-
 def test_ops_take_the_cpu_forms_unless_forced_to_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "focal_context_stream", lambda *a: calls.append("cpu"))
