@@ -467,6 +467,7 @@ def _serve_commands(sub) -> None:
     p.add_argument("--out", default=".", help="output directory (default: current)")
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
     p.add_argument("--api-key", default=os.environ.get("FASTFOCAL_API_KEY"), help="API key (default $FASTFOCAL_API_KEY)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs not written by this command")
     p.set_defaults(func=cmd_client)
 
 
@@ -492,7 +493,7 @@ def cmd_client(args) -> int:
         raise _need_serve_extra(e) from None
     try:
         paths = run_client(args.input, args.url, args.mode, args.out, args.format, args.api_key, args.realtime,
-                           args.message_ms, args.float)
+                           args.message_ms, args.float, args.overwrite)
     except (ServerError, OSError) as e:
         raise CliError(f"{args.url}: {e}") from None
     for p in paths:

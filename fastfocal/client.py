@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import aiohttp
 import numpy as np
 from yarl import URL
 
-from .audio import read_audio, write_audio
+from .audio import read_audio, write_audio, written_by
 from .inputs import InputError, _as_numpy, amplitude_problem, token_dtype
+from .version import __version__
 
 MODES = ("full", "encode", "decode")
 WIRE_TOKEN_LIMIT = 1 << 16  # decode mode sends tokens as uint16: larger values would wrap
@@ -196,9 +198,44 @@ def read_tokens(path) -> np.ndarray:
     return toks.astype(np.int64)
 
 
+def _targets(path, out: Path, mode: str, overwrite: bool) -> dict[str, Path]:
+    """The outputs <stem>.npy / <stem>.wav, checked before anything is streamed: never the input
+    itself, and never an existing file this command did not write unless `overwrite` (`--out .`
+    beside x.wav would otherwise replace the recording with its reconstruction)."""
+    stem = Path(path).stem
+    kinds = {"full": ("npy", "wav"), "encode": ("npy",), "decode": ("wav",)}[mode]
+    targets = {k: out / f"{stem}.{k}" for k in kinds}
+    for kind, p in targets.items():
+        if not p.exists():
+            continue
+        if Path(path).exists() and os.path.samefile(p, path):
+            raise InputError(f"{path}: output {p} would overwrite the input; pass --out DIR")
+        ours = kind == "wav" and written_by(p).split()[2:3] == ["client"] and written_by(p).startswith("fastfocal ")
+        if not (overwrite or ours):
+            raise InputError(f"{path}: output {p} exists and is not from an earlier `fastfocal client`; "
+                             "pass --overwrite to replace it, or --out DIR")
+    return targets
+
+
+def _replace(p: Path, write) -> None:
+    """write(file) to a temporary name beside p, then renamed into place (no partial output)."""
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", api_key: str | None = None,
-               realtime: bool = False, message_ms: float = 80.0, float_wav: bool = False) -> list[Path]:
+               realtime: bool = False, message_ms: float = 80.0, float_wav: bool = False,
+               overwrite: bool = False) -> list[Path]:
     """Stream one file (audio; a .npy of tokens in decode mode); write <stem>.npy and/or <stem>.wav."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    out = Path(out)
+    targets = _targets(path, out, mode, overwrite)
     if mode == "decode":
         data, msg = read_tokens(path), max(1, round(message_ms / 20))
     else:
@@ -207,15 +244,15 @@ def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", 
         res = asyncio.run(stream(url, data, mode, fmt, api_key, realtime, msg))
     except InputError as e:  # name the file: the CLI shows this one line
         raise InputError(f"{path}: {e}") from None
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if res.tokens is not None:
-        p = out / (Path(path).stem + ".npy")
-        np.save(p, res.tokens.astype(token_dtype(res.ready["codebook_size"])))
-        written.append(p)
+        toks = res.tokens.astype(token_dtype(res.ready["codebook_size"]))
+        _replace(targets["npy"], lambda f: np.save(f, toks))
+        written.append(targets["npy"])
     if res.audio is not None:
-        p = out / (Path(path).stem + ".wav")
-        write_audio(p, res.audio, res.ready["sample_rate_out"], "FLOAT" if float_wav else "PCM_16")
-        written.append(p)
+        _replace(targets["wav"], lambda f: write_audio(f, res.audio, res.ready["sample_rate_out"],
+                                                       "FLOAT" if float_wav else "PCM_16",
+                                                       software=f"fastfocal {__version__} client"))
+        written.append(targets["wav"])
     return written

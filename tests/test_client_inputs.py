@@ -170,3 +170,27 @@ def test_cli_client_one_line_naming_the_file(causal, tmp_path, capsys, dead_url)
         assert metric(srv, "fastfocal_bytes_in_total") == 0
     _one_line(capsys, str(toks), f"token out of range [0, {causal.codebook_size})")
     assert not (tmp_path / "loud.npy").exists() and not (tmp_path / "toks.wav").exists()
+
+
+def test_client_never_replaces_a_file_it_did_not_write(causal, speech, tmp_path, capsys, dead_url):
+    """`fastfocal client x.wav --out .` beside the recording would replace it with its
+    reconstruction: refused before anything is streamed (a dead URL is never reached), as is an
+    existing x.npy; --overwrite replaces them, and the client's own WAV is replaced on a rerun."""
+    src = tmp_path / "x.wav"
+    sf.write(src, speech[0, :6000], 16000, subtype="FLOAT")
+    before = src.read_bytes()
+    assert cli.main(["client", str(src), "--url", dead_url, "--out", str(tmp_path)]) == 2
+    _one_line(capsys, str(src), "would overwrite the input")
+    assert src.read_bytes() == before
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x.npy").write_bytes(b"someone's tokens")
+    assert cli.main(["client", str(src), "--url", dead_url, "--out", str(out)]) == 2
+    _one_line(capsys, "x.npy exists and is not from an earlier `fastfocal client`", "--overwrite")
+    with serving(causal, max_streams=1, modes=("full",)) as srv:
+        assert cli.main(["client", str(src), "--url", srv.url, "--out", str(out), "--overwrite"]) == 0
+        ref_t, _ = engine_ref(causal, "full", speech[0, :6000])
+        assert np.array_equal(np.load(out / "x.npy"), ref_t)
+        (out / "x.npy").unlink()  # the WAV left is the client's own: a rerun may replace it
+        assert cli.main(["client", str(src), "--url", srv.url, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x.npy", "x.wav"]  # no temporary left

@@ -296,7 +296,8 @@ def test_client_module_and_cli(causal, speech, tmp_path):
             run(stream(srv.url, x))
         assert cli.main(["client", str(wav), "--url", srv.url, "--mode", "encode", "--out", str(tmp_path),
                          "--api-key", "sekrit", "--message-ms", "30"]) == 0
-        assert cli.main(["client", str(wav), "--url", srv.url, "--out", str(tmp_path)]) == 2  # no key
+        assert cli.main(["client", str(wav), "--url", srv.url, "--out", str(tmp_path / "nokey")]) == 2  # no key
+        assert not (tmp_path / "nokey" / "84-121123-0000.npy").exists()
     got = np.load(tmp_path / "84-121123-0000.npy")
     assert got.dtype == np.uint16
     assert_tokens("cli client", got, causal.sig_to_toks(torch.from_numpy(read_audio(wav, 16000))))
