@@ -17,6 +17,7 @@ import numpy as np
 from yarl import URL
 
 from .audio import read_audio, write_audio, written_by
+from .files import atomic_write
 from .inputs import InputError, _as_numpy, amplitude_problem, token_dtype
 from .version import __version__
 
@@ -217,17 +218,6 @@ def _targets(path, out: Path, mode: str, overwrite: bool) -> dict[str, Path]:
     return targets
 
 
-def _replace(p: Path, write) -> None:
-    """write(file) to a temporary name beside p, then renamed into place (no partial output)."""
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", api_key: str | None = None,
                realtime: bool = False, message_ms: float = 80.0, float_wav: bool = False,
                overwrite: bool = False) -> list[Path]:
@@ -248,10 +238,10 @@ def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", 
     written = []
     if res.tokens is not None:
         toks = res.tokens.astype(token_dtype(res.ready["codebook_size"]))
-        _replace(targets["npy"], lambda f: np.save(f, toks))
+        atomic_write(targets["npy"], lambda f: np.save(f, toks))
         written.append(targets["npy"])
     if res.audio is not None:
-        _replace(targets["wav"], lambda f: write_audio(f, res.audio, res.ready["sample_rate_out"],
+        atomic_write(targets["wav"], lambda f: write_audio(f, res.audio, res.ready["sample_rate_out"],
                                                        "FLOAT" if float_wav else "PCM_16",
                                                        software=f"fastfocal {__version__} client"))
         written.append(targets["wav"])

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
 from .inputs import InputError, available_bytes, check_audio, token_dtype
@@ -431,18 +432,6 @@ def find_inputs(inputs: list[str]) -> list[Item]:
 
 
 # =========================================================================== output directory
-def _atomic_write(path: Path, write) -> None:
-    """write(file) to a temp name, then rename: a crash never leaves a truncated output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
@@ -515,7 +504,7 @@ def _done(out: Path, own: Path) -> dict[str, dict]:
         rows = [r for r in _read_jsonl(mf) if _output_ok(out, r, checked)]
         if mf == own:
             last = {r["path"]: r for r in rows}
-            _atomic_write(mf, lambda f: f.write("".join(json.dumps(r) + "\n" for r in last.values()).encode()))
+            atomic_write(mf, lambda f: f.write("".join(json.dumps(r) + "\n" for r in last.values()).encode()))
         done.update((os.path.realpath(r["path"]), r) for r in rows)
     return done
 
@@ -539,7 +528,7 @@ def _check_info(out: Path, codec: Codec, fmt: str) -> None:
             raise CorpusError(f"{out} holds output of {', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
                            f"this run has {', '.join(f'{k}={info.get(k)!r}' for k in diff)}: use another --out")
         return
-    _atomic_write(p, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+    atomic_write(p, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
 
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
@@ -591,7 +580,7 @@ class _NpyWriter:
 
     def add(self, it: Item, toks: np.ndarray) -> str:
         rel = it.rel + ".npy"
-        _atomic_write(self.out / rel, lambda f: np.save(f, toks.astype(self.dtype)))
+        atomic_write(self.out / rel, lambda f: np.save(f, toks.astype(self.dtype)))
         return rel
 
     def flush(self, final: bool = False) -> list[tuple[Item, str]]:
@@ -634,7 +623,7 @@ class _ParquetWriter:
             "path": [_text(it.path) for it, _ in self.rows],
             "tokens": pa.array([t for _, t in self.rows], type=pa.list_(pa.from_numpy_dtype(self.dtype))),
         })
-        _atomic_write(self.out / name, lambda f: self.pq.write_table(table, f))
+        atomic_write(self.out / name, lambda f: self.pq.write_table(table, f))
         self.ready += [(it, name) for it, _ in self.rows]
         self.rows, self.n = [], self.n + 1
 
