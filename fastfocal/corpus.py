@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write
 from .audio import AudioError, audio_info, check_peak, read_audio
 from .codec import Codec
+from .files import atomic_write
 from .inputs import InputError, available_bytes, check_audio, token_dtype
 from .kernels import _common
 from .loading import open_codec, provenance
@@ -280,25 +280,44 @@ class SlotEncoder:
         return out
 
 
-def encode_batch(codec: Codec, sigs: list[np.ndarray]) -> list[np.ndarray]:
+def encode_batch(codec: Codec, sigs: list[np.ndarray], errors: bool = False) -> list:
     """Tokens (int64) of each 16 kHz signal, equal to `codec.sig_to_toks(sig)` on it alone
-    (one `SlotEncoder` slot per signal; see `_Plan` for why batching is exact)."""
-    if not codec.causal:  # whole-file attention: any padding changes tokens
-        return [codec.sig_to_toks(s).cpu().numpy() for s in sigs]
-    if not sigs:
-        return []
+    (`SlotEncoder` slots sized from free memory as encode-corpus sizes them; see `_Plan` for why
+    batching is exact). errors: a signal the model refuses (shorter than a frame, NaN latents...)
+    gives its exception in its place instead of raising, so one file never fails a batch."""
+    out: list = [None] * len(sigs)
+    todo = []
     for i, s in enumerate(sigs):  # what sig_to_toks refuses, refused here before any work
-        check_audio(torch.from_numpy(np.asarray(s, np.float32)), frame=codec.config.hop_samples, name=f"signal {i}")
-    enc = SlotEncoder(codec, len(sigs), segment_frames=codec.segment_frames)
-    for i, s in enumerate(sigs):
-        enc.add(i, s, f"signal {i}")
-    got: dict[int, np.ndarray | Exception] = {}
-    while enc.busy:
-        got.update(enc.step())
-    for i in range(len(sigs)):
-        if isinstance(got[i], Exception):
-            raise got[i]
-    return [got[i] for i in range(len(sigs))]
+        try:
+            check_audio(torch.from_numpy(np.asarray(s, np.float32)), frame=codec.config.hop_samples, name=f"signal {i}")
+            todo.append(i)
+        except InputError as e:
+            if not errors:
+                raise
+            out[i] = e
+    if not codec.causal:  # whole-file attention: any padding changes tokens
+        for i in todo:
+            try:
+                out[i] = codec.sig_to_toks(sigs[i]).cpu().numpy()
+            except (InputError, NumericsError) as e:
+                if not errors:
+                    raise
+                out[i] = e
+        return out
+    if todo:
+        size = pool_size(codec, [len(sigs[i]) / SR for i in todo])
+        enc = SlotEncoder(codec, size["slots"], size["rows"], min(size["segment_frames"], codec.segment_frames))
+        waiting = deque(todo)
+        while waiting or enc.busy:
+            while waiting and enc.free:
+                i = waiting.popleft()
+                enc.add(i, sigs[i], f"signal {i}")
+            for i, t in enc.step():
+                out[i] = t
+    for i, t in enumerate(out):
+        if isinstance(t, Exception) and not errors:
+            raise t
+    return out
 
 
 def pool_size(codec: Codec, seconds: list[float], batch_seconds: float | None = None,

@@ -56,14 +56,19 @@ class TokenEncoder:
             rows = [(r["audio"], r["error"]) for r in map(load_row, ({"path": p} for p in paths))]
         good = [i for i, (a, e) in enumerate(rows) if not e]
         toks = [np.zeros(0, self.dtype)] * len(paths)
-        for i, t in zip(good, encode_batch(self.codec, [rows[i][0] for i in good]) if good else []):
-            toks[i] = t.astype(self.dtype)
+        errs = [e for _, e in rows]
+        # a file the model refuses (shorter than a frame, NaN latents) is an error row, not a failed batch
+        for i, t in zip(good, encode_batch(self.codec, [rows[i][0] for i in good], errors=True) if good else []):
+            if isinstance(t, Exception):
+                errs[i] = f"{paths[i]}: {t}"
+            else:
+                toks[i] = t.astype(self.dtype)
         out = {
             "path": paths,
             "tokens": toks,
             "n_tokens": np.array([len(t) for t in toks], np.int64),
             "duration": np.array([len(a) / SR for a, _ in rows], np.float64),
-            "error": [e for _, e in rows],
+            "error": errs,
         }
         if not self.arrow:
             return out

@@ -69,6 +69,11 @@ def test_encode_batch_is_exact(causal, monkeypatch):
     assert not np.array_equal(got[6], got[7])  # equal lengths, different speech
     with pytest.raises(InputError, match=r"signal 1 .*shorter than one 320-sample frame"):
         encode_batch(causal, [sigs[0], X16[:319]])
+    # errors=True (the Ray actor): the refused signal's exception in its place, the others encoded
+    got = encode_batch(causal, [sigs[4], X16[:319], sigs[6]], errors=True)
+    assert isinstance(got[1], InputError) and "shorter than one 320-sample frame" in str(got[1])
+    np.testing.assert_array_equal(got[0], causal.sig_to_toks(sigs[4]).numpy())
+    np.testing.assert_array_equal(got[2], causal.sig_to_toks(sigs[6]).numpy())
 
 
 @pytest.fixture(scope="module")

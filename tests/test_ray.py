@@ -30,10 +30,13 @@ def files(tmp_path_factory) -> dict[str, str]:
     loud[100] = 1e30
     sf.write(d / "loud.wav", loud, 16000, subtype="FLOAT")
     paths["loud"] = str(d / "loud.wav")
+    sf.write(d / "short.wav", X16[:100], 16000, subtype="FLOAT")  # reads fine; the model refuses it
+    paths["short"] = str(d / "short.wav")
     return paths
 
 
-BAD = {"empty": "contains no samples", "loud": "audio has samples of magnitude 1e+30"}
+BAD = {"empty": "contains no samples", "loud": "audio has samples of magnitude 1e+30",
+       "short": "shorter than one 320-sample frame"}
 
 
 def check(causal, files, paths, tokens, errors):
@@ -55,7 +58,7 @@ def test_load_row_refuses_out_of_range_audio(files):
 
 def test_ray_encoder_class(files, causal):
     enc = TokenEncoder(model=TINY, device="cpu")
-    paths = [files[k] for k in ("a", "empty", "48k", "loud", "d")]
+    paths = [files[k] for k in ("a", "empty", "48k", "short", "loud", "d")]
     for batch in ({"path": np.array(paths)},
                   {k: [load_row({"path": p})[k] for p in paths] for k in ("path", "audio", "error")}):
         res = enc(batch)
@@ -86,8 +89,8 @@ def ray_cluster():
 def test_ray_pipeline_on_a_local_cluster(ray_cluster, files, causal, tmp_path):
     from fastfocal.ray import encode_paths
 
-    paths = [files[k] for k in ("a", "b", "c", "d", "full", "48k", "empty", "loud")]
-    ds = encode_paths(paths, model=TINY, batch_size=3)  # several batches, one of them mixed good and bad
+    paths = [files[k] for k in ("a", "b", "c", "d", "full", "48k", "empty", "short", "loud")]
+    ds = encode_paths(paths, model=TINY, batch_size=3)  # several batches: good ones with a bad one, one all bad
     rows = sorted(ds.take_all(), key=lambda r: paths.index(r["path"]))
     assert [r["path"] for r in rows] == paths
     check(causal, files, paths, [r["tokens"] for r in rows], [r["error"] for r in rows])
