@@ -163,7 +163,11 @@ def onnx_step(codec, mode: str, threads: int, weights_key: str):
         path.with_suffix(".tmp.onnx").rename(path)
         print(f"  exported {path} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     s = OnnxStream(path, threads=threads)
-    return lambda x: s.step(x.numpy())
+
+    def step(x):
+        out, s.state = s.step(x.numpy())  # the state advances, as fastfocal's step does
+        return out
+    return step
 
 
 def profile(codec, mode: str, sig, warmup: int, steps: int, top: int) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .inputs import InputError, amplitude_problem
 from .pipeline import MODE_OUTPUTS, Pipeline, run_stages
 from .state import StageState
 
@@ -97,6 +98,9 @@ def export(codec, path, mode: str = "full", batch: int = 1, opset: int = OPSET, 
         raise ValueError(f"mode must be one of {tuple(MODE_OUTPUTS)}, got {mode!r}")
     if codec.device.type != "cpu":
         raise ValueError("export from a CPU codec (the graph is the torch reference path)")
+    if codec.dtype != torch.float32:  # ONNX Runtime's CPU kernels have no bfloat16 Sin, among others
+        raise ValueError(f"export a float32 codec (got {str(codec.dtype).removeprefix('torch.')}): "
+                         "the graph is the exact float32 step")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fn = StepFunction(codec.model, mode, batch).eval()
@@ -105,6 +109,11 @@ def export(codec, path, mode: str = "full", batch: int = 1, opset: int = OPSET, 
         torch.onnx.export(fn, example_inputs(codec, mode, batch), str(path), input_names=["x", *names],
                           output_names=[*MODE_OUTPUTS[mode], "err", *(f"new.{n}" for n in names)],
                           opset_version=opset, dynamo=True, external_data=False, optimize=optimize, verbose=False)
+    import onnx
+
+    m = onnx.load(str(path))  # what OnnxStream checks tokens against
+    onnx.helper.set_model_props(m, {"fastfocal.codebook_size": str(codec.codebook_size), "fastfocal.mode": mode})
+    onnx.save(m, str(path))
     return path
 
 
@@ -113,7 +122,12 @@ class OnnxStream:
 
     The state starts fresh exactly as a fastfocal session's does (zeros, pos = 0). `push`
     takes any number of samples (tokens for a decode model) per stream and returns what whole
-    chunks gave: (toks, audio) / toks / audio as numpy, like `codec.stream()`."""
+    chunks gave: (toks, audio) / toks / audio as numpy, like `codec.stream()`, or None before
+    a whole chunk. Input is checked before anything runs (shape, dtype, NaN/Inf and ±8 for
+    audio, the codebook for tokens), and the state and buffer change only when every chunk ran
+    without an error code: a refused push leaves the streams as they were. There is no flush:
+    the exported graph is the whole-chunk step, so a stream's last partial chunk is the
+    caller's to pad (`codec.stream()` zero-pads it to 1280 samples)."""
 
     def __init__(self, path, threads: int | None = None, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
@@ -129,6 +143,8 @@ class OnnxStream:
         self.n_step = len(self.outputs) - len(self.state_info)
         self.batch, self.chunk = self.x_info.shape
         self.x_dtype = _np_dtype(self.x_info.type)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.codebook_size = int(meta["fastfocal.codebook_size"]) if "fastfocal.codebook_size" in meta else None
         self.reset()
 
     def reset(self) -> None:
@@ -136,28 +152,55 @@ class OnnxStream:
         self.state = [np.zeros(i.shape, _np_dtype(i.type)) for i in self.state_info]
         self._buf = np.zeros((self.batch, 0), self.x_dtype)
 
-    def step(self, x: np.ndarray) -> list[np.ndarray]:
-        """One chunk (B, chunk): the step outputs (..., err); the state advances."""
+    def step(self, x: np.ndarray, state: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One chunk (B, chunk) from `state` (default the stream's): (step outputs (..., err),
+        the new state). Nothing is stored: `push` keeps the state once every chunk is good."""
         feed = {self.x_info.name: np.ascontiguousarray(x, self.x_dtype)}
-        feed.update({i.name: s for i, s in zip(self.state_info, self.state)})
+        feed.update({i.name: s for i, s in zip(self.state_info, self.state if state is None else state)})
         res = self.session.run(self.outputs, feed)
-        self.state = res[self.n_step:]
-        return res[:self.n_step]
+        return res[:self.n_step], res[self.n_step:]
+
+    def _check(self, x) -> np.ndarray:
+        """x as (batch, n) in the graph's input dtype, or an InputError naming the problem."""
+        tokens = self.x_dtype != np.float32
+        x = np.asarray(x)
+        if x.ndim == 1 and self.batch == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[0] != self.batch:
+            raise InputError(f"expected shape ({self.batch}, n), got {x.shape}")
+        if tokens:
+            if x.dtype.kind not in "iu":
+                raise InputError(f"tokens must be integers, got {x.dtype}")
+            hi = self.codebook_size
+            if x.size and (x.min() < 0 or (hi is not None and x.max() >= hi)):
+                raise InputError(f"token out of range [0, {hi}): found values in [{x.min()}, {x.max()}]")
+            return x.astype(self.x_dtype)
+        if x.dtype.kind != "f":
+            raise InputError(f"audio must be floating point in [-1, 1], got {x.dtype}")
+        x = x.astype(self.x_dtype)
+        for r in range(x.shape[0]):
+            problem = amplitude_problem(x[r])
+            if problem is not None:
+                raise InputError(f"audio {problem} (row {r})")
+        return x
 
     def push(self, x):
-        x = np.asarray(x)
-        if x.ndim == 1:
-            x = x[None]
-        buf = np.concatenate([self._buf, x.astype(self.x_dtype)], 1)
+        x = self._check(x)
+        buf = np.concatenate([self._buf, x], 1)
         n = buf.shape[1] // self.chunk
-        outs = [self.step(buf[:, i * self.chunk:(i + 1) * self.chunk]) for i in range(n)]
-        self._buf = buf[:, n * self.chunk:]
+        outs, state = [], self.state
+        for i in range(n):
+            o, state = self.step(buf[:, i * self.chunk:(i + 1) * self.chunk], state)
+            outs.append(o)
         k = self.n_step - 1  # err last
+        if outs:
+            bad = np.max([o[-1] for o in outs], 0)
+            if bad.any():  # valid input, non-finite output: nothing is kept
+                raise ValueError(f"non-finite output in rows {np.nonzero(bad)[0].tolist()} (codes {bad.tolist()}); "
+                                 "the streams are as before this push")
+        self.state, self._buf = state, buf[:, n * self.chunk:]
         if not outs:
             return None
-        bad = np.max([o[-1] for o in outs], 0)
-        if bad.any():
-            raise ValueError(f"bad input or non-finite output in rows {np.nonzero(bad)[0].tolist()} (codes {bad.tolist()})")
         res = tuple(np.concatenate([o[j] for o in outs], 1) for j in range(k))
         return res[0] if k == 1 else res
 

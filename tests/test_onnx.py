@@ -76,9 +76,43 @@ def test_decode_batch_two(causal, data_dir, tmp_path):
     assert not np.allclose(audio[0], audio[1])  # rows are their own streams
 
 
-def test_bad_input_is_reported(data_dir, full_onnx):
+def test_bad_input_is_refused_before_anything_runs(causal, data_dir, full_onnx):
+    """Bad input raises before the graph runs, and a refused push leaves the stream as it was:
+    after it, clean chunks give exactly fastfocal's outputs for those chunks alone (before, the
+    NaN entered the state and every later chunk failed)."""
+    from fastfocal.inputs import InputError
+
     s = OnnxStream(full_onnx)
-    x = _speech(data_dir, "84-121123-0000.wav")[:CHUNK].copy()
+    sig = _speech(data_dir, "84-121123-0000.wav")
+    x = sig[:2 * CHUNK].copy()
     x[5] = np.nan
-    with pytest.raises(ValueError, match="rows \\[0\\]"):
-        s.push(x)
+    for bad, match in ((x, "NaN or Inf"), (sig[20000:20000 + CHUNK] * 1000, "magnitude"), (sig[:CHUNK].astype(np.int16), "floating point"),
+                       (np.stack([sig[:CHUNK]] * 2), r"expected shape \(1, n\)")):
+        with pytest.raises(InputError, match=match):
+            s.push(bad)
+    assert s._buf.shape[1] == 0 and all(int(p[0]) == 0 for n, p in zip(state_names(causal.stream().states), s.state)
+                                         if n.endswith(".pos"))
+    t, y = s.push(sig[:3 * CHUNK])
+    rt, ry = causal.stream().push(torch.from_numpy(sig[:3 * CHUNK]))
+    assert_tokens("after a refused push", t, rt)
+    assert_close("audio", y, ry.numpy(), rel=1e-5)
+
+
+def test_decode_tokens_checked_against_the_codebook(causal, tmp_path):
+    from fastfocal.inputs import InputError
+
+    path = export(causal, tmp_path / "decode1.onnx", "decode", batch=1, optimize=False)
+    s = OnnxStream(path)
+    assert s.codebook_size == causal.codebook_size  # from the model's metadata
+    toks = np.arange(8) * 97
+    for bad, match in ((toks + causal.codebook_size, "token out of range"), (toks - 1000, "token out of range"),
+                       (toks + 0.5, "integers")):
+        with pytest.raises(InputError, match=match):
+            s.push(bad)
+    assert_close("audio", s.push(toks), causal.stream_decoder().push(torch.from_numpy(toks)[None]).numpy(), rel=1e-5)
+
+
+def test_export_refuses_16_bit(data_dir, tmp_path, capsys):
+    assert main(["export-onnx", "--mode", "full", "--model", str(data_dir / "tiny_causal"), "--dtype", "bf16",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "export a float32 codec" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
