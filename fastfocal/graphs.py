@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import tactics
+from .kernels import _common
 from .profiling import nvtx_range
 
 log = logging.getLogger("fastfocal")
@@ -28,7 +28,7 @@ TIME_REPLAYS = 7  # timed replays per tactic (median), after 2 untimed
 
 def graphs_enabled(device, requested: bool | None = True) -> bool:
     """Graphs on CUDA unless `requested` is False or FASTFOCAL_CUDA_GRAPHS=0."""
-    if requested is False or os.environ.get("FASTFOCAL_CUDA_GRAPHS", "1") == "0":
+    if requested is False or not _common.env_flag("FASTFOCAL_CUDA_GRAPHS", True):
         return False
     return torch.device(device).type == "cuda"
 

@@ -222,7 +222,7 @@ def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
     this CPU cannot pack; None: plain F.linear."""
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and w.dtype == x.dtype and w.dim() == 2 and backend() == "auto"
-            and os.environ.get("FASTFOCAL_CPU_PACK", "1") != "0"
+            and _common.env_flag("FASTFOCAL_CPU_PACK", True)
             and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
@@ -295,13 +295,13 @@ def _packed_call(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dt
 # GPU, few rows (a small-batch streaming step: 4 rows per stream): the matmul and its epilogue
 # in one Triton kernel (`kernels/linear.py`) instead of cuBLAS + an epilogue launch. Read once;
 # FASTFOCAL_SKINNY_ROWS=0 keeps cuBLAS for every size.
-SKINNY_ROWS = int(os.environ.get("FASTFOCAL_SKINNY_ROWS", "16"))
+SKINNY_ROWS = _common.env_int("FASTFOCAL_SKINNY_ROWS", 16, lo=0)
 # GPU, many rows (offline runs, big-batch steps): FASTFOCAL_LARGE_GEMM=1 takes the same kernel
 # with GEMM tiles for the matmuls that have an epilogue (GELU, Snake, residual, modulation) and
 # for the feature-extractor convs (windows read in place: no unfold, pad or gather copy), in
 # place of cuBLAS + an epilogue pass. Off by default until a GPU has timed it against cuBLAS
 # (bench/kernels/bench_linear.py, bench/gpu_quick.sh).
-LARGE_GEMM = os.environ.get("FASTFOCAL_LARGE_GEMM", "0") == "1"
+LARGE_GEMM = _common.env_flag("FASTFOCAL_LARGE_GEMM", False)
 
 
 def _gemm_tiles(x) -> bool:
@@ -676,7 +676,7 @@ def causal_pad(
 # steps (4 frames) are the fused kernel's job. FASTFOCAL_BACKEND=triton takes the kernels for
 # every length.
 FOCAL_KERNEL_FRAMES = 64
-FOCAL_LONG = os.environ.get("FASTFOCAL_FOCAL_LONG", "1") not in ("", "0")
+FOCAL_LONG = _common.env_flag("FASTFOCAL_FOCAL_LONG", True)
 
 
 def focal_context(

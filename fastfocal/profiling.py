@@ -7,9 +7,10 @@ region costs one function call.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from .kernels._common import env_flag
 
 try:
     import nvtx as _nvtx
@@ -21,10 +22,10 @@ _RANGES: dict[str, "_Range"] = {}
 
 
 def _enabled() -> bool:
-    flag = os.environ.get("FASTFOCAL_NVTX")
-    if _nvtx is None or flag == "0":
+    flag = env_flag("FASTFOCAL_NVTX", None)  # unset: on where CUDA is
+    if _nvtx is None or flag is False:
         return False
-    return flag == "1" or torch.cuda.is_available()
+    return flag is True or torch.cuda.is_available()
 
 
 ENABLED = _enabled()

@@ -19,9 +19,11 @@ Switches that change rounding are timed for 16-bit steps only: float32 keeps one
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from . import ops
@@ -35,7 +37,7 @@ _FOCAL_ROWS = focal_context.WINDOW_ROWS  # the many-row form's threshold as conf
 
 
 def enabled() -> bool:
-    return os.environ.get("FASTFOCAL_TUNE", "1") != "0"
+    return _common.env_flag("FASTFOCAL_TUNE", True)
 
 
 def current() -> dict:
@@ -99,8 +101,8 @@ def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
     `buckets`: ValueError naming the bad entry."""
     out = {}
     for b, t in fixed.items():
-        try:
-            bi = int(b)
+        try:  # an int or its JSON string: 1.9 or "1.9" is no bucket (int() would truncate it)
+            bi = int(b) if isinstance(b, numbers.Integral) and not isinstance(b, bool) else int(str(b).strip())
         except (TypeError, ValueError):
             raise ValueError(f"tactics: bucket {b!r} is not an integer") from None
         if bi not in buckets:
@@ -108,14 +110,15 @@ def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
         if not isinstance(t, dict):
             raise ValueError(f"tactics[{bi}] must be a dict of switches, got {type(t).__name__}")
         for name, v in t.items():
+            integer = isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))  # not 64.0
             ok = {"pdl": isinstance(v, bool), "large_gemm": isinstance(v, bool),
-                  "focal_window_rows": isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                  "attn_keys": v in (16, 32, 64, 128) and not isinstance(v, bool)}.get(name)
+                  "focal_window_rows": integer and v >= 1,
+                  "attn_keys": integer and v in (16, 32, 64, 128)}.get(name)
             if ok is None:
                 raise ValueError(f"tactics[{bi}]: no switch {name!r} (switches: {', '.join(ENV)})")
             if not ok:
                 raise ValueError(f"tactics[{bi}][{name!r}] = {v!r} is not a valid value")
-        out[bi] = dict(t)
+        out[bi] = {k: (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v) for k, v in t.items()}
     return out
 
 

@@ -39,12 +39,40 @@ TILE = 4096 * (16 if INTERPRET else 1)
 INTERP_TILES = INTERPRET
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A FASTFOCAL_* on/off switch: 1/true/yes/on or 0/false/no/off (any case; unset or empty:
+    default); anything else is a ValueError naming the variable, not a silent guess."""
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise ValueError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {os.environ[name]!r}")
+
+
+def env_int(name: str, default: int, lo: int = 1) -> int:
+    """A FASTFOCAL_* integer >= lo (unset or empty: default); a ValueError naming the variable."""
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        n = None
+    if n is None or n < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {os.environ[name]!r}")
+    return n
+
+
 # Programmatic dependent launch (FASTFOCAL_PDL=1; off until the GPU A/B says otherwise): a
 # kernel's CTAs may start while the previous kernel finishes; each kernel waits for it
 # (`pdl_wait`) before touching any activation or state, and the matmul prefetches its weight
 # slab into L2 before waiting. What a batch-1 step's chain of ~120 small launches loses is the
 # gap between them and each weight's first DRAM round trip.
-_PDL = {"env": os.environ.get("FASTFOCAL_PDL", "0") not in ("", "0"), "force": None}
+_PDL = {"env": env_flag("FASTFOCAL_PDL", False), "force": None}
 _PDL_DEVICES: dict = {}
 
 

@@ -40,7 +40,7 @@ from ._common import INTERPRET, TILE, check, check_device, gelu, grouped_conv1d,
 STREAM_FRAMES = 4  # steps up to this many frames take the slot-order ring read
 # from this many rows a step's window level reads its rings as a GEMM with the streams on the
 # rows (`_window_rows_kernel`, one more launch); fewer keep it in the one fused launch
-WINDOW_ROWS = int(os.environ.get("FASTFOCAL_FOCAL_WINDOW_ROWS", "64"))
+WINDOW_ROWS = _common.env_int("FASTFOCAL_FOCAL_WINDOW_ROWS", 64)
 # streaming tile override "channels,slots,warps", for device sweeps (one process per tile)
 _TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_TILE")
 _ROWS_TILE_OVERRIDE = os.environ.get("FASTFOCAL_FOCAL_ROWS_TILE")

@@ -204,6 +204,30 @@ def test_engine_checks_fixed_tactics(causal):
     assert e.runner.fixed == {2: {"attn_keys": 32, "pdl": True}, 4: {}} and e.tactics == {}
     for bad, msg in (({3: {}}, "bucket 3 is not one of"), ({"x": {}}, "not an integer"),
                      ({2: {"warps": 8}}, "no switch 'warps'"), ({2: {"attn_keys": 48}}, "48 is not a valid"),
-                     ({2: {"pdl": 1}}, "1 is not a valid"), ({2: [("pdl", True)]}, "must be a dict")):
+                     ({2: {"pdl": 1}}, "1 is not a valid"), ({2: [("pdl", True)]}, "must be a dict"),
+                     ({1.9: {}}, "1.9 is not an integer"), ({"2.0": {}}, "not an integer"),
+                     ({2: {"attn_keys": 64.0}}, "64.0 is not a valid")):
         with pytest.raises(InputError, match=msg):
             StreamEngine(causal, 4, tactics=bad)
+    import numpy as np  # numpy integers (a tactics dict built with numpy) are integers, kept as int
+
+    e = StreamEngine(causal, 4, tactics={np.int64(2): {"focal_window_rows": np.int64(64), "attn_keys": np.int32(64)}})
+    assert e.runner.fixed == {2: {"focal_window_rows": 64, "attn_keys": 64}}
+    assert all(type(v) is int for v in e.runner.fixed[2].values())
+
+
+@pytest.mark.parametrize("name,value,kind", [("FASTFOCAL_PDL", "off", "flag"), ("FASTFOCAL_LARGE_GEMM", "yes", "flag"),
+                                             ("FASTFOCAL_PDL", "maybe", "bad"), ("FASTFOCAL_FOCAL_WINDOW_ROWS", "abc", "bad"),
+                                             ("FASTFOCAL_SKINNY_ROWS", "16.0", "bad"), ("FASTFOCAL_FOCAL_WINDOW_ROWS", "-5", "bad")])
+def test_environment_switches_parse_or_name_the_variable(monkeypatch, name, value, kind):
+    """On/off switches take 1/true/yes/on and 0/false/no/off (FASTFOCAL_PDL=off was on); a bad
+    value is a ValueError naming the variable (an int() traceback at import, or a guess, before)."""
+    monkeypatch.setenv(name, value)
+    if kind == "flag":
+        assert _common.env_flag(name, not (value in ("yes",))) == (value == "yes")
+        return
+    with pytest.raises(ValueError, match=name):
+        if name in ("FASTFOCAL_PDL",):
+            _common.env_flag(name, False)
+        else:
+            _common.env_int(name, 16, lo=0 if name == "FASTFOCAL_SKINNY_ROWS" else 1)
