@@ -356,9 +356,9 @@ class StreamEngine:
             q[0].append(rest)
             q[1] += rest.shape[0]
 
-    def _refill(self, slots) -> None:
-        """Move backlog into the rings of these slots (after a step freed room in them)."""
-        for slot in self._over.keys() & set(np.asarray(slots).tolist()):
+    def _refill(self) -> None:
+        """Move backlog into the rings where a step freed room (a loop over the few backlogged slots)."""
+        for slot in list(self._over):
             q, total = self._over[slot]
             room = self._cap - self._fill.item(slot)
             while room > 0 and q:
@@ -456,15 +456,10 @@ class StreamEngine:
         S = self.max_streams
         check_fits(S * new_depth * self.chunk * self._ring.itemsize + self._ring.nbytes, "cpu",
                    f"input rings of {new_depth * self.chunk} per stream")  # the new rings + one copy of the old
-        if (self._head % self.chunk == 0).all():  # heads sit on chunk boundaries: move whole chunk rows
-            rows = (self._head[None, :] // self.chunk + np.arange(depth)[:, None]) % depth  # (depth, S), oldest first
-            old = self._ring[rows, np.arange(S)[None, :]]  # (depth, S, chunk)
-        else:  # element by element (not reached: heads move by whole chunks, finish's tail frees the slot)
-            slots = np.arange(S)
-            d, off = self._positions(slots, self._cap)
-            old = self._ring[d, slots[:, None], off].reshape(S, depth, self.chunk).transpose(1, 0, 2)
+        # heads sit on chunk boundaries (0 at open and close, += chunk a step): whole chunk rows move
+        rows = (self._head[None, :] // self.chunk + np.arange(depth)[:, None]) % depth  # (depth, S), oldest first
         ring = self._new_ring(new_depth)
-        ring[:depth] = old
+        ring[:depth] = self._ring[rows, np.arange(S)[None, :]]
         self._ring, self._head = ring, np.zeros_like(self._head)
         return True
 
@@ -522,7 +517,7 @@ class StreamEngine:
                    for k, o in zip(names, outs)}
             err = outs[-1].cpu().numpy()  # a sync: the copy of x (maybe a view of the rings) is done
         if self._over:
-            self._refill(slots)
+            self._refill()
         sticky = self._err[slots]
         self._err[slots] = np.where(sticky != 0, sticky, err)
         return StepResult(self._sid[slots].copy(), res.get("toks"), res.get("audio"), self._err[slots].copy())

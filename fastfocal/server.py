@@ -344,12 +344,10 @@ class Server:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
         if max_queued < 4:  # the ready message and one stepped chunk's outputs must fit
             raise InputError(f"max_queued must be at least 4, got {max_queued}")
-        for name, v in (("send_timeout", send_timeout), ("idle_timeout", idle_timeout), ("heartbeat", heartbeat),
-                        ("close_timeout", close_timeout)):
-            if v is not None and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
-                raise InputError(f"{name} must be a positive number of seconds{'' if name in ('send_timeout', 'close_timeout') else ' or None'}, got {v!r}")
-        if send_timeout is None or close_timeout is None:
-            raise InputError("send_timeout and close_timeout must be positive numbers of seconds")
+        for name, v, optional in (("send_timeout", send_timeout, False), ("close_timeout", close_timeout, False),
+                                  ("idle_timeout", idle_timeout, True), ("heartbeat", heartbeat, True)):
+            if not (v is None and optional) and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise InputError(f"{name} must be a positive number of seconds{' or None' if optional else ''}, got {v!r}")
         self.send_timeout, self.idle_timeout, self.heartbeat = float(send_timeout), idle_timeout, heartbeat
         self.codec, self.api_key, self.max_streams = codec, api_key or None, max_streams
         self.max_pending, self.max_queued, self.max_message_bytes = max_pending_chunks, max_queued, max_message_bytes
@@ -605,24 +603,21 @@ class Server:
     async def _next_message(self, conn: _Conn, recv: asyncio.Future):
         """recv's message, or None once the stream stopped or sat idle past idle_timeout (stopped
         then): idle is nothing pending in the engine, nothing queued to send, no message."""
-        stopped = asyncio.ensure_future(asyncio.shield(conn.stopped))
-        try:
-            while True:
-                left = None
-                if self.idle_timeout is not None:
-                    left = self.idle_timeout - (time.monotonic() - conn.active)
-                    if left <= 0:
-                        if conn.pending_chunks() <= 0 and not conn.out:
-                            conn.stop("error", 1008, f"no message for {self.idle_timeout:g} s", "idle_client")
-                            return None
-                        conn.active, left = time.monotonic(), self.idle_timeout  # busy: not idle yet
-                await asyncio.wait({recv, stopped}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                if conn.stopped.done():
-                    return None
-                if recv.done():
-                    return recv.result()
-        finally:
-            stopped.cancel()
+        while True:
+            left = None
+            if self.idle_timeout is not None:
+                left = self.idle_timeout - (time.monotonic() - conn.active)
+                if left <= 0:
+                    if conn.pending_chunks() <= 0 and not conn.out:
+                        conn.stop("error", 1008, f"no message for {self.idle_timeout:g} s", "idle_client")
+                        return None
+                    conn.active, left = time.monotonic(), self.idle_timeout  # busy: not idle yet
+            # asyncio.wait cancels neither future: `stopped` stays the connection's
+            await asyncio.wait({recv, conn.stopped}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if conn.stopped.done():
+                return None
+            if recv.done():
+                return recv.result()
 
     async def _wait_room(self, conn: _Conn, recv: asyncio.Future) -> bool:
         """Wait until conn.room() > 0; False when the stream stopped meanwhile, or the message
