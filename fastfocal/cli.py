@@ -20,6 +20,7 @@ from .audio import AudioError, check_peak, read_audio, write_audio, written_by
 from .codec import Codec
 from .config import ConfigError
 from .corpus import CorpusError
+from .files import atomic_write_all
 from .inputs import InputError, token_dtype
 from .kernels._common import F32_DOTS, f32_dot, set_f32_dot
 from .loading import DEFAULT_MODEL, CheckpointError, open_codec, provenance
@@ -84,22 +85,12 @@ def _earlier_output(path: Path, command: str) -> bool:
 
 
 def _write_outputs(src: str, outputs: list[tuple[Path, Callable]]) -> None:
-    """Each write(file) to a temporary name beside its output, then all renamed into place: a full
-    disk or a crash never leaves a partial output, nor new tokens beside an old sidecar."""
-    tmps: list[Path] = []
-    path = outputs[0][0]
+    """`files.atomic_write_all`: a full disk or a crash never leaves a partial output, nor new
+    tokens beside an old sidecar; an error names the output."""
     try:
-        for path, write in outputs:
-            tmps.append(path.with_name(f".{path.name}.tmp{os.getpid()}"))
-            with open(tmps[-1], "wb") as f:
-                write(f)
-        for (path, _), tmp in zip(outputs, tmps):
-            os.replace(tmp, path)
+        atomic_write_all(outputs)
     except OSError as e:
-        raise CliError(f"{src}: cannot write {path}: {e.strerror or e}") from None
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+        raise CliError(f"{src}: cannot write {e.filename}: {e.strerror or e}") from None
 
 
 def _print_path(path: Path) -> None:

@@ -515,7 +515,9 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, capsys, monkeypatch, cmd
     name = out / f"84-121123-0000.{'npy' if cmd == 'encode' else 'wav'}"
     assert main([cmd, src, "--out", str(out), *MODEL]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(cli, "open", _full_disk_open, raising=False)  # the files the command writes
+    from fastfocal import files
+
+    monkeypatch.setattr(files, "open", _full_disk_open, raising=False)  # the files the command writes
     capsys.readouterr()
     assert main([cmd, src, "--out", str(out), *MODEL]) == 2
     one_error_line(capsys, f"{src}: cannot write {name}: No space left on device")
