@@ -18,7 +18,7 @@ from yarl import URL
 
 from .audio import read_audio, write_audio, written_by
 from .files import atomic_write
-from .inputs import InputError, _as_numpy, amplitude_problem, token_dtype
+from .inputs import InputError, _as_numpy, _check_range, _piece_values, amplitude_problem, token_dtype
 from .version import __version__
 
 MODES = ("full", "encode", "decode")
@@ -80,11 +80,8 @@ def check_audio_input(data, name: str = "audio") -> np.ndarray:
         ax = 1 if x.shape[0] >= x.shape[1] else 0  # channels are the short axis
         raise InputError(f"{name} has {x.shape[ax]} channels (shape {x.shape}): the server takes mono 16 kHz "
                          f"audio; mix down first (x.mean({ax}))")
-    x = _one_row(x, name, "mono: (samples,), (samples, 1) or (1, samples)")
-    if x.dtype.kind != "f":
-        raise InputError(f"{name} must be floating point in [-1, 1], got {x.dtype} "
-                         "(convert integer PCM with x / 32768)")
-    x = np.ascontiguousarray(x, np.float32)
+    x = np.ascontiguousarray(_piece_values(_one_row(x, name, "mono: (samples,), (samples, 1) or (1, samples)"),
+                                           name, None))  # float32, or the project's integer-PCM message
     problem = amplitude_problem(x)  # the rule the server and the file readers apply
     if problem is not None:
         raise InputError(f"{name} {problem}")
@@ -97,9 +94,8 @@ def check_token_input(data, codebook_size: int | None = None, name: str = "token
     if x.dtype.kind not in "iu":
         raise InputError(f"{name} must be integer codebook indices, got {x.dtype}")
     x = x.astype(np.int64)
-    hi = min(codebook_size or WIRE_TOKEN_LIMIT, WIRE_TOKEN_LIMIT)
-    if x.size and (x.min() < 0 or x.max() >= hi):
-        raise InputError(f"{name}: token out of range [0, {hi}): found values in [{x.min()}, {x.max()}]")
+    if x.size:
+        _check_range(int(x.min()), int(x.max()), min(codebook_size or WIRE_TOKEN_LIMIT, WIRE_TOKEN_LIMIT), f"{name}: ")
     return x
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .inputs import InputError, amplitude_problem
+from .inputs import InputError, amplitude_problem, stream_batch
 from .pipeline import MODE_OUTPUTS, Pipeline, run_stages
 from .state import StageState
 
@@ -163,22 +163,17 @@ class OnnxStream:
     def _check(self, x) -> np.ndarray:
         """x as (batch, n) in the graph's input dtype, or an InputError naming the problem."""
         tokens = self.x_dtype != np.float32
-        x = np.asarray(x)
+        if not isinstance(x, np.ndarray) and not hasattr(x, "detach"):
+            x = np.asarray(x)
         if x.ndim == 1 and self.batch == 1:
             x = x[None]
-        if x.ndim != 2 or x.shape[0] != self.batch:
-            raise InputError(f"expected shape ({self.batch}, n), got {x.shape}")
+        # the engine's checks of a batch of stream pieces: shape, dtype, the codebook (a graph
+        # exported before it was stored: any non-negative int64)
+        x = stream_batch(x, self.batch, "tokens" if tokens else "audio",
+                         (self.codebook_size or 1 << 63) if tokens else None)
         if tokens:
-            if x.dtype.kind not in "iu":
-                raise InputError(f"tokens must be integers, got {x.dtype}")
-            hi = self.codebook_size
-            if x.size and (x.min() < 0 or (hi is not None and x.max() >= hi)):
-                raise InputError(f"token out of range [0, {hi}): found values in [{x.min()}, {x.max()}]")
-            return x.astype(self.x_dtype)
-        if x.dtype.kind != "f":
-            raise InputError(f"audio must be floating point in [-1, 1], got {x.dtype}")
-        x = x.astype(self.x_dtype)
-        for r in range(x.shape[0]):
+            return x
+        for r in range(x.shape[0]):  # values too: a push's chunks run before their error codes are seen
             problem = amplitude_problem(x[r])
             if problem is not None:
                 raise InputError(f"audio {problem} (row {r})")

@@ -87,7 +87,7 @@ def test_bad_input_is_refused_before_anything_runs(causal, data_dir, full_onnx):
     x = sig[:2 * CHUNK].copy()
     x[5] = np.nan
     for bad, match in ((x, "NaN or Inf"), (sig[20000:20000 + CHUNK] * 1000, "magnitude"), (sig[:CHUNK].astype(np.int16), "floating point"),
-                       (np.stack([sig[:CHUNK]] * 2), r"expected shape \(1, n\)")):
+                       (np.stack([sig[:CHUNK]] * 2), r"must be \(1, n\)")):
         with pytest.raises(InputError, match=match):
             s.push(bad)
     assert s._buf.shape[1] == 0 and all(int(p[0]) == 0 for n, p in zip(state_names(causal.stream().states), s.state)
@@ -106,7 +106,7 @@ def test_decode_tokens_checked_against_the_codebook(causal, tmp_path):
     assert s.codebook_size == causal.codebook_size  # from the model's metadata
     toks = np.arange(8) * 97
     for bad, match in ((toks + causal.codebook_size, "token out of range"), (toks - 1000, "token out of range"),
-                       (toks + 0.5, "integers")):
+                       (toks + 0.5, "integer tensor")):
         with pytest.raises(InputError, match=match):
             s.push(bad)
     assert_close("audio", s.push(toks), causal.stream_decoder().push(torch.from_numpy(toks)[None]).numpy(), rel=1e-5)
