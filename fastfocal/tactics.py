@@ -109,16 +109,19 @@ def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
             raise ValueError(f"tactics: bucket {bi} is not one of this engine's {list(buckets)}")
         if not isinstance(t, dict):
             raise ValueError(f"tactics[{bi}] must be a dict of switches, got {type(t).__name__}")
+        out[bi] = {}
         for name, v in t.items():
-            integer = isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))  # not 64.0
+            if isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+                v = int(v)  # numpy integers too; 64.0 is no integer
+            integer = type(v) is int
             ok = {"pdl": isinstance(v, bool), "large_gemm": isinstance(v, bool),
                   "focal_window_rows": integer and v >= 1,
                   "attn_keys": integer and v in (16, 32, 64, 128)}.get(name)
             if ok is None:
                 raise ValueError(f"tactics[{bi}]: no switch {name!r} (switches: {', '.join(ENV)})")
             if not ok:
-                raise ValueError(f"tactics[{bi}][{name!r}] = {v!r} is not a valid value")
-        out[bi] = {k: (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v) for k, v in t.items()}
+                raise ValueError(f"tactics[{bi}][{name!r}] = {t[name]!r} is not a valid value")
+            out[bi][name] = v
     return out
 
 
