@@ -57,8 +57,9 @@ def freeze_heap() -> int:
 
 
 # the shared input rings grow (every slot at once) to at most this many chunks; a longer backlog
-# of one stream is kept apart for that stream alone
-MAX_RING_CHUNKS = 8
+# of one stream is kept apart for that stream alone. 16: what `fastfocal serve` lets wait by
+# default (max_pending_chunks 8, + 1 and a partial chunk) stays on the vectorised ring path
+MAX_RING_CHUNKS = 16
 
 
 class EngineFull(RuntimeError):

@@ -539,13 +539,14 @@ def test_step_outputs_are_the_rows_of_step_batch(causal):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_one_streams_backlog_stays_its_own(causal, golden_causal, batch):
+def test_one_streams_backlog_stays_its_own(causal, golden_causal, batch, monkeypatch):
     """A stream given far more input than the shared rings hold (one submit of many chunks)
     keeps the excess as its own backlog: the rings of every slot stay at MAX_RING_CHUNKS, its
     pending count holds it all, and its outputs (steps, then finish) equal an independent
     session's, as do those of a stream fed in real time beside it."""
     from fastfocal import engine as engine_mod
 
+    monkeypatch.setattr(engine_mod, "MAX_RING_CHUNKS", 8)  # the sizes below assume 8
     inputs = windows(golden_causal, 2, seed=5)
     big = torch.cat([inputs[0]] * 3)  # ~12-27 chunks
     bx = torch.cat([inputs[1]] * 2)

@@ -667,6 +667,21 @@ def test_one_long_message_is_taken_in_pieces(causal):
     check_ok(r)
     assert sum(pieces) == len(toks) and max(pieces) <= 4 * 4, pieces[:10]  # at most max_pending + 1 chunks
     assert depth <= engine_mod.MAX_RING_CHUNKS, depth
+
+
+def test_default_pacing_stays_on_the_ring_path(causal, monkeypatch):
+    """With the default max_pending_chunks a fast sender's pieces fit the shared rings: no
+    per-stream backlog (the slow path kept for input the engine is handed directly)."""
+    from fastfocal import engine as engine_mod
+
+    spills = []
+    real = engine_mod.StreamEngine._spill
+    monkeypatch.setattr(engine_mod.StreamEngine, "_spill", lambda self, *a: spills.append(1) or real(self, *a))
+    toks = np.random.default_rng(13).integers(0, causal.codebook_size, 1000).astype("<u2")
+    with serving(causal, max_streams=2, modes=("decode",)) as srv:
+        r = run(talk(srv.url, [toks.tobytes()], mode="decode"), timeout=120)
+    check_ok(r)
+    assert not spills, f"{len(spills)} submits went to the backlog"
     assert_close("decode audio", r.audio, engine_ref(causal, "decode", toks.astype(np.int64))[1], rel=1e-5)
 
 
