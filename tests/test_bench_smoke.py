@@ -49,6 +49,7 @@ CASES = [
     ("golden_errors.py", [], None, "toks exact True"),
     ("roofline.py", ["--preset", CFG, "--streams", "1", "4"], None, "at most"),
     ("cpu_ops.py", ["--preset", CFG, "--steps", "2"], None, "calls/step"),
+    ("cpu_micro.py", ["--reps", "2"], None, "per-group packed"),
     ("ab_step.py", ["float32", "--preset", CFG, "--pushes", "12"], None, "offline10s="),
     ("serve_load.py", ["--model", TINY, "--clients", "1", "2", "--seconds", "1", "--fast"], "serve_load.jsonl",
      "errors 0"),
