@@ -667,15 +667,37 @@ def _probe(path: str) -> float | str:
     return frames / sr
 
 
-def _load(path: str) -> tuple[np.ndarray, str]:
-    """(16 kHz mono signal, sha256 of the file); out-of-range audio is refused here."""
+def _stat(path: str) -> dict:
+    """Size and mtime of a source: a resume re-reads only files whose stat changed."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _load(path: str) -> tuple[np.ndarray, dict]:
+    """(16 kHz mono signal, the source's sha256, size and mtime); out-of-range audio is refused here."""
     try:
-        sha = _sha256(Path(path))
+        ident = _stat(path)  # before reading: an edit while we read shows on the next resume
+        ident["sha256"] = _sha256(Path(path))
     except OSError as e:
         raise AudioError(f"{path}: cannot read ({e.strerror})") from None
     sig = read_audio(path, SR)
     check_peak(sig, path)
-    return sig, sha
+    return sig, ident
+
+
+def _source_changed(path: str, row: dict) -> bool:
+    """Whether a finished file's source was edited since: same size and mtime is unchanged; a
+    changed stat is confirmed by the sha256 (a touched but equal file stays done). Rows of runs
+    that recorded no stat are taken as unchanged (hashing a whole corpus to resume is too dear)."""
+    if "size" not in row or "mtime_ns" not in row:
+        return False
+    try:
+        st = _stat(path)
+    except OSError:
+        return True  # gone or unreadable now: the encode attempt reports it
+    if st["size"] == row["size"] and st["mtime_ns"] == row["mtime_ns"]:
+        return False
+    return st["size"] != row["size"] or row.get("sha256") != _sha256_or_none(path)
 
 
 def _watch_parent(conn) -> None:
@@ -758,9 +780,14 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         writer = _NpyWriter(out, dtype)
     man_path, err_path = out / f"manifest{shard}.jsonl", out / f"errors{shard}.jsonl"
     done = _done(out, man_path)
-    todo = [it for it in items if os.path.realpath(it.path) not in done]
+    edited = {os.path.realpath(it.path) for it in items
+              if os.path.realpath(it.path) in done and _source_changed(it.path, done[os.path.realpath(it.path)])}
+    todo = [it for it in items if os.path.realpath(it.path) not in done or os.path.realpath(it.path) in edited]
+    for it in todo:
+        if os.path.realpath(it.path) in edited:
+            it.rel = done[os.path.realpath(it.path)]["rel"]  # it keeps the name it was given
     taken = {r["rel"]: r for r in done.values()}  # output names held by files earlier runs finished
-    stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0}
+    stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0, "edited": len(edited)}
     t0 = time.perf_counter()
     pool, watch = _executor(opts["workers"])
     with open(man_path, "a") as man, open(err_path, "w") as err:
@@ -782,7 +809,9 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         by_rel: dict[str, Item] = {}
         for it in todo:
             old = taken.get(it.rel)
-            if old is not None and old.get("sha256") is not None and old["sha256"] == _sha256_or_none(it.path):
+            if old is not None and os.path.realpath(old["path"]) == os.path.realpath(it.path):
+                by_rel[it.rel] = it  # edited since its tokens were made: encoded again, same name
+            elif old is not None and old.get("sha256") is not None and old["sha256"] == _sha256_or_none(it.path):
                 stats["skipped"] += 1  # the same file (its bytes), moved since
             elif old is not None:
                 fail(it, f"{it.path}: same output name as {old['path']}, encoded by an earlier run into {out}")
@@ -837,11 +866,11 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
             it, fut = queue.popleft()
             queued_s -= it.seconds
             try:
-                sig, sha = fut.result()
+                sig, ident = fut.result()
             except Exception as e:  # one bad file never stops the run
                 fail(it, str(e) if isinstance(e, AudioError) else f"{it.path}: {type(e).__name__}: {e}")
                 return
-            meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, "sha256": sha}
+            meta[it.rel] = {"duration": len(sig) / SR, "n_tokens": 0, **ident}
             try:
                 if enc is None:  # non-causal: whole-file attention, one file at a time
                     before = codec.fp32_rows
@@ -969,7 +998,7 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         if bad:
             raise CorpusError("; ".join(bad))
     total = {k: sum(r.get(k, 0) for r in results) for k in ("files", "seconds", "skipped", "errors", "calls",
-                                                            "row_calls", "frames", "model_s", "fp32_files")}
+                                                            "row_calls", "frames", "model_s", "fp32_files", "edited")}
     total.update({k: results[0][k] for k in ("slots", "rows", "segment_frames") if k in results[0]})
     total["wall_s"] = time.perf_counter() - t0
     total["encode_s"] = max(r["wall_s"] for r in results)  # after model load, slowest device
@@ -978,6 +1007,8 @@ def encode_corpus(inputs, out, *, model=None, random_init=None, devices=None, dt
         msg = (f"fastfocal: encoded {total['files']} files ({h:.3g} h of audio) in {total['encode_s']:.1f} s "
                f"({h / max(total['encode_s'], 1e-9):.3g} audio-h/s; {total['wall_s']:.1f} s with model load); "
                f"{total['skipped']} already done; {total['errors']} errors")
+        if total["edited"]:
+            msg += f"; {total['edited']} edited since an earlier run and encoded again"
         if total["errors"]:
             msg += f" (see {out / 'errors*.jsonl'})" if len(shards) > 1 else f" (see {out / 'errors.jsonl'})"
         if total["fp32_files"]:

@@ -722,6 +722,53 @@ def test_resume_matches_files_by_source_when_the_corpus_grows(tmp_path, causal):
     assert (t["files"], t["skipped"], t["errors"]) == (0, 1, 0)
 
 
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_resume_encodes_sources_edited_since(tmp_path, causal, fmt):
+    """A source rewritten in place after its tokens were made was skipped on resume (matched by
+    path alone), so the output kept the old audio's tokens. Now a changed size or mtime is
+    checked against the sha256: edited files are encoded again under their old name, touched
+    ones stay done."""
+    if fmt == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "spk1").mkdir(parents=True)
+    sf.write(src / "spk1/a.wav", X16[:16000], 16000, subtype="FLOAT")
+    sf.write(src / "spk1/b.wav", X16[16000:30000], 16000, subtype="FLOAT")
+    pattern = str(src / "**" / "*.wav")
+
+    def run():
+        return corpus.encode_corpus([pattern], out, model=TINY, workers=0, quiet=True, fmt=fmt)
+
+    def tokens():  # rel -> tokens, from wherever the manifest's last row per source points
+        rows = {r["path"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+        got = {}
+        for r in rows.values():
+            if fmt == "npy":
+                got[r["rel"]] = np.load(out / r["out"])
+            else:
+                t = pq.read_table(out / r["out"]).to_pylist()
+                got[r["rel"]] = np.array(next(x["tokens"] for x in t if x["path"] == r["path"]))
+        return got
+
+    assert run()["files"] == 2
+    first = tokens()
+    st = os.stat(src / "spk1/b.wav")
+    os.utime(src / "spk1/b.wav", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    new_a = X48[:20000]
+    sf.write(src / "spk1/a.wav", new_a, 16000, subtype="FLOAT")  # edited in place
+    (src / "spk2").mkdir()
+    sf.write(src / "spk2/c.wav", X48[20000:30000], 16000, subtype="FLOAT")  # moves the common root
+    t = run()
+    assert (t["files"], t["skipped"], t["edited"], t["errors"]) == (2, 1, 1, 0)
+    got = tokens()
+    assert sorted(got) == ["a", "b", "spk2/c"]  # a keeps its name
+    np.testing.assert_array_equal(got["a"], causal.sig_to_toks(new_a).numpy())
+    assert not np.array_equal(got["a"], first["a"])
+    np.testing.assert_array_equal(got["b"], first["b"])
+    t = run()
+    assert (t["files"], t["edited"]) == (0, 0)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_file_names_that_are_not_utf8_are_encoded(tmp_path, causal, fmt):
