@@ -125,9 +125,8 @@ class OnnxStream:
     chunks gave: (toks, audio) / toks / audio as numpy, like `codec.stream()`, or None before
     a whole chunk. Input is checked before anything runs (shape, dtype, NaN/Inf and ±8 for
     audio, the codebook for tokens), and the state and buffer change only when every chunk ran
-    without an error code: a refused push leaves the streams as they were. There is no flush:
-    the exported graph is the whole-chunk step, so a stream's last partial chunk is the
-    caller's to pad (`codec.stream()` zero-pads it to 1280 samples)."""
+    without an error code: a refused push leaves the streams as they were. `flush` ends the
+    streams through the same whole-chunk step (see there)."""
 
     def __init__(self, path, threads: int | None = None, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
@@ -179,25 +178,58 @@ class OnnxStream:
                 raise InputError(f"audio {problem} (row {r})")
         return x
 
-    def push(self, x):
-        x = self._check(x)
-        buf = np.concatenate([self._buf, x], 1)
-        n = buf.shape[1] // self.chunk
+    def _run(self, buf: np.ndarray):
+        """Every whole chunk of buf from the stream's state: (outputs per chunk, new state), or
+        a ValueError (and nothing kept) if any chunk gave an error code."""
         outs, state = [], self.state
-        for i in range(n):
+        for i in range(buf.shape[1] // self.chunk):
             o, state = self.step(buf[:, i * self.chunk:(i + 1) * self.chunk], state)
             outs.append(o)
-        k = self.n_step - 1  # err last
         if outs:
             bad = np.max([o[-1] for o in outs], 0)
             if bad.any():  # valid input, non-finite output: nothing is kept
                 raise ValueError(f"non-finite output in rows {np.nonzero(bad)[0].tolist()} (codes {bad.tolist()}); "
-                                 "the streams are as before this push")
-        self.state, self._buf = state, buf[:, n * self.chunk:]
-        if not outs:
-            return None
-        res = tuple(np.concatenate([o[j] for o in outs], 1) for j in range(k))
-        return res[0] if k == 1 else res
+                                 "the streams are as before this call")
+        return outs, state
+
+    def _join(self, outs):
+        res = tuple(np.concatenate([o[j] for o in outs], 1) for j in range(self.n_step - 1))  # err last
+        return res[0] if len(res) == 1 else res
+
+    def push(self, x):
+        x = self._check(x)
+        buf = np.concatenate([self._buf, x], 1)
+        outs, state = self._run(buf)
+        self.state, self._buf = state, buf[:, len(outs) * self.chunk:]
+        return self._join(outs) if outs else None
+
+    def flush(self):
+        """End the streams and start fresh ones, through the same whole-chunk step: the partial
+        chunk left is padded to a whole chunk, run, and what it gave is cut to the input. Audio
+        is padded with zeros: one token per started 20 ms frame, the tokens
+        `codec.stream().flush()` gives, and (full graph) the audio fastfocal's stream gives
+        for the zero-padded chunk. Tokens (decode graph) are padded by repeating the last one.
+        Either way a partial token group is decoded as part of a padded group, which its audio
+        depends on: fastfocal's own flush decodes the group at its own length, as offline
+        decoding does, and the last < 60 ms differ (by ~4% RMS on the tiny model). Empty
+        outputs when nothing is pending."""
+        n = self._buf.shape[1]
+        audio_in = self.x_dtype == np.float32
+        if audio_in or n == 0:
+            buf = np.zeros((self.batch, self.chunk), self.x_dtype)
+        else:
+            buf = np.repeat(self._buf[:, -1:], self.chunk, 1)
+        buf[:, :n] = self._buf
+        outs, _ = self._run(buf)
+        res = outs[0][:-1]  # err last
+        if audio_in:  # tokens, and in a full graph their audio
+            keep = -(-n * res[0].shape[1] // self.chunk)
+            per_tok = res[-1].shape[1] // res[0].shape[1]
+            res = [res[0][:, :keep]] + ([res[1][:, :keep * per_tok]] if len(res) == 2 else [])
+        else:
+            res = [res[0][:, :n * (res[0].shape[1] // self.chunk)]]
+        self.reset()
+        return res[0] if len(res) == 1 else tuple(res)
 
 
 def _np_dtype(onnx_type: str):

@@ -116,3 +116,45 @@ def test_export_refuses_16_bit(data_dir, tmp_path, capsys):
     assert main(["export-onnx", "--mode", "full", "--model", str(data_dir / "tiny_causal"), "--dtype", "bf16",
                  "--out", str(tmp_path / "x.onnx")]) == 2
     assert "export a float32 codec" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_flush_ends_streams_like_fastfocal(causal, data_dir, tmp_path, full_onnx):
+    """OnnxStream had no flush: a stream's last partial chunk was dropped unless the caller
+    padded it. Its flush zero-pads the chunk through the step: tokens equal fastfocal's flush;
+    audio of a partial token group is the padded group's (fastfocal's flush decodes that group
+    at its own length), and the stream starts fresh after it."""
+    sig = read_audio(data_dir / "audio" / "84-121123-0000.wav", 16000)
+    n = 5 * CHUNK + 700  # 5 chunks + 3 started frames
+    x = sig[:n]
+    enc = OnnxStream(export(causal, tmp_path / "enc.onnx", "encode", batch=1, optimize=False))
+    assert enc.flush().shape == (1, 0)  # nothing pending
+    got = np.concatenate([enc.push(x[:3000]), enc.push(x[3000:]), enc.flush()], 1)
+    ref = causal.stream_encoder()
+    want = torch.cat([ref.push(torch.from_numpy(x)), ref.flush()], 1).numpy()
+    assert got.shape == (1, 23)
+    assert_tokens("encode flush", got, want)
+    assert enc._buf.shape[1] == 0
+    assert_tokens("a fresh stream after flush", enc.push(x[:2 * CHUNK]),
+                  causal.stream_encoder().push(torch.from_numpy(x[:2 * CHUNK])))
+
+    full = OnnxStream(full_onnx)
+    t1, a1 = full.push(x)
+    t2, a2 = full.flush()
+    ff = causal.stream()
+    r1, q1 = ff.push(torch.from_numpy(x))
+    r2, q2 = ff.flush()
+    assert_tokens("full flush", np.concatenate([t1, t2], 1), torch.cat([r1, r2], 1))
+    assert a2.shape == q2.shape == (1, 3 * 480)
+    # the audio of the zero-padded chunk, cut: fastfocal's stream fed that chunk
+    padded = np.zeros(6 * CHUNK, np.float32)
+    padded[:n] = x
+    ref_t, ref_a = causal.stream().push(torch.from_numpy(padded))
+    assert_close("full flush audio", np.concatenate([a1, a2], 1), ref_a[:, :23 * 480].numpy(), rel=1e-5)
+
+    d = OnnxStream(export(causal, tmp_path / "dec.onnx", "decode", batch=1, optimize=False))
+    toks = np.concatenate([t1, t2], 1)
+    audio = np.concatenate([d.push(toks), d.flush()], 1)
+    assert audio.shape == (1, 23 * 480) and d._buf.shape[1] == 0
+    held = np.concatenate([toks, toks[:, -1:]], 1)  # the group padded with its last token
+    assert_close("decode flush", audio, causal.stream_decoder().push(torch.from_numpy(held))[:, :23 * 480].numpy(),
+                 rel=1e-5)
