@@ -20,7 +20,7 @@ from torch import Tensor
 from . import ops
 from .config import CodecConfig
 from .inputs import (MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, InputError, available_bytes, check_amplitude, check_audio,
-                     check_fits, check_frames, check_tokens)
+                     check_fits, check_frames, check_tokens, check_view)
 from .model import FocalCodecModel, num_params
 from .pipeline import ERR_NONFINITE_OUTPUT, SEGMENT_FRAMES, Pipeline, check_err, run_offline
 
@@ -104,6 +104,8 @@ class Codec:
     def _sig(self, sig) -> tuple[Tensor, bool]:
         # values (NaN/Inf, range) are checked by _run once the batch is known to fit
         sig, squeeze = check_audio(sig, frame=self.config.hop_samples, finite=False)
+        if sig.dtype != self.dtype or sig.device != self.device:
+            check_view(sig, "audio")  # the conversion copies it, before _run's memory check
         return sig.to(self.device, self.dtype), squeeze
 
     def _toks(self, toks) -> tuple[Tensor, bool]:

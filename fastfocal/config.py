@@ -159,6 +159,15 @@ MAX_WINDOW = 1 << 16
 # Any other size: far above any real model, low enough that products of sizes stay sane.
 # (Parameter memory is checked against the device in loading.build.)
 MAX_SIZE = 1 << 24
+# Counts of layers and levels (official models: 6-8 layers, 3 focal blocks, 2 levels). The model
+# is built on the meta device before its parameter bytes can be checked, and every layer costs
+# ~40 KB of host memory and ~1 ms there even on meta: num_layers 2^24 would take ~700 GB and
+# hours before any refusal, so counts get their own, much lower limit.
+_COUNT_FIELDS = {"num_layers", "focal_level", "hidden_dims", "kernel_sizes", "strides",
+                 "downscale_factors", "upscale_factors"}
+MAX_LAYERS = 256
+# config.json is ~2 KB; a bigger file is no config (a 1 TB sparse file was read whole: MemoryError).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _check_sizes(part: str, obj) -> None:
@@ -169,6 +178,10 @@ def _check_sizes(part: str, obj) -> None:
             raise ConfigError(f"{key} must be a finite number, got {v!r}")
         if isinstance(v, bool) or not isinstance(v, (int, tuple)):
             continue
+        count = len(v) if isinstance(v, tuple) else v
+        if f.name in _COUNT_FIELDS and count > MAX_LAYERS:
+            what = f"lists {count} layers" if isinstance(v, tuple) else f"is {v}"
+            raise ConfigError(f"{key} {what}, more than the limit of {MAX_LAYERS} layers")
         lo = 0 if f.name in _MAY_BE_ZERO else 1
         hi = MAX_WINDOW if f.name in _WINDOW_FIELDS else MAX_SIZE
         for x in (v if isinstance(v, tuple) else (v,)):
@@ -276,6 +289,14 @@ class CodecConfig:
             raise ConfigError("focal hidden_dims and scale factors must have equal length")
         if dec.input_dim != dc.output_dim:
             raise ConfigError("decoder input_dim must equal decompressor output_dim")
+        if not self.is_wavenext:
+            # the head's n_fft + 2 outputs split into n_fft/2 + 1 magnitudes and as many phases
+            # (odd n_fft failed deep inside decoding); hop < n_fft keeps the overlap-add
+            # envelope non-zero (hop >= n_fft gave a few hundred samples of garbage or NaN)
+            if dec.n_fft % 2 or dec.n_fft < 2:
+                raise ConfigError(f"decoder_config.n_fft must be even, got {dec.n_fft}")
+            if dec.hop_length >= dec.n_fft:
+                raise ConfigError(f"decoder_config.hop_length ({dec.hop_length}) must be smaller than n_fft ({dec.n_fft})")
         if not (e.causal == c.causal == dc.causal == dec.causal):
             raise ConfigError("all parts must agree on 'causal'")
         if e.causal:
@@ -330,7 +351,11 @@ class CodecConfig:
 def load_config(path: str | Path) -> CodecConfig:
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:  # at most MAX_CONFIG_BYTES + 1: a huge file is never read whole
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES:,} bytes: not a config.json")
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

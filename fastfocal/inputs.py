@@ -44,8 +44,15 @@ def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
         raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if device.type == "cpu" and dtype == torch.float16:
         raise InputError("float16 is supported on GPU only; use bfloat16 or float32 on CPU")
+    # the engine runs on CPU and CUDA only: "meta", "mps", "xpu" ... were accepted here and failed
+    # deep inside torch at the first call (meta) or while loading the weights
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be cpu or cuda, got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {str(device)!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(device)!r} requested but there {'is' if torch.cuda.device_count() == 1 else 'are'} "
+                         f"only {torch.cuda.device_count()} CUDA device(s)")
     return device, dtype
 
 
@@ -62,16 +69,34 @@ def positive_int(v, what: str, limit: int | None = None) -> int:
     return int(v)
 
 
+def check_view(x, what: str) -> None:
+    """A broadcast view (stride 0: torch `expand`, `np.broadcast_to`) of a few bytes can stand for
+    terabytes, and a dense copy of it (a contiguous array, a widened dtype, a finite mask, a dtype
+    conversion) was made before any memory check saw its size: an allocator error from deep in
+    torch/numpy, or a full machine. Called before each such copy: a view must fit dense first."""
+    strides = x.stride() if isinstance(x, Tensor) else tuple(s // x.itemsize for s in x.strides)
+    n = x.numel() if isinstance(x, Tensor) else x.size
+    span = 1 + sum((d - 1) * abs(s) for d, s in zip(x.shape, strides)) if n else 0  # elements it touches
+    if n > span:  # elements overlap: a copy makes new memory
+        check_fits(n * 16, "cpu" if isinstance(x, np.ndarray) else x.device,  # a copy, a widened copy, a mask
+                   f"{what} of shape {tuple(x.shape)} (a broadcast view of {span} elements, copied dense by the checks)",
+                   "pass a smaller input")
+
+
 def as_tensor(x, what: str) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise InputError(f"{what} must be a numeric array, got numpy dtype {x.dtype}")
+        check_view(x, what)  # ascontiguousarray / astype below copy it
         if x.dtype.kind == "u" and x.dtype.itemsize > 1:  # torch lacks most ops on uint16/32/64
             x = _widen_unsigned(x, what)
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
         raise InputError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.layout != torch.strided:  # sparse tensors failed deep inside torch ("Could not run 'aten::ne.Scalar' ...")
+        raise InputError(f"{what} must be a dense tensor, got layout {x.layout} (use x.to_dense())")
     if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        check_view(x, what)
         x = torch.from_numpy(_widen_unsigned(x.cpu().numpy(), what)).to(x.device)
     return x
 
@@ -107,6 +132,7 @@ def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True
         raise InputError(f"{name} rows of {sig.shape[1]} samples are shorter than one {frame}-sample frame "
                          f"(shape {tuple(sig.shape)}){hint}")
     if finite:
+        check_view(sig, name)  # isfinite / abs copy it
         check_amplitude(sig, name)
     return sig, squeeze
 
@@ -158,6 +184,7 @@ def check_tokens(toks, codebook_size: int, name: str = "tokens") -> tuple[Tensor
         raise InputError(f"{name} must be (T,) or (batch, T), got shape {tuple(toks.shape)}")
     if toks.numel() == 0:
         raise InputError(f"{name} are empty (shape {tuple(toks.shape)})")
+    check_view(toks, name)  # .long() and aminmax copy it
     toks = toks.long()
     lo, hi = torch.aminmax(toks)
     _check_range(int(lo), int(hi), codebook_size, "")
@@ -231,6 +258,7 @@ def check_frames(x, dim: int, name: str) -> tuple[Tensor, bool]:
         raise InputError(f"{name} must be (T, {dim}) or (batch, T, {dim}), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"{name} are empty (shape {tuple(x.shape)})")
+    check_view(x, name)  # isfinite copies it
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contain NaN or Inf")
     return x, squeeze

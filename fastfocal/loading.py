@@ -28,6 +28,9 @@ class CheckpointError(ValueError):
 
 def resolve(source: str | os.PathLike) -> tuple[Path, Path | None]:
     """Return (config.json path, weights path or None) for a directory, config path or hub id."""
+    if not isinstance(source, (str, os.PathLike)):  # Path(None) fails deep in pathlib without naming the argument
+        raise TypeError(f"model must be a directory, a config.json path or a hub id (str or path), "
+                        f"got {type(source).__name__} {source!r:.80}")
     p = Path(source)
     if p.is_dir():
         cfg = p / "config.json"
@@ -103,7 +106,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     except Exception as e:
         raise CheckpointError(f"cannot read {path} as a plain state dict (weights_only=True): {str(e).splitlines()[0]}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} is not a plain name -> tensor state dict")
+        hint = f" (its keys: {_short([repr(k) for k in sd], 4)})" if isinstance(sd, dict) else f" (a {type(sd).__name__})"
+        raise CheckpointError(f"{path} is not a plain name -> tensor state dict{hint}")
     return sd
 
 
@@ -114,7 +118,14 @@ def remap_legacy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         base = key[: -len(".q_proj.weight")]
         for kind in ("weight", "bias"):
             parts = [f"{base}.{n}_proj.{kind}" for n in "qkv"]
-            if all(p in out for p in parts):
+            # a checkpoint that also has qkv_proj keeps it: q/k/v are then reported as unexpected
+            if all(p in out for p in parts) and f"{base}.qkv_proj.{kind}" not in out:
+                shapes = [tuple(out[p].shape) for p in parts]
+                if len({s[1:] for s in shapes}) != 1 or not shapes[0]:  # torch.cat would fail deep inside
+                    raise CheckpointError(f"cannot join {base}.q/k/v_proj.{kind} into qkv_proj: shapes {shapes}")
+                if not all(out[p].is_floating_point() for p in parts):  # cat would promote an int part silently
+                    raise CheckpointError(f"{base}.q/k/v_proj.{kind} have dtypes {[out[p].dtype for p in parts]}: "
+                                          "weights must be floating point")
                 out[f"{base}.qkv_proj.{kind}"] = torch.cat([out.pop(p) for p in parts], 0)
     return out
 
@@ -157,6 +168,13 @@ def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> Foca
     expected = model.state_dict()
     if sd is None:
         raise CheckpointError("no weights given")
+    # names and values first: an int key or a list value failed deep in the checks below
+    bad_keys = [repr(k) for k in sd if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"checkpoint tensor names must be strings, got {_short(bad_keys)}")
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"checkpoint values must be tensors: {_short(not_tensors)}")
     sd = remap_legacy(sd)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -177,6 +195,17 @@ def build(cfg: CodecConfig, sd: dict[str, Tensor] | None, device, dtype) -> Foca
     for k, v in sd.items():
         if not v.is_floating_point():
             raise CheckpointError(f"tensor {k} has non-float dtype {v.dtype}")
+    # NaN/Inf weights only showed up at the first call, as a NumericsError blaming precision
+    # ("try float32"); refuse them here, by name (one tensor at a time: no copy of the model).
+    nonfinite = []
+    for k in sorted(sd):
+        v = sd[k]
+        bad = int((~torch.isfinite(v.float() if v.element_size() == 1 else v)).sum())  # float8 lacks isfinite
+        if bad:
+            nonfinite.append(f"{k} ({bad} of {v.numel()})")
+    if nonfinite:
+        raise CheckpointError(f"checkpoint has NaN or Inf weights in {len(nonfinite)} tensor"
+                              f"{'s' if len(nonfinite) > 1 else ''}: {_short(nonfinite)}")
     esize = torch.empty((), dtype=dtype).element_size()
     check_fits(sum(v.numel() for v in expected.values()) * esize, device, "the model's parameters")
     digest = weights_hash(sd)

@@ -150,7 +150,13 @@ class _Session:
         if rows is None:
             r = None
         else:
-            r = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            try:  # as given: dtype=long would truncate 0.5 or 1.9 to a row index and reset that row
+                r = torch.as_tensor(rows).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"rows must be integer row indices, got {rows!r:.80}") from None
+            if r.numel() and (r.is_floating_point() or r.is_complex() or r.dtype == torch.bool):  # [] is float
+                raise InputError(f"rows must be integer row indices, got {r.dtype} {rows!r:.80}")
+            r = r.long()
             if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.batch_size):
                 raise InputError(f"rows must be in [0, {self.batch_size}), got {r.tolist()}")
             if self._fill:

@@ -98,13 +98,16 @@ def space(rows: int, dtype: torch.dtype, device) -> dict[str, tuple]:
 
 def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
     """An earlier build's tactics (bucket -> tactic; keys may be JSON strings) checked against
-    `buckets`: ValueError naming the bad entry."""
+    `buckets`: ValueError naming the bad entry (also for a file read back as a list or a string,
+    which failed with AttributeError; echoed values are cut short, a corrupt file can hold anything)."""
+    if not isinstance(fixed, dict):
+        raise ValueError(f"tactics must be a dict of bucket -> switches, got {type(fixed).__name__} {fixed!r:.60}")
     out = {}
     for b, t in fixed.items():
         try:  # an int or its JSON string: 1.9 or "1.9" is no bucket (int() would truncate it)
             bi = int(b) if isinstance(b, numbers.Integral) and not isinstance(b, bool) else int(str(b).strip())
         except (TypeError, ValueError):
-            raise ValueError(f"tactics: bucket {b!r} is not an integer") from None
+            raise ValueError(f"tactics: bucket {b!r:.60} is not an integer") from None
         if bi not in buckets:
             raise ValueError(f"tactics: bucket {bi} is not one of this engine's {list(buckets)}")
         if not isinstance(t, dict):
@@ -118,9 +121,9 @@ def parse_fixed(fixed: dict, buckets) -> dict[int, dict]:
                   "focal_window_rows": integer and v >= 1,
                   "attn_keys": integer and v in (16, 32, 64, 128)}.get(name)
             if ok is None:
-                raise ValueError(f"tactics[{bi}]: no switch {name!r} (switches: {', '.join(ENV)})")
+                raise ValueError(f"tactics[{bi}]: no switch {name!r:.60} (switches: {', '.join(ENV)})")
             if not ok:
-                raise ValueError(f"tactics[{bi}][{name!r}] = {t[name]!r} is not a valid value")
+                raise ValueError(f"tactics[{bi}][{name!r}] = {t[name]!r:.60} is not a valid value")
             out[bi][name] = v
     return out
 
