@@ -132,7 +132,7 @@ class Codec:
                 out["audio"] = out["audio"].float()
             if self.dtype == torch.float16 and not wide:
                 self._redo_overflowed(stages, x, out, keep, name)
-        check_err(out["err"], name)
+        check_err(out["err"], name, torch.float32 if wide else self.dtype)
         return out[keep][0] if squeeze else out[keep]
 
     def _row_bytes(self, stages: Sequence[str], x: Tensor, dtype: torch.dtype, keep: str) -> int:

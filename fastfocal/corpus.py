@@ -272,7 +272,7 @@ class SlotEncoder:
                         self.stats["fp32_files"] += 1
                         self.recomputed[id(r.key)] = r.key
                     else:
-                        check_err(torch.tensor([r.err]), r.name)
+                        check_err(torch.tensor([r.err]), r.name, self.codec.dtype)
                         res = np.concatenate(r.parts)
                 except (InputError, NumericsError) as e:
                     res = e

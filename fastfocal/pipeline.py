@@ -213,7 +213,7 @@ class Pipeline:
         return {k: out[k] for k in (*keep, "err")}
 
 
-def check_err(err: Tensor, name: str = "input") -> None:
+def check_err(err: Tensor, name: str = "input", dtype: torch.dtype | None = None) -> None:
     """Raise for the worst bad row of a run: InputError for bad audio, NumericsError otherwise."""
     if not bool(err.any()):
         return
@@ -224,6 +224,9 @@ def check_err(err: Tensor, name: str = "input") -> None:
         raise InputError(f"{name} contains NaN or Inf{where}")
     if code == 2:
         raise InputError(f"{name} has samples beyond ±{MAX_AMPLITUDE:g}{where}")
+    if dtype == torch.float32:  # no precision to blame: the input's values or the weights
+        raise NumericsError(f"the model produced NaN/Inf from {name}{where} in float32: the input's values are "
+                            "out of the model's range or the weights are broken")
     raise NumericsError(f"the model produced NaN/Inf from {name}{where}: reduced precision overflowed "
                         "or the weights are broken; try float32")
 

@@ -109,7 +109,7 @@ class _Session:
                 "audio": torch.zeros(self.batch_size, 0, dtype=torch.float32, device=dev)}
 
     def _result(self, out: dict[str, Tensor]):
-        check_err(out["err"], "audio" if self.pipeline.takes_audio else "tokens")
+        check_err(out["err"], "audio" if self.pipeline.takes_audio else "tokens", self.codec.dtype)
         res = tuple(out[k].float() if k == "audio" else out[k] for k in self.outputs)
         return res[0] if len(res) == 1 else res
 

@@ -125,3 +125,18 @@ def test_fp16_output_beyond_its_range_stays_an_error(causal, speech):
     with pytest.raises(NumericsError, match="NaN/Inf from audio"):
         half.sig_to_feats(speech[:8 * 1280])
     assert half.fp32_rows == 1
+
+
+def test_float32_overflow_does_not_blame_precision(data_dir):
+    """A float32 model whose output overflows said "reduced precision overflowed ... try float32"
+    (it is float32): the message now names the input's values or the weights."""
+    codec = fastfocal.load(data_dir / "tiny_causal", device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for p in codec.model.decoder.parameters():
+            if p.dim() == 2:
+                p.mul_(1e20)  # weights far out of range: the decoder's output overflows
+    toks = torch.randint(0, codec.codebook_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    for run in (lambda: codec.toks_to_sig(toks), lambda: codec.stream_decoder().push(toks)):
+        with pytest.raises(NumericsError, match="in float32: the input's values are out of the model's range") as e:
+            run()
+        assert "try float32" not in str(e.value)
