@@ -102,6 +102,7 @@ class Pipeline:
         self.states: dict[str, StageState] = {  # each stage's state in that stage's dtype
             s: getattr(model, s).init_state(slots, self.device, dtype or stage_dtype(model, s)) for s in self.stages
         }
+        self._view_cache: dict[tuple[int, int], dict[str, StageState]] = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -151,14 +152,32 @@ class Pipeline:
         """
         if idx is None and x.shape[0] != self.slots:  # None = every slot: one row each, or state copies would broadcast
             raise ValueError(f"idx None runs every one of the {self.slots} slots, got {x.shape[0]} rows")
-        return run_stages(self.model, stages or self.stages, x, self.states, self._rows(idx))
+        span = self._span(idx)
+        if span is not None:  # a range of slots: their state rows as views, used in place
+            return run_stages(self.model, stages or self.stages, x, self._views(*span), None)
+        return run_stages(self.model, stages or self.stages, x, self.states, idx)
 
-    def _rows(self, idx: Tensor | None) -> Tensor | None:
-        """None (every slot, in order: the modules use the state in place) when idx is that
-        on CPU, where the check costs no device sync; idx unchanged otherwise."""
-        if idx is None or idx.device.type != "cpu" or idx.numel() != self.slots:
-            return idx
-        return None if torch.equal(idx, all_rows(None, self.slots, "cpu")) else idx
+    def _span(self, idx: Tensor | None) -> tuple[int, int] | None:
+        """(lo, hi) when idx is slots lo..hi-1 in order, checked on CPU only (no device sync).
+        On CPU every module gathers and scatters the state rows of an index (the whole K/V and
+        focal rings: at 8 streams ~200 MB moved a full step); a range is read in place."""
+        if idx is None or idx.device.type != "cpu" or idx.dim() != 1 or not idx.numel():
+            return None
+        lo = int(idx[0])
+        hi = lo + idx.numel()
+        if lo < 0 or hi > self.slots:
+            return None
+        return (lo, hi) if torch.equal(idx, all_rows(None, self.slots, "cpu")[lo:hi]) else None
+
+    def _views(self, lo: int, hi: int) -> dict[str, StageState]:
+        key = (lo, hi)
+        v = self._view_cache.get(key)
+        if v is None:
+            if len(self._view_cache) >= 64:  # streams come and go: keep the recent ranges only
+                self._view_cache.clear()
+            v = self._view_cache[key] = self.states if (lo, hi) == (0, self.slots) else \
+                {s: st.rows(lo, hi) for s, st in self.states.items()}
+        return v
 
     def step(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, ...]:
         """One chunk for rows idx, as static tensors (what a CUDA graph captures):

@@ -80,6 +80,15 @@ class StageState:
         st._flat = flat  # not a field: reset(None) zeroes it in one go
         return st
 
+    def rows(self, lo: int, hi: int) -> "StageState":
+        """The same container over slots lo..hi-1 as views: what a step does to it happens to
+        those slots of this state (a run over a range of slots uses the rings in place)."""
+        def cut(v):
+            if isinstance(v, Tensor):
+                return v[lo:hi]
+            return [cut(x) for x in v] if isinstance(v, list) else v
+        return type(self)(**{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def tensors(self) -> list[Tensor]:
         return [t for f in dataclasses.fields(self) for t in _flat(getattr(self, f.name))]
 

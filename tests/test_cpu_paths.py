@@ -214,7 +214,7 @@ def test_pipeline_in_place_rows_equal_explicit_slots(causal):
     sig = (torch.randn(2, 1280 * 5, generator=g) * 0.3)
     a, b = Pipeline(model, "full", 2), Pipeline(model, "full", 2)
     perm = torch.tensor([1, 0])
-    assert a._rows(torch.arange(2)) is None and a._rows(perm) is perm
+    assert a._span(torch.arange(2)) == (0, 2) and a._span(perm) is None
     with torch.inference_mode():
         for i in range(5):
             x = sig[:, i * 1280:(i + 1) * 1280]

@@ -201,6 +201,34 @@ def test_session_steps_its_state_in_place(causal, golden_causal, monkeypatch):
     assert_tokens("index vs in place", got, toks)
 
 
+def test_a_range_of_slots_steps_in_place(causal, golden_causal):
+    """On CPU a step over slots lo..hi-1 in order runs on views of those state rows instead of
+    gathering and scattering every ring by index. Alternating that form with the gathered one
+    (the same slots in another order) over one state gives each stream's own tokens and audio,
+    and the slots outside the range stay untouched."""
+    from fastfocal.pipeline import Pipeline
+
+    sig = T(golden_causal["sig"][:, :6400])
+    two = torch.stack([sig[0], sig[0].flip(0)])
+    ref_t, ref_a = causal.stream(batch_size=2).push(two)
+    p = Pipeline(causal.model, "full", 4)
+    assert p._span(torch.tensor([1, 2])) == (1, 3) and p._span(torch.tensor([2, 1])) is None
+    toks, audio = [], []
+    with torch.inference_mode():
+        for k, a in enumerate(range(0, 6400, 1280)):
+            x = two[:, a:a + 1280]
+            if k % 2 == 0:
+                t, y = p.step(x, torch.tensor([1, 2]))[:2]
+            else:  # gathered: row 0 is slot 2
+                t, y = (v.flip(0) for v in p.step(x.flip(0), torch.tensor([2, 1]))[:2])
+            toks.append(t), audio.append(y)
+    assert_tokens("range and index steps", torch.cat(toks, 1), ref_t)
+    assert_close("audio", torch.cat(audio, 1), ref_a, rel=1e-5)
+    for name, st in p.states.items():
+        assert all((t[0] == 0).all() and (t[3] == 0).all() for t in st.tensors()), name
+        assert (st.pos[1:3] == 20).all(), name
+
+
 def test_state_rings_carved_from_one_buffer(causal):
     """A stage's rings are contiguous, 16-byte aligned, non-overlapping views of one zeroed
     buffer (one allocation and one fill for a fresh state); reset(rows) clears exactly those
