@@ -349,6 +349,11 @@ class StreamEngine:
     def _spill(self, slot: int, v: np.ndarray) -> None:
         """Fill slot's ring, keep the rest of v as its backlog (a copy: the caller may reuse v)."""
         room = 0 if slot in self._over else self._cap - self._fill.item(slot)
+        kept = max(v.shape[0] - max(room, 0), 0)
+        # checked before anything is written: a refused submit leaves the stream as it was
+        check_fits(kept * np.dtype(self._np_in).itemsize, "cpu",
+                   f"a backlog of {kept:,} {'tokens' if self.mode == 'decode' else 'samples'} for stream {self._sid[slot]}",
+                   "submit less at a time (step() between submits)")
         if room > 0:
             self._write(slot, v[:room])
         rest = np.array(v[room:], dtype=self._np_in)

@@ -220,6 +220,8 @@ def stream_batch(data, rows: int, what: str, codebook_size: int | None = None) -
 def _as_numpy(data, name: str) -> np.ndarray:
     if isinstance(data, Tensor):
         t = data.detach()
+        if t.device.type != "cpu" or t.dtype in (torch.bfloat16, torch.float16):
+            check_view(t, name)  # .cpu() / .float() copy it dense
         if t.device.type != "cpu":
             t = t.cpu()
         if t.dtype in (torch.bfloat16, torch.float16):
@@ -233,6 +235,7 @@ def _as_numpy(data, name: str) -> np.ndarray:
 
 
 def _piece_values(data: np.ndarray, name: str, codebook_size: int | None) -> np.ndarray:
+    check_view(data, name)  # a broadcast view is copied dense by astype and the engine's backlog
     kind = data.dtype.kind
     if codebook_size is not None:
         if kind not in "iu":

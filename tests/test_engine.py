@@ -6,6 +6,7 @@ import torch
 
 import fastfocal
 from fastfocal.engine import EngineFull, StreamEngine
+from fastfocal.inputs import InputError
 from fastfocal import tactics
 from fastfocal.graphs import buckets_for, pick_bucket
 from fastfocal.kernels import _common
@@ -599,3 +600,24 @@ def test_backlog_goes_with_close_and_finish(causal):
     engine.submit(t, x)
     engine.close(t)
     assert not engine._over
+
+
+def test_submit_that_cannot_be_held_is_refused_untouched(causal, monkeypatch):
+    """A broadcast view (np.broadcast_to: 2^34 samples in 4 bytes) went into the backlog as a
+    dense copy: a bare MemoryError from numpy ("Unable to allocate 64.0 GiB"). A backlog that
+    does not fit is now an InputError naming the stream, before anything is written."""
+    from fastfocal import inputs
+
+    e = StreamEngine(causal, 2)
+    s = e.open()
+    for x in (np.broadcast_to(np.float32(0.1), (1 << 34,)), torch.zeros(1, dtype=torch.bfloat16).expand(1 << 34)):
+        with pytest.raises(InputError, match=r"audio of stream 0 .*broadcast view"):
+            e.submit(s, x)
+    assert e._fill[e._get(s)] == 0
+    monkeypatch.setattr(inputs, "available_bytes", lambda device: 1 << 20)  # 1 MiB left
+    big = np.full(1 << 20, 0.1, np.float32)  # 4 MiB: more than the ring, the rest a backlog
+    with pytest.raises(InputError, match=r"a backlog of [\d,]+ samples for stream 0 needs"):
+        e.submit(s, big)
+    assert e._fill.sum() == 0 and not e._over  # nothing written
+    e.submit(s, big[:1280])  # what fits is taken
+    assert e.step()[s].tokens.shape[0] == 4
