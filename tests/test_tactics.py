@@ -90,14 +90,19 @@ def test_switches_change_the_launches(monkeypatch):
     ctx, gates = torch.randn(B, 4, C, generator=g), torch.randn(B, 4, 3, generator=g)
     ws = [torch.randn(C, 1, k, generator=g) for k in ks]
     bs = [torch.randn(C, generator=g) for _ in ks]
-    caches = [torch.zeros(B, C, fc.ring_len(k)) for k in ks]
+    caches = [torch.randn(B, C, fc.ring_len(k), generator=g) for k in ks]
     idx, start = torch.arange(B), torch.full((B,), 8)
     outs = []
     for t in ({}, {"focal_window_rows": tactics.OFF}):
         with tactics.applied(t):
             outs.append(fc.focal_context(ctx, gates, ws, bs, True, [c.clone() for c in caches], idx, start))
     assert len(rows.launches) == 1  # the default's many-row form, not the OFF one's fused launch
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    # both forms against the float64 reference (comparing them only with each other would pass
+    # a mistake they share)
+    want = fc.focal_context_ref(ctx.double(), gates.double(), [w.double() for w in ws], [b.double() for b in bs], True,
+                                [c.double() for c in caches], idx, start)
+    for t, out in zip(("default", "OFF"), outs):
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m, t=t: f"focal {t}: {m}")
 
     attn = _Recorder(attention._attn_kernel)
     monkeypatch.setattr(attention, "_attn_kernel", attn)
@@ -105,10 +110,13 @@ def test_switches_change_the_launches(monkeypatch):
     p = [torch.randn(8, d, generator=g), torch.randn(8, generator=g), torch.randn(1, H, 1, 1, generator=g),
          torch.randn(320, H, generator=g)]
     kr, vr = torch.randn(1, H, R, d, generator=g), torch.randn(1, H, R, d, generator=g)
+    want = attention.rel_attention_ref(qkv.double(), y.double(), *[t.double() for t in p], H, torch.tensor([20]), 4, R + 4,
+                                       320, 800, kr.double(), vr.double(), torch.tensor([0]))
     for keys in (64, 32):
         with tactics.applied({"attn_keys": keys}):
-            attention.rel_attention(qkv, y, *p, H, torch.tensor([20]), 4, R + 4, 320, 800,
-                                    kr.clone(), vr.clone(), torch.tensor([0]))
+            out = attention.rel_attention(qkv, y, *p, H, torch.tensor([20]), 4, R + 4, 320, 800,
+                                          kr.clone(), vr.clone(), torch.tensor([0]))
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m, k=keys: f"{k} keys: {m}")
     assert [k["BLOCK_N"] for k in attn.launches] == [64, 32]
 
 

@@ -16,9 +16,10 @@ def assert_close(name, got, ref, dtype=torch.float32, rel=None, atol=0.0):
     g, r = _np(got), _np(ref)
     assert g.shape == r.shape, f"{name}: shape {g.shape} != {r.shape}"
     assert np.isfinite(g).all(), f"{name}: {int((~np.isfinite(g)).sum())} non-finite values, first at {tuple(np.argwhere(~np.isfinite(g))[0])}"
+    assert np.isfinite(r).all(), f"{name}: the reference has {int((~np.isfinite(r)).sum())} non-finite values"
     tol = (TOL[dtype] if rel is None else rel) * max(np.abs(r).max(initial=0.0), 1e-30) + atol
     err = np.abs(g - r)
-    bad = err > tol
+    bad = ~(err <= tol)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         worst = tuple(int(i) for i in np.unravel_index(err.argmax(), err.shape))

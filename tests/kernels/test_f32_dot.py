@@ -12,9 +12,12 @@ from conftest import DEVICE
 
 import fastfocal
 from fastfocal.kernels import _common
-from helpers import assert_close, assert_tokens
+from helpers import GOLDEN_REL, assert_close, assert_tokens
 
 T = torch.from_numpy
+# Golden checks: GOLDEN_REL where measured (CPU: reference ops and interpreted kernels); the compiled
+# GPU kernels keep assert_close's 1e-4 until a GPU run measures them.
+GOLDEN = GOLDEN_REL if DEVICE == "cpu" else 1e-4
 DOT_KERNELS = [("linear", "_linear_kernel"), ("attention", "_attn_kernel"),
                ("focal_context", "_level_long_kernel"), ("focal_context", "_window_rows_kernel")]
 
@@ -89,9 +92,9 @@ def test_the_mode_reaches_every_float32_dot(causal, golden_causal, triton_backen
     lats = causal.sig_to_lats(T(g["sig"]).to(DEVICE))
     enc_mm = list(exact_mm)
     rec = causal.codes_to_sig(causal.lats_to_codes(lats))
-    assert_close("lats", lats, g["lats"])
+    assert_close("lats", lats, g["lats"], rel=GOLDEN)
     assert_tokens("toks", causal.lats_to_toks(lats), g["toks"], lats=g["lats"])
-    assert_close("rec_sig", rec[:, :g["rec_sig"].shape[1]], g["rec_sig"])
+    assert_close("rec_sig", rec[:, :g["rec_sig"].shape[1]], g["rec_sig"], rel=GOLDEN)
     kernels = {n for n, _, _ in seen}
     assert {"_attn_kernel", "_level_long_kernel"} <= kernels, kernels
     assert {p for _, p, few in seen if not few} == {mode}, sorted(set(seen))
