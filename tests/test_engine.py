@@ -1,5 +1,7 @@
 """StreamEngine: many streams with their own clocks equal independent sessions; isolation of bad
 streams; slot reuse; encode/decode modes; buckets and padding; state bytes; CUDA graphs (gpu)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -280,19 +282,59 @@ def test_state_bytes(causal):
     assert StreamEngine.max_streams_for(causal, 10 * sess) == 9
     enc, dec = (StreamEngine.bytes_per_stream(causal, m) for m in ("encode", "decode"))
     assert enc + dec == sess
-    # documented numbers for the full-size model (README, Serving)
+    # the full-size model, counted from its config by the layout the README documents (Serving):
+    # conv caches of k-1 input frames, K/V rings of window - chunk frames, focal rings of the
+    # power of two >= K-1 frames per level, time-major rings of the power of two >= frames read + a
+    # step's chunk, one int64 position per stage
     cfg = fastfocal.preset("50hz_4k_causal")
-    assert StreamEngine.bytes_per_stream(cfg) == 34_328_644
-    assert StreamEngine.bytes_per_stream(cfg, dtype=torch.bfloat16) == 17_164_338
+    e, c, d, dec = cfg.encoder, cfg.compressor, cfg.decompressor, cfg.decoder
+    chunk = 4
+    pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731
+    ins = (1,) + e.hidden_dims[:-1]
+    elems = sum((k - 1) * ci for k, ci in zip(e.kernel_sizes, ins))
+    elems += pow2(e.conv_pos - 1 + chunk) * e.dim
+    elems += e.num_layers * 2 * (e.window_size - chunk) * e.dim
+    for part, window in ((c, c.window_size), (d, d.last_window_size)):
+        taps = [part.focal_window + part.focal_factor * i for i in range(part.focal_level)] + [window]
+        elems += sum(pow2(k - 1) for k in taps) * sum(part.hidden_dims)
+    elems += pow2(dec.kernel_size - 1 + chunk) * dec.input_dim + dec.num_layers * dec.dim * (dec.kernel_size - 1)
+    assert StreamEngine.bytes_per_stream(cfg) == 4 * elems + 4 * 8
+    assert StreamEngine.bytes_per_stream(cfg, dtype=torch.bfloat16) == 2 * elems + 4 * 8
+    assert f"full {4 * elems / 2**20:.1f} MiB fp32 / {2 * elems / 2**20:.1f} MiB bf16" in \
+        (Path(__file__).parents[1] / "README.md").read_text()
 
 
-def test_nvtx_helper_is_a_context_manager():
-    from fastfocal.profiling import nvtx_range
+def test_nvtx_helper_is_a_context_manager(monkeypatch):
+    """Off: one shared no-op context. On: a named range of the fastfocal domain pushed on entry
+    and popped on exit, also when the body raises; each name's attributes built once."""
+    from fastfocal import profiling
 
-    with nvtx_range("test"):
-        pass
-    with nvtx_range("test"):
-        pass
+    monkeypatch.setattr(profiling, "ENABLED", False)
+    assert profiling.nvtx_range("a") is profiling.nvtx_range("b") is profiling._NULL
+    calls = []
+
+    class Domain:
+        def get_event_attributes(self, name):
+            calls.append(("attr", name))
+            return name
+
+        def push_range(self, attr):
+            calls.append(("push", attr))
+
+        def pop_range(self):
+            calls.append(("pop",))
+
+    monkeypatch.setattr(profiling, "ENABLED", True)
+    monkeypatch.setattr(profiling, "_DOMAIN", Domain())
+    monkeypatch.setattr(profiling, "_RANGES", {})
+    for _ in range(2):
+        with profiling.nvtx_range("step"):
+            calls.append(("body",))
+    with pytest.raises(ValueError):
+        with profiling.nvtx_range("bad"):
+            raise ValueError
+    assert calls == [("attr", "step"), ("push", "step"), ("body",), ("pop",), ("push", "step"), ("body",), ("pop",),
+                     ("attr", "bad"), ("push", "bad"), ("pop",)]
 
 
 # --------------------------------------------------------------------------- GPU

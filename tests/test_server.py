@@ -737,14 +737,11 @@ def test_close_is_seen_while_the_reader_is_parked(causal):
                 ws = await s.ws_connect(f"{srv.url}/v1/stream?mode=decode")
                 await ws.send_bytes(toks.tobytes())
                 await ws.receive()  # ready
-                t0 = time.monotonic()
                 await ws.close()
-                return time.monotonic() - t0
-        took = run(main())
-        srv.wait_open(0, "after the close")
+        run(main())
+        srv.wait_open(0, "after the close")  # freed: a bounded wait, not a measured duration
         stepped = srv.server.metrics.chunks.labels("decode")._value.get()
     assert stepped < 200, f"{stepped:.0f} of 2000 chunks decoded for a client that had closed"
-    assert took < 10, took
 
 
 def test_idle_peer_is_closed_and_frees_its_slot(causal, speech):
@@ -802,10 +799,11 @@ def test_drain_timeout_closes_what_is_left(causal, speech):
             for _ in range(40):
                 writer.write(frame(speech[0, :1280].tobytes()))
             await until(lambda: conn.stepped >= 3, "steps")
-            t0 = time.monotonic()
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.drain(1.0), srv.loop))
+            # drain(1.0) must end on its own timeout: without it the send blocked for the
+            # 60 s send_timeout, and this wait (far below it) fails
+            await asyncio.wait_for(asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(srv.server.drain(1.0), srv.loop)), 1.0 + srv.server.close_timeout + 20)
             writer.transport.abort()
-            return time.monotonic() - t0
-        took = run(main())
-        assert not srv.server.conns and took < 1.0 + srv.server.close_timeout + 2, took
+        run(main())
+        assert not srv.server.conns
         assert metric(srv, "fastfocal_errors_total", type="shutdown") == 1
