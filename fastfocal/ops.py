@@ -22,7 +22,6 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 from .kernels import _common, attention, bsq, convnext, epilogue, focal_context as focal, linear as lin, modulate as mod, norm, status
@@ -30,12 +29,17 @@ from .kernels._common import derived, exact_convs, float32_weight, grouped_conv1
 from .state import all_rows
 
 
-def backend() -> str:
-    """'triton' or 'torch' as forced by FASTFOCAL_BACKEND, else 'auto'."""
-    b = os.environ.get("FASTFOCAL_BACKEND", "auto").lower()
+def _parse_backend(v: str | None) -> str:
+    b = (v or "auto").lower()
     if b not in ("auto", "torch", "triton"):
         raise ValueError(f"FASTFOCAL_BACKEND must be auto, torch or triton, got {b!r}")
     return b
+
+
+def backend() -> str:
+    """'triton' or 'torch' as forced by FASTFOCAL_BACKEND, else 'auto' (asked on every op:
+    memoised until the variable changes)."""
+    return _common.env_cached("FASTFOCAL_BACKEND", _parse_backend)
 
 
 def use_triton(x: Tensor) -> bool:
@@ -203,7 +207,7 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 # AVX-NE-CONVERT): up to FP16_GEMM_ROWS rows on FBGEMM's fp16 weights, longer runs in fp32 on the
 # weight packed as fp32; both round once. On an AVX2 machine plain bf16 F.linear measured 8x
 # slower than the fp32 route at 512 rows and 1.4x at 4.
-_PACKED = WeakIdKeyDictionary()
+_PACKED = _common.TensorCache()
 
 
 def _has_pack_ops() -> bool:
@@ -217,12 +221,16 @@ def _has_pack_ops() -> bool:
 _PACK_OPS = _has_pack_ops()
 
 
+def _cpu_pack_flag(_v) -> bool:
+    return _common.env_flag("FASTFOCAL_CPU_PACK", True)
+
+
 def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
     """The dtype the CPU matmul computes in on a packed weight: x's, or fp32 for a bf16/fp16 that
     this CPU cannot pack; None: plain F.linear."""
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and w.dtype == x.dtype and w.dim() == 2 and backend() == "auto"
-            and _common.env_flag("FASTFOCAL_CPU_PACK", True)
+            and _common.env_cached("FASTFOCAL_CPU_PACK", _cpu_pack_flag)
             and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):

@@ -166,3 +166,56 @@ def test_grouped_conv_forms_equal_the_conv(B, T, dtype, pack, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((got.double() - ref).abs() <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
     assert bool(calls) == (pack == "packed" and short and ops._PACK_OPS), (pack, len(calls))
+
+
+def test_memoised_switches_follow_every_change(monkeypatch):
+    """FASTFOCAL_BACKEND and FASTFOCAL_CPU_PACK are read on every op, now through a memo keyed on
+    os.environ's stored value: each set, change, re-set and unset is seen at the next call, and
+    a bad value raises every time (nothing is memoised for it)."""
+    from fastfocal.kernels import _common
+
+    monkeypatch.delenv("FASTFOCAL_BACKEND", raising=False)
+    assert ops.backend() == "auto"
+    for v, want in (("torch", "torch"), ("TRITON", "triton"), ("torch", "torch"), ("", "auto")):
+        monkeypatch.setenv("FASTFOCAL_BACKEND", v)
+        assert ops.backend() == want
+    monkeypatch.setenv("FASTFOCAL_BACKEND", "cuda")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="FASTFOCAL_BACKEND must be auto, torch or triton, got 'cuda'"):
+            ops.backend()
+    monkeypatch.delenv("FASTFOCAL_BACKEND")
+    assert ops.backend() == "auto"
+    calls = []
+    assert [_common.env_cached("FASTFOCAL_TEST_MEMO", lambda v: calls.append(v) or v) for _ in range(3)] == [None] * 3
+    assert calls == [None]  # parsed once while unchanged
+    monkeypatch.setenv("FASTFOCAL_TEST_MEMO", "a")
+    assert _common.env_cached("FASTFOCAL_TEST_MEMO", lambda v: calls.append(v) or v) == "a" and calls == [None, "a"]
+    w = torch.randn(8, 8)
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("FASTFOCAL_CPU_PACK", "0")
+    assert ops._pack_dtype(x, w) is None  # off: plain F.linear
+    monkeypatch.setenv("FASTFOCAL_CPU_PACK", "1")
+    assert ops._pack_dtype(x, w) == (torch.float32 if ops._PACK_OPS else None)
+
+
+def test_tensor_cache_lives_with_its_tensor():
+    """The weight caches (packed weights, derived float32 copies) hold an entry while the tensor
+    lives; it goes with the tensor, and a new tensor at a reused id never sees it."""
+    import gc
+
+    from fastfocal.kernels._common import TensorCache
+
+    c = TensorCache()
+    a = torch.randn(4)
+    assert c.setdefault(a, {"x": 1}) == {"x": 1}
+    assert c.setdefault(a, {}) == {"x": 1} and c[a] == {"x": 1} and len(c) == 1
+    del a
+    gc.collect()
+    assert len(c) == 0
+    seen = []
+    for _ in range(50):  # ids are reused quickly: a fresh tensor must start empty
+        t = torch.randn(4)
+        seen.append(c.setdefault(t, {}) == {})
+        c[t]["mark"] = True
+        del t
+    assert all(seen)
