@@ -245,3 +245,16 @@ def test_tactics_messages_cut_short():
 def test_engine_tactics_list_is_input_error(causal):
     with pytest.raises(InputError, match="tactics must be a dict"):
         fastfocal.StreamEngine(causal, 2, tactics=[{"pdl": True}])
+
+
+def test_flush_offline_tail_must_be_a_bool(causal):
+    """flush(offline_tail="no") ran the offline tail (any non-empty string is true)."""
+    from fastfocal import InputError
+
+    s = causal.stream_encoder()
+    s.push(torch.zeros(1, 700))
+    for bad in ("no", 0.0, None):
+        with pytest.raises(InputError, match="offline_tail must be True or False"):
+            s.flush(offline_tail=bad)
+    assert s._fill == 700  # refused before anything ran: the partial chunk is still there
+    assert s.flush(offline_tail=True).shape == (1, 3)
