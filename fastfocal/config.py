@@ -297,6 +297,9 @@ class CodecConfig:
                 raise ConfigError(f"decoder_config.n_fft must be even, got {dec.n_fft}")
             if dec.hop_length >= dec.n_fft:
                 raise ConfigError(f"decoder_config.hop_length ({dec.hop_length}) must be smaller than n_fft ({dec.n_fft})")
+        if dec.hop_length * 16000 % self.hop_samples:  # else the output rate is rounded: audio mislabelled
+            raise ConfigError(f"decoder_config.hop_length {dec.hop_length} x 16000 Hz is not a multiple of the "
+                              f"encoder's {self.hop_samples} samples a frame: the output rate would not be a whole number of Hz")
         if not (e.causal == c.causal == dc.causal == dec.causal):
             raise ConfigError("all parts must agree on 'causal'")
         if e.causal:

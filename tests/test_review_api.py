@@ -258,3 +258,17 @@ def test_flush_offline_tail_must_be_a_bool(causal):
             s.flush(offline_tail=bad)
     assert s._fill == 700  # refused before anything ran: the partial chunk is still there
     assert s.flush(offline_tail=True).shape == (1, 3)
+
+
+def test_output_rate_must_be_whole(noncausal_cfg_dict):
+    """An output rate that is not a whole number of Hz (hop_length 500 on 384-sample frames:
+    20,833.3 Hz) was rounded down and the audio labelled with the wrong rate; such configs are
+    refused at load."""
+    d = _edit(noncausal_cfg_dict, "decoder", "hop_length", 500)
+    strides = list(d["encoder_config"]["strides"])
+    strides[0] = strides[0] * 384 // CodecConfig.from_dict(noncausal_cfg_dict).hop_samples
+    d["encoder_config"]["strides"] = strides
+    with pytest.raises(ConfigError, match=r"hop_length 500 x 16000 Hz is not a multiple of the encoder's 384"):
+        CodecConfig.from_dict(d)
+    d["decoder_config"]["hop_length"] = 480  # 20,000 Hz: whole
+    assert CodecConfig.from_dict(d).sample_rate_output == 20000
