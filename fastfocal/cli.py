@@ -409,6 +409,9 @@ def _export_onnx_command(sub) -> None:
     """`export-onnx`: the streaming step as ONNX (fastfocal/onnx.py; needs the `onnx` extra)."""
     p = sub.add_parser("export-onnx", help="streaming step -> ONNX model (chunk + state in, outputs + new state out)")
     _model_args(p, device=False)
+    for a in p._actions:  # the shared --dtype: the export takes one of its choices
+        if a.dest == "dtype":
+            a.help = "fp32 (the default and the only one exported: ONNX Runtime's CPU kernels lack bf16/fp16 ops the graph needs)"
     p.add_argument("--mode", default="full", choices=["full", "encode", "decode"])
     p.add_argument("--batch", type=int, default=1, help="streams per step (fixed in the graph; default 1)")
     p.add_argument("--out", required=True, help="output .onnx file")
@@ -492,6 +495,18 @@ def cmd_client(args) -> int:
     return 0
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll: an error on the write end)."""
+    try:
+        import select
+
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (captured), no poll (Windows)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -506,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # a bad FASTFOCAL_F32_DOT: one line now, not a traceback mid-run
             raise CliError(str(e)) from None
         return args.func(args)
+    except BrokenPipeError as e:
+        if not _stdout_closed():  # a socket or file of ours: a real error
+            _error(e)
+            return 2
+        # the reader of our stdout went away (`fastfocal info | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except USER_ERRORS + (CliError,) as e:
         _error(e)
         return 2

@@ -563,3 +563,14 @@ def test_a_unicode_error_is_one_line_naming_the_file(tmp_path, capsys, monkeypat
     assert [line.split(": UnicodeEncodeError: ")[0] for line in err] == [f"fastfocal: error: {WAV16}",
                                                                          f"fastfocal: error: {WAV48}"]
     assert "\\udce9" in err[0]  # the character, escaped: the line always prints
+
+
+def test_closed_stdout_pipe_stops_quietly(data_dir):
+    """`fastfocal info | head -1` printed "fastfocal: error: [Errno 32] Broken pipe" and
+    exited 2 when the reader went away first; it now stops quietly (141, as cat does)."""
+    p = subprocess.Popen([sys.executable, "-m", "fastfocal", "info", "--model", str(data_dir / "tiny_causal")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 141 and err == "", err
