@@ -31,8 +31,19 @@ LARGE_GEMM = ops.LARGE_GEMM
 RESULTS = Path(os.environ.get("FASTFOCAL_BENCH_RESULTS") or Path(__file__).parent / "results")  # tests point it at a tmp dir
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), so rows from different 2-core machines stay apart."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name} x{os.cpu_count()}"
+
+
 def machine() -> dict:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:

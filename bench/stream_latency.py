@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,7 +30,9 @@ def machine() -> dict:
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
-        dev = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+        from e2e import cpu_name  # bench/ is on sys.path when run as a script
+
+        dev = cpu_name()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "?"

@@ -51,6 +51,7 @@ CASES = [
     ("cpu_ops.py", ["--preset", CFG, "--steps", "2"], None, "calls/step"),
     ("cpu_micro.py", ["--reps", "2"], None, "per-group packed"),
     ("ab_step.py", ["float32", "--preset", CFG, "--pushes", "12"], None, "offline10s="),
+    ("engine_ab.py", [str(ROOT), "2", "float32", "full", CFG], None, "p50"),
     ("serve_load.py", ["--model", TINY, "--clients", "1", "2", "--seconds", "1", "--fast"], "serve_load.jsonl",
      "errors 0"),
 ]
