@@ -346,14 +346,21 @@ class StreamEngine:
                 self._ring[d, slot, off:off + m] = v[i:i + m]
         self._fill[slot] = need
 
-    def _spill(self, slot: int, v: np.ndarray) -> None:
+    def _kept(self, slot: int, n: int) -> int:
+        """How many of n new elements for slot would go to its backlog."""
+        room = 0 if slot in self._over else self._cap - self._fill.item(slot)
+        return max(n - max(room, 0), 0)
+
+    def _check_backlog(self, kept: int, who: str) -> None:
+        check_fits(kept * np.dtype(self._np_in).itemsize, "cpu",
+                   f"a backlog of {kept:,} {'tokens' if self.mode == 'decode' else 'samples'} for {who}",
+                   "submit less at a time (step() between submits)")
+
+    def _spill(self, slot: int, v: np.ndarray, checked: bool = False) -> None:
         """Fill slot's ring, keep the rest of v as its backlog (a copy: the caller may reuse v)."""
         room = 0 if slot in self._over else self._cap - self._fill.item(slot)
-        kept = max(v.shape[0] - max(room, 0), 0)
-        # checked before anything is written: a refused submit leaves the stream as it was
-        check_fits(kept * np.dtype(self._np_in).itemsize, "cpu",
-                   f"a backlog of {kept:,} {'tokens' if self.mode == 'decode' else 'samples'} for stream {self._sid[slot]}",
-                   "submit less at a time (step() between submits)")
+        if not checked:  # before anything is written: a refused submit leaves the stream as it was
+            self._check_backlog(self._kept(slot, v.shape[0]), f"stream {self._sid[slot]}")
         if room > 0:
             self._write(slot, v[:room])
         rest = np.array(v[room:], dtype=self._np_in)
@@ -398,8 +405,15 @@ class StreamEngine:
             # rows that do not fit (or already have a backlog) go one by one, through the backlog
             late = (need > self._cap) | np.isin(slots, list(self._over))
             if late.any():
-                for i in np.flatnonzero(late).tolist():
-                    self._spill(int(slots[i]), v[i])
+                rows = np.flatnonzero(late).tolist()
+                # every row's backlog checked together, before the first is written: a refused
+                # batch leaves every stream as it was (a retry must not feed one twice)
+                kept = sum(self._kept(int(slots[i]), n) for i in rows)
+                self._check_backlog(kept, f"{len(rows)} stream{'s' if len(rows) > 1 else ''} "
+                                          f"({', '.join(str(self._sid[int(slots[i])]) for i in rows[:4])}"
+                                          f"{', ...' if len(rows) > 4 else ''})")
+                for i in rows:
+                    self._spill(int(slots[i]), v[i], checked=True)
                 keep = np.flatnonzero(~late)
                 if not len(keep):
                     return

@@ -45,23 +45,25 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # os.environ (key encoding, value decoding): ~400 reads, ~1 ms of a CPU step. CPython keeps the
 # encoded values in os.environ._data and stores a new object on every set, so a memo keyed on the
 # stored object's identity sees each change (monkeypatch.setenv, os.environ[k] = v, del) for the
-# cost of a dict lookup.
-_RAW = getattr(os.environ, "_data", None) if os.name == "posix" else None
+# cost of a dict lookup. os.environ itself is looked up on every call: a replaced mapping
+# (mock.patch.object(os, "environ", {...})) is read directly, never memoised.
+_ENVIRON_TYPE = type(os.environ)
 _MEMO: dict = {}
 
 
 def env_cached(name: str, parse):
     """parse(os.environ.get(name)), redone only when the variable was set, changed or unset."""
-    if _RAW is None:
-        return parse(os.environ.get(name))
-    key = _MEMO.get(name)
-    raw = _RAW.get(key[0]) if key is not None else None
-    if key is not None and raw is key[1]:
-        return key[2]
+    env = os.environ
+    raw_map = getattr(env, "_data", None) if type(env) is _ENVIRON_TYPE and os.name == "posix" else None
+    if not isinstance(raw_map, dict):
+        return parse(env.get(name))
+    hit = _MEMO.get(name)
+    if hit is not None and hit[0] is raw_map and raw_map.get(hit[1]) is hit[2]:
+        return hit[3]
     k = name.encode()
-    raw = _RAW.get(k)
-    value = parse(os.environ.get(name))  # raises for a bad value, and then nothing is memoised
-    _MEMO[name] = (k, raw, value)
+    raw = raw_map.get(k)
+    value = parse(env.get(name))  # raises for a bad value, and then nothing is memoised
+    _MEMO[name] = (raw_map, k, raw, value)
     return value
 
 

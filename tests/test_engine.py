@@ -663,3 +663,21 @@ def test_submit_that_cannot_be_held_is_refused_untouched(causal, monkeypatch):
     assert e._fill.sum() == 0 and not e._over  # nothing written
     e.submit(s, big[:1280])  # what fits is taken
     assert e.step()[s].tokens.shape[0] == 4
+
+
+def test_refused_submit_batch_writes_no_stream(causal, monkeypatch):
+    """submit_batch checked each row's backlog inside the write loop, so a refused batch had
+    already fed the rows before the refused one (a retry fed them twice). Every row's backlog is
+    now checked together before anything is written."""
+    from fastfocal import inputs
+
+    e = StreamEngine(causal, 2)
+    a, b = e.open(), e.open()
+    e.submit(b, np.full(16 * e.chunk + 100, 0.1, np.float32))  # b: a full ring and a backlog
+    before = (e.pending(a), e.pending(b))
+    n = 16 * e.chunk + 50_000
+    room = e._cap - e._fill[e._get(a)]
+    monkeypatch.setattr(inputs, "available_bytes", lambda device: (n - room) * 4 + 1024)  # a's fits, not both
+    with pytest.raises(InputError, match=r"a backlog of [\d,]+ samples for 2 streams \(0, 1\) needs"):
+        e.submit_batch([a, b], np.full((2, n), 0.1, np.float32))
+    assert (e.pending(a), e.pending(b)) == before

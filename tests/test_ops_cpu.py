@@ -190,6 +190,15 @@ def test_memoised_switches_follow_every_change(monkeypatch):
     assert calls == [None]  # parsed once while unchanged
     monkeypatch.setenv("FASTFOCAL_TEST_MEMO", "a")
     assert _common.env_cached("FASTFOCAL_TEST_MEMO", lambda v: calls.append(v) or v) == "a" and calls == [None, "a"]
+    # os.environ replaced by a plain mapping (mock.patch.object(os, "environ", {...})) is read as it
+    # is, and the real one again after
+    import os
+    from unittest import mock
+
+    assert ops.backend() == "auto"
+    with mock.patch.object(os, "environ", {"FASTFOCAL_BACKEND": "torch"}):
+        assert ops.backend() == "torch"
+    assert ops.backend() == "auto"
     w = torch.randn(8, 8)
     x = torch.randn(2, 8)
     monkeypatch.setenv("FASTFOCAL_CPU_PACK", "0")
