@@ -524,8 +524,17 @@ def _done(out: Path, own: Path) -> dict[str, dict]:
         if mf == own:
             last = {r["path"]: r for r in rows}
             atomic_write(mf, lambda f: f.write("".join(json.dumps(r) + "\n" for r in last.values()).encode()))
-        done.update((os.path.realpath(r["path"]), r) for r in rows)
+        for r in rows:  # a source finished in several runs (shard layouts change): the newest row
+            k = os.path.realpath(r["path"])
+            if k not in done or _row_time(r) >= _row_time(done[k]):
+                done[k] = r
     return done
+
+
+def _row_time(r: dict) -> int:
+    """When a manifest row was written (rows of older runs carry none: oldest)."""
+    t = r.get("done_ns")
+    return t if isinstance(t, int) else -1
 
 
 def _check_info(out: Path, codec: Codec, fmt: str) -> None:
@@ -685,19 +694,22 @@ def _load(path: str) -> tuple[np.ndarray, dict]:
     return sig, ident
 
 
-def _source_changed(path: str, row: dict) -> bool:
-    """Whether a finished file's source was edited since: same size and mtime is unchanged; a
-    changed stat is confirmed by the sha256 (a touched but equal file stays done). Rows of runs
-    that recorded no stat are taken as unchanged (hashing a whole corpus to resume is too dear)."""
+def _source_state(path: str, row: dict) -> tuple[str, dict | None]:
+    """Whether a finished file's source is the one its tokens were made from: ("same", None) for
+    an equal size and mtime, ("touched", new stat) when the stat changed but the sha256 did not
+    (recorded, so the next resume does not hash it again), ("edited", None) otherwise. Rows of runs
+    that recorded no stat count as the same (hashing a whole corpus to resume is too dear)."""
     if "size" not in row or "mtime_ns" not in row:
-        return False
+        return "same", None
     try:
         st = _stat(path)
     except OSError:
-        return True  # gone or unreadable now: the encode attempt reports it
+        return "edited", None  # gone or unreadable now: the encode attempt reports it
     if st["size"] == row["size"] and st["mtime_ns"] == row["mtime_ns"]:
-        return False
-    return st["size"] != row["size"] or row.get("sha256") != _sha256_or_none(path)
+        return "same", None
+    if st["size"] == row["size"] and row.get("sha256") == _sha256_or_none(path):
+        return "touched", st
+    return "edited", None
 
 
 def _watch_parent(conn) -> None:
@@ -780,8 +792,15 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         writer = _NpyWriter(out, dtype)
     man_path, err_path = out / f"manifest{shard}.jsonl", out / f"errors{shard}.jsonl"
     done = _done(out, man_path)
-    edited = {os.path.realpath(it.path) for it in items
-              if os.path.realpath(it.path) in done and _source_changed(it.path, done[os.path.realpath(it.path)])}
+    edited, touched = set(), []
+    for it in items:
+        k = os.path.realpath(it.path)
+        if k in done:
+            state, st = _source_state(it.path, done[k])
+            if state == "edited":
+                edited.add(k)
+            elif state == "touched":
+                touched.append({**done[k], **st, "done_ns": time.time_ns()})
     todo = [it for it in items if os.path.realpath(it.path) not in done or os.path.realpath(it.path) in edited]
     for it in todo:
         if os.path.realpath(it.path) in edited:
@@ -791,6 +810,9 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
     t0 = time.perf_counter()
     pool, watch = _executor(opts["workers"])
     with open(man_path, "a") as man, open(err_path, "w") as err:
+        if touched:  # their new stat, so the next resume compares it without hashing them again
+            man.write("".join(json.dumps(r) + "\n" for r in touched))
+            man.flush()
 
         def fail(it: Item, msg: str):
             err.write(json.dumps({"path": it.path, "rel": it.rel, "error": msg}) + "\n")
@@ -799,7 +821,8 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
 
         def record(pairs, meta):
             for it, name in pairs:
-                row = {"path": it.path, "rel": it.rel, "out": name, **meta.pop(it.rel), **made_by}
+                row = {"path": it.path, "rel": it.rel, "out": name, **meta.pop(it.rel), **made_by,
+                       "done_ns": time.time_ns()}
                 if name.endswith(".npy"):  # verified on resume (parquet shards: by size and magic)
                     row["out_sha256"] = _sha256(out / name)
                 man.write(json.dumps(row) + "\n")

@@ -765,8 +765,42 @@ def test_resume_encodes_sources_edited_since(tmp_path, causal, fmt):
     np.testing.assert_array_equal(got["a"], causal.sig_to_toks(new_a).numpy())
     assert not np.array_equal(got["a"], first["a"])
     np.testing.assert_array_equal(got["b"], first["b"])
-    t = run()
+    hashed = []
+    real = corpus._sha256_or_none
+    corpus._sha256_or_none = lambda path: hashed.append(path) or real(path)
+    try:
+        t = run()
+    finally:
+        corpus._sha256_or_none = real
     assert (t["files"], t["edited"]) == (0, 0)
+    assert hashed == []  # the touched file's new stat was recorded: not hashed on every resume
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_edited_source_is_encoded_once_when_the_shard_layout_changes(tmp_path, causal, monkeypatch, fmt):
+    """A file encoded by a one-shard run, edited, then resumed as shard 0 of 2: the newest row of
+    the file (any manifest) decides. With parquet the stale row of manifest.jsonl won (manifests
+    were merged in name order), so the file was edited again on every run and a shard was added
+    each time."""
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow.parquet")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    sf.write(src / "a.wav", X16[:16000], 16000, subtype="FLOAT")
+    sf.write(src / "b.wav", X16[16000:30000], 16000, subtype="FLOAT")
+
+    def run():
+        return corpus.encode_corpus([str(src)], out, model=TINY, workers=0, quiet=True, fmt=fmt)
+
+    assert run()["files"] == 2
+    sf.write(src / "a.wav", X48[:20000], 16000, subtype="FLOAT")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    t = run()
+    assert (t["files"], t["edited"]) == (1, 1)
+    for _ in range(2):
+        t = run()
+        assert (t["files"], t["edited"], t["skipped"]) == (0, 0, 1)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
