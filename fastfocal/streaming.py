@@ -12,6 +12,7 @@ replays; elsewhere the whole chunks of a push run eagerly, in segments of bounde
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -135,7 +136,7 @@ class _Session:
         offline_tail: run a partial chunk at its own length (whole 20 ms frames) instead, as
         offline encoding of the whole signal does: pushes + flush(offline_tail=True) then give
         sig_to_toks's tokens (the frames of a zero-padded chunk also see its padding)."""
-        if not isinstance(offline_tail, bool):  # "no" or 0.0 would read as a choice
+        if not isinstance(offline_tail, (bool, np.bool_)):  # "no" or 0.0 would read as a choice
             raise InputError(f"offline_tail must be True or False, got {offline_tail!r:.40}")
         with torch.inference_mode():
             if self._fill == 0:
