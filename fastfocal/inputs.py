@@ -70,7 +70,7 @@ def positive_int(v, what: str, limit: int | None = None) -> int:
     return int(v)
 
 
-def check_view(x, what: str) -> None:
+def check_view(x, what: str, device=None) -> None:
     """A broadcast view (stride 0: torch `expand`, `np.broadcast_to`) of a few bytes can stand for
     terabytes, and a dense copy of it (a contiguous array, a widened dtype, a finite mask, a dtype
     conversion) was made before any memory check saw its size: an allocator error from deep in
@@ -79,7 +79,7 @@ def check_view(x, what: str) -> None:
     n = x.numel() if isinstance(x, Tensor) else x.size
     span = 1 + sum((d - 1) * abs(s) for d, s in zip(x.shape, strides)) if n else 0  # elements it touches
     if n > span:  # elements overlap: a copy makes new memory
-        check_fits(n * 16, "cpu" if isinstance(x, np.ndarray) else x.device,  # a copy, a widened copy, a mask
+        check_fits(n * 16, device or ("cpu" if isinstance(x, np.ndarray) else x.device),  # a copy, a widened copy, a mask
                    f"{what} of shape {tuple(x.shape)} (a broadcast view of {span} elements, copied dense by the checks)",
                    "pass a smaller input")
 
@@ -224,7 +224,7 @@ def _as_numpy(data, name: str) -> np.ndarray:
     if isinstance(data, Tensor):
         t = data.detach()
         if t.device.type != "cpu" or t.dtype in (torch.bfloat16, torch.float16):
-            check_view(t, name)  # .cpu() / .float() copy it dense
+            check_view(t, name, "cpu")  # .cpu() / .float() copy it dense, on the host
         if t.device.type != "cpu":
             t = t.cpu()
         if t.dtype in (torch.bfloat16, torch.float16):
