@@ -347,6 +347,7 @@ class Item:
     path: str  # input file (absolute)
     rel: str  # output name relative to --out, without extension (posix)
     seconds: float = 0.0
+    real: str = ""  # its resolved path: what resume matches finished files by
 
 
 def _read_list(p: Path) -> list[Path]:
@@ -446,7 +447,7 @@ def find_inputs(inputs: list[str]) -> list[Item]:
     for f, _ in found:
         real = os.path.realpath(f)
         if real not in items:
-            items[real] = Item(f, Path(os.path.relpath(f, root)).with_suffix("").as_posix())
+            items[real] = Item(f, Path(os.path.relpath(f, root)).with_suffix("").as_posix(), real=real)
     return sorted(items.values(), key=lambda it: it.rel)
 
 
@@ -792,21 +793,19 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         writer = _NpyWriter(out, dtype)
     man_path, err_path = out / f"manifest{shard}.jsonl", out / f"errors{shard}.jsonl"
     done = _done(out, man_path)
-    edited, touched = set(), []
+    todo, edited, touched = [], 0, []
     for it in items:
-        k = os.path.realpath(it.path)
-        if k in done:
-            state, st = _source_state(it.path, done[k])
-            if state == "edited":
-                edited.add(k)
-            elif state == "touched":
-                touched.append({**done[k], **st, "done_ns": time.time_ns()})
-    todo = [it for it in items if os.path.realpath(it.path) not in done or os.path.realpath(it.path) in edited]
-    for it in todo:
-        if os.path.realpath(it.path) in edited:
-            it.rel = done[os.path.realpath(it.path)]["rel"]  # it keeps the name it was given
+        row = done.get(it.real)
+        state, st = ("new", None) if row is None else _source_state(it.path, row)
+        if state == "edited":
+            it.rel = row["rel"]  # encoded again under the name it was given
+            edited += 1
+        elif state == "touched":
+            touched.append({**row, **st, "done_ns": time.time_ns()})
+        if state in ("new", "edited"):
+            todo.append(it)
     taken = {r["rel"]: r for r in done.values()}  # output names held by files earlier runs finished
-    stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0, "edited": len(edited)}
+    stats = {"files": 0, "seconds": 0.0, "skipped": len(items) - len(todo), "errors": 0, "edited": edited}
     t0 = time.perf_counter()
     pool, watch = _executor(opts["workers"])
     with open(man_path, "a") as man, open(err_path, "w") as err:
@@ -832,7 +831,7 @@ def _run_locked(items: list[Item], out: Path, codec: Codec, opts: dict, shard: s
         by_rel: dict[str, Item] = {}
         for it in todo:
             old = taken.get(it.rel)
-            if old is not None and os.path.realpath(old["path"]) == os.path.realpath(it.path):
+            if old is not None and os.path.realpath(old["path"]) == it.real:
                 by_rel[it.rel] = it  # edited since its tokens were made: encoded again, same name
             elif old is not None and old.get("sha256") is not None and old["sha256"] == _sha256_or_none(it.path):
                 stats["skipped"] += 1  # the same file (its bytes), moved since
