@@ -329,6 +329,8 @@ class StreamEngine:
         fill = self._fill.item(slot)  # .item(): numpy scalar reads are the cost of a submit
         need = fill + n
         if slot in self._over or (need > self._cap and not self._grow(need)):
+            # before anything is written: a refused submit leaves the stream as it was
+            self._check_backlog(self._kept(slot, n), f"stream {sid}")
             self._spill(slot, v)
             return
         self._write(slot, v)
@@ -356,11 +358,10 @@ class StreamEngine:
                    f"a backlog of {kept:,} {'tokens' if self.mode == 'decode' else 'samples'} for {who}",
                    "submit less at a time (step() between submits)")
 
-    def _spill(self, slot: int, v: np.ndarray, checked: bool = False) -> None:
-        """Fill slot's ring, keep the rest of v as its backlog (a copy: the caller may reuse v)."""
+    def _spill(self, slot: int, v: np.ndarray) -> None:
+        """Fill slot's ring, keep the rest of v as its backlog (a copy: the caller may reuse v).
+        The caller has checked that the backlog fits (`_check_backlog`)."""
         room = 0 if slot in self._over else self._cap - self._fill.item(slot)
-        if not checked:  # before anything is written: a refused submit leaves the stream as it was
-            self._check_backlog(self._kept(slot, v.shape[0]), f"stream {self._sid[slot]}")
         if room > 0:
             self._write(slot, v[:room])
         rest = np.array(v[room:], dtype=self._np_in)
@@ -413,7 +414,7 @@ class StreamEngine:
                                           f"({', '.join(str(self._sid[int(slots[i])]) for i in rows[:4])}"
                                           f"{', ...' if len(rows) > 4 else ''})")
                 for i in rows:
-                    self._spill(int(slots[i]), v[i], checked=True)
+                    self._spill(int(slots[i]), v[i])
                 keep = np.flatnonzero(~late)
                 if not len(keep):
                     return

@@ -133,7 +133,7 @@ def check_audio(sig, *, frame: int = 1, name: str = "audio", finite: bool = True
         raise InputError(f"{name} rows of {sig.shape[1]} samples are shorter than one {frame}-sample frame "
                          f"(shape {tuple(sig.shape)}){hint}")
     if finite:
-        check_view(sig, name)  # isfinite / abs copy it
+        check_view(sig, name)  # naming the bad rows copies it (isfinite / abs), and callers convert it
         check_amplitude(sig, name)
     return sig, squeeze
 
