@@ -221,16 +221,12 @@ def _has_pack_ops() -> bool:
 _PACK_OPS = _has_pack_ops()
 
 
-def _cpu_pack_flag(_v) -> bool:
-    return _common.env_flag("FASTFOCAL_CPU_PACK", True)
-
-
 def _pack_dtype(x: Tensor, w: Tensor) -> torch.dtype | None:
     """The dtype the CPU matmul computes in on a packed weight: x's, or fp32 for a bf16/fp16 that
     this CPU cannot pack; None: plain F.linear."""
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and w.dtype == x.dtype and w.dim() == 2 and backend() == "auto"
-            and _common.env_cached("FASTFOCAL_CPU_PACK", _cpu_pack_flag)
+            and _common.env_flag("FASTFOCAL_CPU_PACK", True, cached=True)
             and _PACK_OPS and not (torch.is_grad_enabled() and w.requires_grad)
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):

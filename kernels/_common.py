@@ -67,15 +67,21 @@ def env_cached(name: str, parse):
     return value
 
 
-def env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool, cached: bool = False) -> bool:
     """A FASTFOCAL_* on/off switch: 1/true/yes/on or 0/false/no/off (any case; unset or empty:
-    default); anything else is a ValueError naming the variable, not a silent guess."""
-    v = os.environ.get(name, "").strip().lower()
+    default); anything else is a ValueError naming the variable, not a silent guess. cached: read
+    through `env_cached` (a switch asked on every op)."""
+    parse = lambda raw: _parse_flag(name, raw, default)  # noqa: E731
+    return env_cached(name, parse) if cached else parse(os.environ.get(name))
+
+
+def _parse_flag(name: str, raw: str | None, default: bool) -> bool:
+    v = (raw or "").strip().lower()
     if not v:
         return default
     if v in _TRUE or v in _FALSE:
         return v in _TRUE
-    raise ValueError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {os.environ[name]!r}")
+    raise ValueError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
 
 
 def env_int(name: str, default: int, lo: int = 1) -> int:
