@@ -138,6 +138,20 @@ def written_by(path) -> str:
         return ""
 
 
+def software_tag(command: str) -> str:
+    """The tag fastfocal's `command` stores in the WAVs it writes (see `written_by_command`)."""
+    from .version import __version__
+
+    return f"fastfocal {__version__} {command}"
+
+
+def written_by_command(path, command: str) -> bool:
+    """Whether an existing audio file was written by fastfocal's `command` (any version): its
+    software tag (libsndfile may append its own version)."""
+    tag = written_by(path).split()
+    return tag[:1] == ["fastfocal"] and tag[2:3] == [command]
+
+
 def write_audio(path, sig, sr: int, subtype: str = "PCM_16", software: str | None = None) -> None:
     """Write a mono (samples,) signal as WAV to a path or binary file; PCM_16 clips to [-1, 1],
     FLOAT keeps values. software: a tag stored in the file's INFO chunk (see `written_by`)."""

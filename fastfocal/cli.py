@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, check_peak, read_audio, write_audio, written_by
+from .audio import AudioError, check_peak, read_audio, software_tag, write_audio, written_by_command
 from .codec import Codec
 from .config import ConfigError
 from .corpus import CorpusError
@@ -67,10 +67,6 @@ def _out_path(args, src: str, suffix: str, seen: dict[Path, str]) -> Path:
     return out
 
 
-def _software(command: str) -> str:
-    return f"fastfocal {__version__} {command}"
-
-
 def _earlier_output(path: Path, command: str) -> bool:
     """Whether an existing output was written by an earlier run of `command`: a token file or
     sidecar by its sidecar, a WAV by its INFO software tag (libsndfile appends its version)."""
@@ -80,8 +76,7 @@ def _earlier_output(path: Path, command: str) -> bool:
         except (OSError, ValueError, RecursionError):
             return False
         return isinstance(meta, dict) and {"fastfocal_version", "n_tokens", "source"} <= meta.keys()
-    tag = written_by(path).split()
-    return tag[:1] == ["fastfocal"] and tag[2:3] == [command]
+    return written_by_command(path, command)
 
 
 def _write_outputs(src: str, outputs: list[tuple[Path, Callable]]) -> None:
@@ -290,7 +285,7 @@ def _write_wav(args, src: str, out: Path, sig, codec: Codec) -> None:
     # soundfile writes a file object through cffi callbacks, which print and drop an OSError (a full
     # disk): the WAV is made in memory (at most the float32 signal's size), then written by Python
     wav = io.BytesIO()
-    write_audio(wav, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16", _software(args.command))
+    write_audio(wav, sig, codec.sample_rate_output, "FLOAT" if args.float else "PCM_16", software_tag(args.command))
     _write_outputs(src, [(out, lambda f: f.write(wav.getbuffer()))])
     _print_path(out)
 

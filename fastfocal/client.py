@@ -16,10 +16,9 @@ import aiohttp
 import numpy as np
 from yarl import URL
 
-from .audio import read_audio, write_audio, written_by
+from .audio import read_audio, software_tag, write_audio, written_by_command
 from .files import atomic_write
 from .inputs import InputError, _as_numpy, _check_range, _piece_values, amplitude_problem, token_dtype
-from .version import __version__
 
 MODES = ("full", "encode", "decode")
 WIRE_TOKEN_LIMIT = 1 << 16  # decode mode sends tokens as uint16: larger values would wrap
@@ -207,7 +206,7 @@ def _targets(path, out: Path, mode: str, overwrite: bool) -> dict[str, Path]:
             continue
         if Path(path).exists() and os.path.samefile(p, path):
             raise InputError(f"{path}: output {p} would overwrite the input; pass --out DIR")
-        ours = kind == "wav" and written_by(p).split()[2:3] == ["client"] and written_by(p).startswith("fastfocal ")
+        ours = kind == "wav" and written_by_command(p, "client")
         if not (overwrite or ours):
             raise InputError(f"{path}: output {p} exists and is not from an earlier `fastfocal client`; "
                              "pass --overwrite to replace it, or --out DIR")
@@ -239,6 +238,6 @@ def run_client(path, url: str, mode: str = "full", out=".", fmt: str = "f32le", 
     if res.audio is not None:
         atomic_write(targets["wav"], lambda f: write_audio(f, res.audio, res.ready["sample_rate_out"],
                                                        "FLOAT" if float_wav else "PCM_16",
-                                                       software=f"fastfocal {__version__} client"))
+                                                       software=software_tag("client")))
         written.append(targets["wav"])
     return written
